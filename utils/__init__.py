@@ -1,0 +1,1 @@
+"""Shared utilities: config, registries, distributed helpers, checkpoints, logging."""
