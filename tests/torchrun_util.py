@@ -1,0 +1,36 @@
+"""Run a script under a real `torchrun --nproc_per_node=N` (gloo on the CPU) from a test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600.0,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Launch `script` with torchrun on `nproc` local CPU processes; raise with its output if it fails.
+
+    Each worker gets one thread (two workers share this machine's two cores) and the repository
+    root on PYTHONPATH, so scripts can import the project's packages.
+    """
+    full_env = dict(os.environ)
+    full_env.update({
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if env:
+        full_env.update(env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(cmd[3:])} failed with exit code {proc.returncode}:\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
