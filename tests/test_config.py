@@ -1,0 +1,111 @@
+"""Config loading: validation, suggestions, coercion, bases, overrides, and every shipped YAML."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import DataInfo, build_method
+from utils.config import ConfigError, load_config, save_resolved_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "config").glob("*.yml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "method:\n  name: propos\n"
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.method.name == "propos" and cfg.method.temperature == 0.5
+    assert cfg.train.batch_size_per_rank == 128
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+        load_config(write(tmp_path, MINIMAL + "optim:\n  lrr: 0.1\n"))
+
+
+def test_unknown_method_key_and_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.temprature.*did you mean 'temperature'"):
+        load_config(write(tmp_path, MINIMAL + "  temprature: 0.2\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_config(write(tmp_path, MINIMAL + "trian:\n  epochs: 3\n"))
+
+
+def test_unknown_method_name_lists_known(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.name: unknown method 'propoz'.*did you mean 'propos'"):
+        load_config(write(tmp_path, "method:\n  name: propoz\n"))
+
+
+def test_scalars_are_coerced_and_wrong_types_name_the_key(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string
+    cfg = load_config(write(tmp_path, MINIMAL + "optim:\n  weight_decay: 1e-4\ntrain:\n  epochs: '3'\n"))
+    assert cfg.optim.weight_decay == pytest.approx(1e-4) and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 2.5"):
+        load_config(write(tmp_path, MINIMAL + "train:\n  epochs: 2.5\n"))
+    with pytest.raises(ConfigError, match=r"logging.wandb: expected true or false"):
+        load_config(write(tmp_path, MINIMAL + "logging:\n  wandb: maybe\n"))
+
+
+def test_invalid_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.amp: expected one of none, bf16, fp16, got 'fp8'"):
+        load_config(write(tmp_path, MINIMAL + "train:\n  amp: fp8\n"))
+    with pytest.raises(ConfigError, match=r"data.split"):
+        load_config(write(tmp_path, MINIMAL + "data:\n  split: tran\n"))
+    with pytest.raises(ConfigError, match=r"method.temperature: expected a value > 0"):
+        load_config(write(tmp_path, MINIMAL + "  temperature: 0\n"))
+    with pytest.raises(ConfigError, match=r"eval.features: expected one of projector, backbone"):
+        load_config(write(tmp_path, MINIMAL + "eval:\n  features: logits\n"))
+
+
+def test_base_chain_and_overrides(tmp_path):
+    write(tmp_path, MINIMAL + "train:\n  epochs: 10\n  batch_size_per_rank: 64\n", "base.yml")
+    child = write(tmp_path, "base: base.yml\ntrain:\n  epochs: 20\n", "child.yml")
+    cfg = load_config(child)
+    assert (cfg.train.epochs, cfg.train.batch_size_per_rank) == (20, 64)
+    cfg = load_config(child, ["train.epochs=2", "method.temperature=0.2", "augment.crop_scale=[0.2, 1.0]"])
+    assert cfg.train.epochs == 2 and cfg.method.temperature == 0.2 and cfg.augment.crop_scale == [0.2, 1.0]
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        load_config(child, ["train.epoch=2"])
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 'two'"):
+        load_config(child, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
+        load_config(child, ["epochs"])
+
+
+def test_circular_base_and_missing_file(tmp_path):
+    write(tmp_path, "base: b.yml\n" + MINIMAL, "a.yml")
+    write(tmp_path, "base: a.yml\n", "b.yml")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.epochs=7"])
+    save_resolved_config(cfg, tmp_path / "resolved.yml")
+    again = load_config(tmp_path / "resolved.yml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    image_size = 96 if cfg.data.image_size == 96 else 32
+    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
+                          data=DataInfo(in_channels=1 if "mnist" in cfg.data.name else 3, image_size=image_size,
+                                        num_classes=10, num_samples=8, num_clusters=10))
+    assert cfg.method.name in path.stem
+    method.eval()
+    channels = 1 if "mnist" in cfg.data.name else 3
+    with torch.no_grad():
+        feats = method.eval_features(torch.rand(2, channels, image_size, image_size), method.default_eval_features)
+    assert feats.shape[0] == 2 and torch.isfinite(feats).all()

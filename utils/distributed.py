@@ -1,0 +1,244 @@
+"""Everything that touches torch.distributed lives here.
+
+Every function works in a one-process run (no process group) as the identity, so the same code path
+serves `python main.py` on a laptop, `torchrun` on a node, and `srun` under SLURM.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def _slurm_master_addr() -> str:
+    """First host of SLURM_JOB_NODELIST (e.g. 'gpu[012-015]' -> 'gpu012'), without calling scontrol."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    first = nodelist.split(",")[0]
+    if "[" in first:
+        prefix, rest = first.split("[", 1)
+        first = prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+    return first
+
+
+def read_launch_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's or SLURM's variables.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; `srun python main.py` without torchrun sets only the
+    SLURM_* variables, which we translate (and point MASTER_ADDR at the job's first node).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = _env_int("RANK", default=0)
+        world = _env_int("WORLD_SIZE", default=1)
+        local_rank = _env_int("LOCAL_RANK", default=0)
+        local_world = _env_int("LOCAL_WORLD_SIZE", default=1)
+        return rank, world, local_rank, local_world
+    if "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", default=1) > 1:
+        rank = _env_int("SLURM_PROCID", default=0)
+        world = _env_int("SLURM_NTASKS", default=1)
+        local_rank = _env_int("SLURM_LOCALID", default=0)
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", default=max(1, world // _env_int("SLURM_NNODES", default=1)))
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(29500 + _env_int("SLURM_JOB_ID", default=0) % 1000))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+        return rank, world, local_rank, local_world
+    return 0, 1, 0, 1
+
+
+def available_cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def init_distributed(device: str = "auto", threads_per_rank: int = 0) -> DistInfo:
+    """Initialise the process group when launched with several processes; pick this rank's device.
+
+    NCCL when the device is CUDA, gloo otherwise. One GPU per rank from LOCAL_RANK. On a CPU the
+    thread count is set from the cores available (torchrun leaves each worker a single thread).
+    """
+    rank, world, local_rank, local_world = read_launch_env()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+        threads = threads_per_rank or max(1, available_cpu_cores() // max(1, local_world))
+        torch.set_num_threads(threads)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy); identity in one process."""
+    if not is_dist():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_dist():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from all ranks along dim 0 (rank order); no gradient."""
+    if not is_dist():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for each slice.
+
+    Each rank computes the same loss of the gathered tensor; the gradient of that loss w.r.t. this
+    rank's rows is the sum of what every rank's copy of the loss sends back. Together with DDP's
+    mean over ranks, W ranks with B rows each give exactly the gradient of one process with W*B rows.
+    (The ProPos reference keeps only the local slice, which scales this gradient by 1/W.)
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = t.shape[0]
+        return all_gather_no_grad(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank = dist.get_rank()
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) per rank -> (W*B, ...) in rank order, differentiable (see _GatherWithGrad)."""
+    if not is_dist():
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+def all_gather_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """Gather per-rank contiguous shards of a dataset-ordered tensor into exactly `total_rows` rows.
+
+    Rank r holds rows [r*ceil(N/W), min(N, (r+1)*ceil(N/W))) (possibly none). gloo needs equal
+    shapes and has crashed on zero-element tensors, so every shard is padded to ceil(N/W) >= 1
+    rows, gathered, and the padding trimmed: no duplicates, no missing rows, dataset order.
+    """
+    world = get_world_size()
+    if world == 1:
+        if local.shape[0] != total_rows:
+            raise RuntimeError(f"expected {total_rows} rows in a one-process gather, got {local.shape[0]}")
+        return local
+    per_rank = max(1, -(-total_rows // world))
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = all_gather_no_grad(padded)
+    pieces = []
+    for r in range(world):
+        start = min(total_rows, r * per_rank)
+        stop = min(total_rows, (r + 1) * per_rank)
+        pieces.append(gathered[r * per_rank: r * per_rank + (stop - start)])
+    out = torch.cat(pieces)
+    assert out.shape[0] == total_rows
+    return out
+
+
+def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = None):
+    """Shuffling BN, step 1: gather (B, ...) from every rank, permute the global batch, keep a slice.
+
+    Returns (this rank's B rows of the shuffled global batch, `unshuffle`), where `unshuffle(y)`
+    takes this rank's outputs (B, ...) for those rows and returns the outputs of its ORIGINAL rows.
+    Every rank must pass the same B. The permutation is drawn on rank 0 and broadcast.
+    """
+    if not is_dist():
+        return x, (lambda y: y)
+    world, rank, rows = dist.get_world_size(), dist.get_rank(), x.shape[0]
+    gathered = all_gather_no_grad(x)
+    perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator) if rank == 0 \
+        else torch.empty(gathered.shape[0], dtype=torch.long, device=x.device)
+    dist.broadcast(perm, src=0)
+    inverse = torch.argsort(perm)
+
+    def unshuffle(y: torch.Tensor) -> torch.Tensor:
+        return all_gather_no_grad(y)[inverse][rank * rows:(rank + 1) * rows]
+
+    return gathered[perm][rank * rows:(rank + 1) * rows], unshuffle
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BN running statistics) over ranks, so that evaluation and
+    feature extraction use identical networks on every rank."""
+    if not is_dist():
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(dist.get_world_size())

@@ -1,0 +1,56 @@
+"""Whole-dataset passes: features of every image in dataset order, and k-means on them."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from utils import distributed as du
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *, batch_size: int,
+                     device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Features (N, D) of every image of `data`, in dataset order, identical on every rank.
+
+    Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform); the
+    shards are all-gathered into exactly N rows (no DistributedSampler padding duplicates).
+    """
+    from data.loaders import iterate_shard
+
+    chunks = []
+    for images, _ in iterate_shard(data, batch_size=batch_size, device=device,
+                                   rank=du.get_rank(), world_size=du.get_world_size()):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            chunks.append(feature_fn(images).float())
+    if chunks:
+        local = torch.cat(chunks)
+    else:  # this rank's shard is empty (N < world size); its width comes from a probe
+        probe = next(iter(iterate_shard(data, batch_size=1, device=device, rank=0, world_size=1)))[0]
+        local = feature_fn(probe).float()[:0]
+    return du.all_gather_rows(local, len(data))
+
+
+def cluster_features(features: torch.Tensor, *, num_clusters: int, metric: str, n_init: int, max_iter: int,
+                     tol: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on replicated features (N, D) -> (labels (N,), centroids (K, D)), identical on all ranks.
+
+    Every rank holds the same features; rank 0's result is broadcast so that floating-point
+    non-determinism between devices can never give ranks different pseudo-labels.
+    """
+    from torch_clustering import KMeans
+
+    start = time.perf_counter()
+    result = KMeans(num_clusters, metric=metric, init="k-means++", n_init=n_init, max_iter=max_iter,
+                    tol=tol, seed=seed).fit(features)
+    labels = result.labels.to(features.device).contiguous()
+    centroids = result.centroids.to(features.device, torch.float32).contiguous()
+    du.broadcast_tensor(labels, src=0)
+    du.broadcast_tensor(centroids, src=0)
+    log.info("k-means: N=%d D=%d K=%d in %.2fs (%d iterations, inertia %.4g)", features.shape[0],
+             features.shape[1], num_clusters, time.perf_counter() - start, result.n_iter, result.inertia)
+    return labels, centroids

@@ -1,0 +1,65 @@
+"""Logging set-up and the one metrics interface (console, JSON lines, wandb), used on rank 0."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int, log_file: Path | None = None) -> None:
+    """Rank 0 logs INFO, the other ranks WARNING; each line names its rank when there are several."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    root.setLevel(level)
+
+
+class MetricWriter:
+    """Writes metric records to `metrics.jsonl` in the run directory, and to wandb when enabled.
+
+    Construct it on rank 0 only (the call site says so); other ranks pass None around.
+    """
+
+    def __init__(self, run_dir: Path, *, use_wandb: bool = False, wandb_project: str = "",
+                 wandb_entity: str = "", run_name: str = "", config: dict[str, Any] | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb=true but the wandb package is not installed: pip install wandb") from None
+            self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=run_name,
+                                     config=config, dir=str(run_dir), resume="allow")
+
+    def write(self, record: dict[str, Any], *, step: int) -> None:
+        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v)
+                 for k, v in record.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        self._file.write(json.dumps({"time": round(time.time(), 3), "step": step, **clean}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,68 @@
+"""Optimizer from a method's parameter groups, and the per-iteration learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: float, momentum: float,
+                    betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """groups: [{"params": [...], "lr_scale": float, optional "weight_decay"}] from Method.parameter_groups()."""
+    param_groups = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            continue
+        param_groups.append({"params": params, "lr": lr * group.get("lr_scale", 1.0),
+                             "lr_scale": group.get("lr_scale", 1.0),
+                             "weight_decay": group.get("weight_decay", weight_decay)})
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"optim.name: unknown optimizer {name!r}; expected sgd, adamw or adam")
+
+
+class LRSchedule:
+    """Linear warm-up from 0 over `warmup_steps`, then cosine from `base_lr` to `min_lr` (or constant).
+
+    Set per iteration; each optimizer group gets lr * its `lr_scale`.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
+                 schedule: str = "cosine", min_lr: float = 0.0):
+        self.optimizer = optimizer
+        self.base_lr = base_lr
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+        self.min_lr = min_lr
+        self.step_count = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.base_lr
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, progress)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self) -> float:
+        """Set the lr of every group for the current step; returns the base lr."""
+        lr = self.lr_at(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def advance(self) -> None:
+        self.step_count += 1
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])

@@ -1,0 +1,295 @@
+"""The one training loop for every method: EM loop, optimisation, evaluation, checkpoints.
+
+Per epoch: (E) if the method wants pseudo-labels, extract features of the whole training set on
+all ranks, gather exactly N rows in dataset order, k-means them on the device, hand every rank the
+same labels; (M) train the method's losses for one epoch; then evaluate (k-means or head read-out,
+NMI / ACC / ARI) every `eval.every_epochs`, and save `last.pt` / `best.pt` on rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.base import Method, Progress
+from utils import distributed as du
+from utils.checkpoint import gather_rng_states, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.config import Config
+from utils.features import cluster_features, extract_features
+from utils.logger import MetricWriter
+from utils.optim import LRSchedule, build_optimizer
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FitResult:
+    epochs_done: int
+    metrics: dict[str, float]     # the last evaluation
+    best: dict[str, float]
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, method: Method, train_data, eval_data, *, dist_info: du.DistInfo,
+                 run_dir: Path, writer: MetricWriter | None):
+        from data.loaders import build_train_loader
+
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.run_dir = run_dir
+        self.writer = writer
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+
+        method = method.to(self.device)
+        if cfg.model.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        if cfg.model.norm == "sync_batch" and du.is_dist():
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method
+        # Buffers (BN statistics, pseudo-labels) are not broadcast each step: pseudo-labels are set
+        # identically on every rank by the EM loop, and BN statistics are averaged before evaluation.
+        self.model = (DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+                      if du.is_dist() else method)
+
+        self.loader = build_train_loader(
+            train_data, cfg.augment, batch_size_per_rank=cfg.train.batch_size_per_rank, num_views=method.num_views,
+            device=self.device, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
+            mode=cfg.data.loader, num_workers=cfg.data.num_workers)
+        self.steps_per_epoch = len(self.loader)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"train.batch_size_per_rank={cfg.train.batch_size_per_rank} x {dist_info.world_size} ranks "
+                             f"is larger than the training set ({len(train_data)} images): no full batch per epoch")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+
+        global_batch = cfg.train.batch_size_per_rank * dist_info.world_size
+        scale = global_batch / cfg.optim.lr_reference_batch if cfg.optim.lr_reference_batch else 1.0
+        self.base_lr = cfg.optim.lr * scale
+        self.optimizer = build_optimizer(method.parameter_groups(), name=cfg.optim.name, lr=self.base_lr,
+                                         weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                                         betas=tuple(cfg.optim.betas))
+        self.schedule = LRSchedule(self.optimizer, base_lr=self.base_lr, total_steps=self.total_steps,
+                                   warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch),
+                                   schedule=cfg.optim.schedule, min_lr=cfg.optim.min_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+
+        self.epoch = 0              # next epoch to run
+        self.global_step = 0
+        self.best: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+        self._feature_cache: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        start = time.perf_counter()
+        epochs_done = 0
+        log.info("training %s for %d epochs x %d steps (global batch %d, base lr %.4g) on %s x %d",
+                 cfg.method.name, cfg.train.epochs, self.steps_per_epoch,
+                 cfg.train.batch_size_per_rank * self.dist.world_size, self.base_lr, self.device, self.dist.world_size)
+        while self.epoch < cfg.train.epochs:
+            epoch = self.epoch
+            if self.method.wants_pseudo_labels(epoch) and (
+                    epoch % cfg.cluster.every_epochs == 0 or not self._have_pseudo_labels()):
+                self.update_pseudo_labels()
+            train_stats = self.train_one_epoch(epoch)
+            self.epoch = epoch + 1
+            epochs_done += 1
+            minutes = (time.perf_counter() - start) / 60
+            out_of_time = bool(cfg.train.time_budget_minutes) and minutes >= cfg.train.time_budget_minutes
+            out_of_time = bool(du.broadcast_object(out_of_time))  # every rank stops at the same epoch
+            last = self.epoch == cfg.train.epochs or out_of_time
+            record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
+            is_best = False
+            if self.epoch % cfg.eval.every_epochs == 0 or last:
+                self.last_metrics = self.evaluate()
+                record.update({f"eval/{k}": v for k, v in self.last_metrics.items()})
+                key = cfg.eval.best_metric
+                is_best = not self.best or self.last_metrics[key] > self.best[key]
+                if is_best:
+                    self.best = dict(self.last_metrics)
+                log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
+            if self.dist.is_main and self.writer is not None:  # rank 0 only
+                self.writer.write(record, step=self.global_step)
+            if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best:
+                self.save(best=is_best)
+            if out_of_time:
+                log.info("time budget of %.1f min reached after epoch %d", cfg.train.time_budget_minutes, epoch)
+                break
+        return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
+                         seconds=time.perf_counter() - start)
+
+    def _have_pseudo_labels(self) -> bool:
+        labels = getattr(self.method, "pseudo_labels", None)
+        return labels is not None and bool((labels >= 0).all())
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        self.loader.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        images = 0
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
+                   disable=not (self.dist.is_main and cfg.logging.progress_bar))
+        for step_in_epoch, batch in enumerate(self.loader):
+            if step_in_epoch >= self.steps_per_epoch:
+                break
+            terms = self.train_step(batch.views, batch.indices, epoch)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            images += batch.indices.shape[0] * self.dist.world_size
+            bar.update(1)
+            if self.global_step % cfg.train.log_every_steps == 0:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+                if self.dist.is_main and self.writer is not None:  # rank 0 only
+                    self.writer.write({"epoch": epoch, **{f"step/{k}": v for k, v in terms.items()}},
+                                      step=self.global_step)
+        bar.close()
+        seconds = time.perf_counter() - start
+        stats = {k: v / max(1, self.steps_per_epoch) for k, v in sums.items()}
+        stats["images_per_s"] = images / max(seconds, 1e-9)
+        stats["epoch_seconds"] = seconds
+        return stats
+
+    def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> dict[str, float]:
+        """One optimisation step; returns the method's named terms (local values) and the lr."""
+        progress = Progress(epoch=epoch, global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
+                            total_steps=self.total_steps)
+        lr = self.schedule.apply()
+        if self.cfg.model.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            terms = self.model(views, indices, progress)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {self.global_step}: "
+                                     f"lower optim.lr or check the data; last good checkpoint is in {self.run_dir}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_optimizer_step(progress)
+        self.schedule.advance()
+        self.global_step += 1
+        self._feature_cache.clear()  # the network changed
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["lr"] = lr
+        return out
+
+    # ------------------------------------------------------------------ E-step and evaluation
+    def _features(self, data, kind: str) -> torch.Tensor:
+        """Features of a whole dataset, cached until the next optimiser step (the E-step that follows
+        an evaluation on the same data and features reuses them instead of a second pass)."""
+        key = (id(data), kind, self.global_step)
+        if key not in self._feature_cache:
+            self.method.eval()
+            du.average_buffers(self.method)
+            start = time.perf_counter()
+            feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
+                                     batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
+                                     amp_dtype=self.amp_dtype)
+            log.info("extracted %s features %s in %.2fs", kind, tuple(feats.shape), time.perf_counter() - start)
+            self.model.train()
+            self._feature_cache[key] = feats
+        return self._feature_cache[key]
+
+    def num_clusters(self, requested: int) -> int:
+        return requested or self.train_data.num_classes
+
+    def update_pseudo_labels(self) -> None:
+        c = self.cfg.cluster
+        feats = self._features(self.train_data, self.method.pseudo_label_feature_kind)
+        labels, centroids = cluster_features(feats, num_clusters=self.num_clusters(c.num_clusters), metric=c.metric,
+                                             n_init=c.n_init, max_iter=c.max_iter, tol=c.tol,
+                                             seed=self.cfg.run.seed + self.epoch)
+        self.method.set_pseudo_labels(labels, centroids)
+
+    def evaluate(self) -> dict[str, float]:
+        """NMI / ACC / ARI of the method's read-out on the evaluation set (same on every rank)."""
+        from torch_clustering import evaluate_clustering
+
+        if self.method.has_head:
+            predictions = self._head_predictions(self.eval_data)
+        else:
+            kind = self.cfg.eval.features or self.method.default_eval_features
+            feats = self._features(self.eval_data, kind)
+            predictions, _ = cluster_features(
+                feats, num_clusters=self.num_clusters(self.cfg.eval.num_clusters), metric=self.cfg.cluster.metric,
+                n_init=self.cfg.eval.n_init, max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol,
+                seed=self.cfg.run.seed)
+        labels = self.eval_data.labels
+        known = labels >= 0
+        scores = evaluate_clustering(labels[known].cpu(), predictions.cpu()[known])
+        return {k: float(scores[k]) for k in ("nmi", "acc", "ari")}
+
+    def _head_predictions(self, data) -> torch.Tensor:
+        self.method.eval()
+        du.average_buffers(self.method)
+        preds = extract_features(lambda x: self.method.head_predictions(x).unsqueeze(1).float(), data,
+                                 batch_size=self.cfg.cluster.extract_batch_size, device=self.device)
+        self.model.train()
+        return preds.squeeze(1).long()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best": dict(self.best),
+            "last_metrics": dict(self.last_metrics),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, *, best: bool) -> None:
+        """Collective (RNG states come from every rank); rank 0 writes best.pt then last.pt."""
+        state = self.state_dict()
+        state["rng"] = gather_rng_states()
+        if self.dist.is_main:  # rank 0 only
+            if best:
+                save_checkpoint(state, self.run_dir / "best.pt")
+            save_checkpoint(state, self.run_dir / "last.pt")
+        du.barrier()
+
+    def load(self, path: Path) -> None:
+        """Resume: model, optimizer, schedule, scaler, position and this rank's RNG state."""
+        state = load_checkpoint(path, map_location="cpu")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.last_metrics = dict(state.get("last_metrics", {}))
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            restore_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, resuming on %d: RNG streams restart from rank 0's",
+                        len(rngs), self.dist.world_size)
+            restore_rng_state(rngs[0])
+        self._feature_cache.clear()
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
