@@ -1,0 +1,273 @@
+"""Training loaders (random views, sharded like DistributedSampler with drop_last) and the
+deterministic, contiguous per-rank pass used for feature extraction.
+
+Two training loaders behind one interface (`TrainLoader`):
+
+* `DeviceTensorLoader` keeps the whole uint8 dataset on the training device and augments each batch
+  there with `BatchAugment` (no worker processes; the fast path for MNIST/CIFAR/STL-10 sized sets).
+* `WorkersLoader` is a torch DataLoader whose worker processes decode files (imagefolder) and apply
+  the per-sample torchvision.transforms.v2 pipeline.
+
+Both take the same indices for the same (seed, epoch, rank, world size): a permutation of all N
+indices from a generator seeded with seed + epoch (identical on every rank), cut to (N // W) * W and
+dealt out rank r <- perm[r::W], in batches of `batch_size_per_rank`, the last incomplete batch
+dropped. Views are reproducible: the device loader re-seeds its generator from (seed, epoch, rank)
+when an epoch starts; the workers loader seeds each sample from (seed, epoch, index), so resuming
+at an epoch start gives the same views whatever the number of workers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from data.augment import EvalTransform, build_batch_augments, build_sample_transform
+from data.config import AugmentConfig
+from data.datasets import ImageData, decode_files, load_image_file
+
+logger = logging.getLogger(__name__)
+
+LOADER_MODES = ("device", "workers", "auto")
+
+
+@dataclass
+class TrainBatch:
+    """views: num_views tensors (B, C, S, S) float32 on the device; indices: (B,) int64 on the device,
+    the rows of the dataset (for pseudo-label look-up)."""
+
+    views: list[torch.Tensor]
+    indices: torch.Tensor
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle (permutation from seed + epoch) and re-seed the views from (seed, epoch, rank)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+
+    def __iter__(self) -> Iterator[TrainBatch]: ...
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous rows [start, stop) of n: [r * ceil(n / W), min(n, (r + 1) * ceil(n / W))).
+    Every shard but the last has ceil(n / W) rows, so all-gathering shards padded to that length and
+    trimming to n rows restores dataset order. A shard may be empty when n < W."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    per_rank = -(-n // world_size)
+    return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+
+
+def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) int64 CPU permutation of the epoch, the same on every rank and device."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def rank_indices(n: int, *, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """The indices rank `rank` visits in `epoch`, in order (DistributedSampler semantics, drop_last)."""
+    usable = (n // world_size) * world_size
+    return epoch_permutation(n, seed=seed, epoch=epoch)[:usable][rank::world_size]
+
+
+def mixed_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from a few integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([v & 0xFFFFFFFFFFFFFFFF for v in values]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def _sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
+    """One 63-bit seed per index: splitmix64 of (base + index), vectorised."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(base) + indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+def _check_sharding(n: int, *, batch_size_per_rank: int, num_views: int, rank: int, world_size: int) -> int:
+    if batch_size_per_rank < 1:
+        raise ValueError(f"batch_size_per_rank: expected >= 1, got {batch_size_per_rank}")
+    if num_views < 1:
+        raise ValueError(f"num_views: expected >= 1, got {num_views}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    batches = (n // world_size) // batch_size_per_rank
+    if batches == 0:
+        raise ValueError(f"{n} images on {world_size} rank(s) do not fill one batch of {batch_size_per_rank} "
+                         "per rank; lower the batch size")
+    return batches
+
+
+class DeviceTensorLoader:
+    """The whole uint8 dataset on `device`, batches gathered and augmented there (BatchAugment)."""
+
+    def __init__(self, data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
+                 device: torch.device | str, rank: int, world_size: int, seed: int):
+        if data.images is None:
+            raise ValueError(f"{data.name}: the device loader needs in-memory images (see decode_files)")
+        self.num_batches = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
+                                           num_views=num_views, rank=rank, world_size=world_size)
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.augments = build_batch_augments(aug, num_views=num_views, image_size=data.image_size,
+                                             channels=data.channels, mean=data.mean, std=data.std)
+        self.batch_size_per_rank = batch_size_per_rank
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        order = rank_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size).to(self.device)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank))
+        size = self.batch_size_per_rank
+        for b in range(self.num_batches):
+            indices = order[b * size:(b + 1) * size]
+            images = self.images.index_select(0, indices)
+            yield TrainBatch(views=[augment(images, generator) for augment in self.augments], indices=indices)
+
+
+class _EpochShardSampler(torch.utils.data.Sampler):
+    """Yields (index, sample seed) for this rank's indices of the current epoch."""
+
+    def __init__(self, n: int, *, seed: int, rank: int, world_size: int):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                               world_size=self.world_size).numpy()
+        seeds = _sample_seeds(mixed_seed(self.seed, self.epoch), indices)
+        return iter(zip(indices.tolist(), seeds.tolist()))
+
+
+class _ViewsDataset(torch.utils.data.Dataset):
+    """Row -> (num_views per-sample views, row), each sample's randomness seeded by its key."""
+
+    def __init__(self, data: ImageData, transforms: list[Callable]):
+        self.images = data.images
+        self.files = data.files
+        self.mode = "L" if data.channels == 1 else "RGB"
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        index, sample_seed = key
+        if self.images is not None:
+            image = self.images[index]
+        else:
+            from PIL import Image
+
+            with Image.open(self.files[index]) as file:
+                image = file.convert(self.mode)
+        if torch.utils.data.get_worker_info() is None:  # in the main process: leave its RNG alone
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return [transform(image) for transform in self.transforms], index
+        torch.manual_seed(sample_seed)
+        return [transform(image) for transform in self.transforms], index
+
+
+class WorkersLoader:
+    """torch DataLoader with per-sample torchvision v2 views, decoded and augmented in workers."""
+
+    def __init__(self, data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
+                 device: torch.device | str, rank: int, world_size: int, seed: int, num_workers: int = 4):
+        self.num_batches = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
+                                           num_views=num_views, rank=rank, world_size=world_size)
+        self.device = torch.device(device)
+        transforms = [build_sample_transform(aug, image_size=data.image_size, channels=data.channels,
+                                             mean=data.mean, std=data.std, view=k % 2) for k in range(num_views)]
+        self.sampler = _EpochShardSampler(len(data), seed=seed, rank=rank, world_size=world_size)
+        self.loader = torch.utils.data.DataLoader(
+            _ViewsDataset(data, transforms), batch_size=batch_size_per_rank, sampler=self.sampler,
+            drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        for views, indices in self.loader:
+            yield TrainBatch(views=[v.to(self.device, non_blocking=True) for v in views],
+                             indices=indices.to(self.device, non_blocking=True))
+
+
+def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
+                       device: torch.device | str, rank: int, world_size: int, seed: int, mode: str = "auto",
+                       num_workers: int = 4) -> TrainLoader:
+    """The training loader of `mode`: device | workers | auto (device when the images are in memory).
+    A file-backed dataset in device mode is decoded into memory first (at `data.image_size`)."""
+    if mode not in LOADER_MODES:
+        raise ValueError(f"data.loader: expected one of {', '.join(LOADER_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "device" if data.images is not None else "workers"
+    common = dict(batch_size_per_rank=batch_size_per_rank, num_views=num_views, device=device, rank=rank,
+                  world_size=world_size, seed=seed)
+    if mode == "device":
+        if data.images is None:
+            logger.info("decoding %d files of %s into memory for the device loader", len(data), data.name)
+            data = decode_files(data)
+        return DeviceTensorLoader(data, aug, **common)
+    return WorkersLoader(data, aug, num_workers=num_workers, **common)
+
+
+class _FilesDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[str], *, image_size: int, channels: int):
+        self.files, self.image_size, self.channels = files, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return load_image_file(self.files[i], image_size=self.image_size, channels=self.channels)
+
+
+def iterate_shard(data: ImageData, *, batch_size: int, device: torch.device | str, rank: int, world_size: int,
+                  num_workers: int = 0, normalize: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test-time pass over this rank's contiguous shard (`shard_bounds`), in dataset order:
+    yields (images (B, C, S, S) float32 normalised on `device`, indices (B,) int64 on `device`).
+    Deterministic: shorter side resized to S and centre crop (a no-op at native size)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    device = torch.device(device)
+    start, stop = shard_bounds(len(data), rank, world_size)
+    transform = EvalTransform(image_size=data.image_size, mean=data.mean, std=data.std, normalize=normalize)
+    if data.images is not None:
+        for first in range(start, stop, batch_size):
+            last = min(stop, first + batch_size)
+            images = data.images[first:last].to(device, non_blocking=True)
+            yield transform(images), torch.arange(first, last, device=device)
+        return
+    files = _FilesDataset(data.files[start:stop], image_size=data.image_size, channels=data.channels)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    first = start
+    for images in loader:
+        last = first + len(images)
+        yield transform(images.to(device, non_blocking=True)), torch.arange(first, last, device=device)
+        first = last
