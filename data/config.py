@@ -71,6 +71,10 @@ class DataConfig:
             _fail("data.limit", f"expected 0 (all) or a positive count, got {self.limit}")
         if len(set(self.classes)) != len(self.classes):
             _fail("data.classes", f"lists a class twice: {self.classes!r}")
+        if self.classes and self.name != "imagefolder":
+            _fail("data.classes", f"only the imagefolder dataset selects classes, not {self.name!r}")
+        if self.stl10_unlabeled and self.name != "stl10":
+            _fail("data.stl10_unlabeled", f"only stl10 has unlabeled images, not {self.name!r}")
 
 
 @dataclass(kw_only=True)

@@ -126,6 +126,8 @@ def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False) 
     builder = DATASETS.get(cfg.name)
     parts = tuple(split.split("+")) + (("unlabeled",) if with_unlabeled else ())
     data = builder(cfg, parts)
+    if cfg.stl10_unlabeled and not with_unlabeled and split == cfg.split:
+        logger.info("stl10: building %s without the unlabeled images (build_train_dataset adds them)", split)
     if cfg.limit and len(data) > cfg.limit:
         data = data.subset(slice(0, cfg.limit))
     logger.info("dataset %s (%s%s): %d images, %d classes, %d channels, size %d", data.name, split,
