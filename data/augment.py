@@ -329,6 +329,10 @@ class BatchAugment(torch.nn.Module):
         b, _, height, width = x.shape
         size = self.image_size
         device, dtype = x.device, x.dtype
+        full = torch.tensor([0.0, 0.0, height, width], device=device)
+        if (height == width == size and not self.use_affine and params.displacement is None
+                and not bool(params.flip.any()) and bool((params.crop == full).all())):
+            return x  # nothing moves: skip the resampling (exact, and the no-augmentation path is free)
         # Output pixel centres in normalised coordinates (align_corners=False): (1, S, S, 2) as (x, y).
         axis = (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1
         grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).unsqueeze(0)
