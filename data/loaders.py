@@ -203,7 +203,8 @@ class WorkersLoader:
         self.loader = torch.utils.data.DataLoader(
             _ViewsDataset(data, transforms), batch_size=batch_size_per_rank, sampler=self.sampler,
             drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=num_workers > 0)
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(mixed_seed(seed, rank)))  # its base seed, not the global RNG
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

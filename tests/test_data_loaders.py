@@ -1,0 +1,180 @@
+"""Training loaders (sharding like DistributedSampler, reproducible views) and the contiguous
+test-time shard pass, with ranks simulated in one process; one real two-process run under torchrun."""
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from data.augment import normalize
+from data.config import AugmentConfig, DataConfig
+from data.datasets import ImageData, build_dataset
+from data.loaders import (DeviceTensorLoader, TrainLoader, WorkersLoader, build_train_loader, iterate_shard,
+                          shard_bounds)
+from tests.torchrun_util import run_torchrun
+
+AUG = AugmentConfig(blur_p=[0.5, 0.0], solarize_p=[0.0, 0.3])
+
+
+def _toy(n: int = 203, channels: int = 3, size: int = 12) -> ImageData:
+    g = torch.Generator().manual_seed(n)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
+    return ImageData(name="toy", labels=torch.arange(n) % 5, num_classes=5, class_names=list("abcde"),
+                     mean=(0.5,) * channels, std=(0.25,) * channels, channels=channels, image_size=size,
+                     images=images)
+
+
+def _loader(data, *, rank=0, world_size=2, seed=3, batch=16, views=2, mode="device", workers=0):
+    return build_train_loader(data, AUG, batch_size_per_rank=batch, num_views=views, device=torch.device("cpu"),
+                              rank=rank, world_size=world_size, seed=seed, mode=mode, num_workers=workers)
+
+
+def _epoch_indices(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([batch.indices for batch in loader])
+
+
+@pytest.mark.parametrize("n, world_size", [(203, 2), (10, 3), (2, 4), (0, 2), (64, 1)])
+def test_shard_bounds_cover_every_row_once_in_order(n, world_size):
+    bounds = [shard_bounds(n, r, world_size) for r in range(world_size)]
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n))
+    per_rank = -(-n // world_size)
+    assert all(stop - start == per_rank for start, stop in bounds[:-1] if stop < n)
+
+
+def test_device_loader_shards_like_distributed_sampler():
+    data = _toy(203)
+    per_rank = {}
+    for rank in (0, 1):
+        loader = _loader(data, rank=rank)
+        assert isinstance(loader, DeviceTensorLoader) and isinstance(loader, TrainLoader)
+        assert len(loader) == (203 // 2) // 16
+        for epoch in (0, 1):
+            indices = _epoch_indices(loader, epoch)
+            sampler = DistributedSampler(range(203), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+            sampler.set_epoch(epoch)
+            assert indices.tolist() == list(sampler)[:len(indices)]  # same order, last partial batch dropped
+            assert len(set(indices.tolist())) == len(indices) == len(loader) * 16
+            per_rank[rank, epoch] = set(indices.tolist())
+    for epoch in (0, 1):
+        assert not per_rank[0, epoch] & per_rank[1, epoch]  # ranks are disjoint
+    assert per_rank[0, 0] != per_rank[0, 1]
+
+
+def test_device_loader_batches_views_and_reproducibility():
+    data = _toy(203)
+    loader = _loader(data, views=3)
+    loader.set_epoch(4)
+    first = list(loader)
+    batch = first[0]
+    assert len(batch.views) == 3 and all(v.shape == (16, 3, 12, 12) and v.dtype == torch.float32 for v in batch.views)
+    assert batch.indices.dtype == torch.int64
+    assert not torch.equal(batch.views[0], batch.views[1])  # each view draws its own parameters
+    again = _loader(data, views=3)  # a fresh loader, as after resuming at the start of epoch 4
+    again.set_epoch(4)
+    for a, b in zip(first, again):
+        assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    same = ImageData(**{**vars(data), "images": data.images[:1].expand(203, -1, -1, -1)})  # one image, repeated
+    ranks = [next(iter(_loader(same, rank=rank, views=1))).views[0] for rank in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])  # the ranks' generators differ, not just their images
+    loader.set_epoch(5)
+    assert not torch.equal(next(iter(loader)).indices, batch.indices)
+
+
+def test_loaders_leave_the_global_rng_alone():
+    data = _toy(64)
+    state = torch.get_rng_state()
+    for mode in ("device", "workers"):
+        for _ in _loader(data, mode=mode):
+            pass
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_workers_loader_takes_the_device_loaders_indices():
+    data = _toy(203)
+    for rank in (0, 1):
+        device, workers = _loader(data, rank=rank), _loader(data, rank=rank, mode="workers")
+        assert isinstance(workers, WorkersLoader) and len(workers) == len(device)
+        for epoch in (0, 3):
+            assert torch.equal(_epoch_indices(workers, epoch), _epoch_indices(device, epoch))
+    batch = next(iter(_loader(data, mode="workers", views=3)))
+    assert len(batch.views) == 3 and batch.views[2].shape == (16, 3, 12, 12)
+
+
+def test_workers_views_do_not_depend_on_the_number_of_workers():
+    data = _toy(64, channels=1)
+    inline, pooled = _loader(data, mode="workers", workers=0), _loader(data, mode="workers", workers=2)
+    view_of = {}
+    for epoch in (0, 1):  # the second epoch runs in the same persistent worker processes
+        inline.set_epoch(epoch)
+        pooled.set_epoch(epoch)
+        for a, b in zip(inline, pooled):
+            assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+            for i, view in zip(a.indices.tolist(), a.views[0]):
+                view_of[epoch, i] = view
+    common = [i for (epoch, i) in view_of if epoch == 0 and (1, i) in view_of]
+    assert common and all(not torch.equal(view_of[0, i], view_of[1, i]) for i in common)  # new views each epoch
+
+
+def test_auto_mode_and_too_small_datasets():
+    data = _toy(40)
+    assert isinstance(_loader(data, mode="auto"), DeviceTensorLoader)
+    with pytest.raises(ValueError, match=r"do not fill one batch"):
+        _loader(data, batch=21)
+    with pytest.raises(ValueError, match=r"data.loader"):
+        _loader(data, mode="gpu")
+
+
+@pytest.mark.parametrize("n, batch", [(203, 16), (7, 3), (1, 4)])
+def test_iterate_shard_covers_every_row_once_in_order(n, batch):
+    data = _toy(n)
+    indices, images = [], []
+    for rank in (0, 1):
+        for x, idx in iterate_shard(data, batch_size=batch, device=torch.device("cpu"), rank=rank, world_size=2):
+            assert x.dtype == torch.float32 and len(x) == len(idx) <= batch
+            indices.append(idx)
+            images.append(x)
+    assert torch.cat(indices).tolist() == list(range(n))
+    expected = normalize(data.images.float() / 255, data.mean, data.std)
+    torch.testing.assert_close(torch.cat(images), expected)
+
+
+def _colour_tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    colours = {"blue": (0, 0, 250), "green": (0, 250, 0), "red": (250, 0, 0)}
+    for cls, colour in colours.items():
+        for i in range(5):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20 + i, 16), colour).save(root / cls / f"{i}.png")
+    return colours
+
+
+def test_file_datasets_decode_in_both_loaders_and_the_shard_pass(tmp_path):
+    colours = _colour_tree(tmp_path)
+    data = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=8), split="train")
+    workers = _loader(data, batch=4, mode="auto")
+    assert isinstance(workers, WorkersLoader)
+    batch = next(iter(workers))
+    assert batch.views[0].shape == (4, 3, 8, 8)
+    device = _loader(data, batch=4, mode="device")  # decodes the files into memory first
+    assert isinstance(device, DeviceTensorLoader) and torch.equal(_epoch_indices(device, 0), _epoch_indices(workers, 0))
+    rows = []
+    for rank in (0, 1):
+        for x, idx in iterate_shard(data, batch_size=4, device="cpu", rank=rank, world_size=2, normalize=False):
+            assert x.shape[1:] == (3, 8, 8)
+            rows += list(zip(idx.tolist(), x))
+    assert [i for i, _ in rows] == list(range(len(data)))
+    for i, image in rows:  # solid colours survive the resize and centre crop
+        expected = torch.tensor(colours[data.class_names[int(data.labels[i])]], dtype=torch.float32) / 255
+        torch.testing.assert_close(image.mean(dim=(1, 2)), expected, atol=1 / 255, rtol=0)
+
+
+def test_two_real_ranks_gather_shards_into_the_dataset(tmp_path):
+    script = Path(__file__).parent / "dist_scripts" / "data_shards.py"
+    run_torchrun(script, str(tmp_path / "out.pt"), "203", nproc=2, timeout=300)
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    data = build_dataset(DataConfig(name="mnist_5k", limit=203), split="train")
+    expected = normalize(data.images.float() / 255, data.mean, data.std)
+    torch.testing.assert_close(result["images"], expected)
+    first, second = (set(t.tolist()) for t in result["train_indices"])
+    assert not first & second and len(first) == len(second) > 0
