@@ -62,20 +62,20 @@ _register_resnets()
 class SmallCNN(nn.Module):
     """A small VGG-style CNN for MNIST-sized images and CPU runs.
 
-    Three stages of two 3x3 convolutions and a 2x2 max-pool (28 -> 14 -> 7 -> 3); the last 3x3 map
-    is flattened rather than global-average-pooled: on the MNIST digits, pooling away where a
+    Three stages of `convs_per_stage` 3x3 convolutions and a 2x2 max-pool (28 -> 14 -> 7 -> 3); the
+    last 3x3 map is flattened rather than global-average-pooled: on the MNIST digits, pooling away where a
     stroke is cost about 12 points of k-means ACC (0.66 vs 0.78) in our measurements. A linear
     layer then maps the flattened map to `out_dim`.
     """
 
     def __init__(self, *, in_channels: int, image_size: int, norm: str = "batch",
-                 widths: tuple[int, int, int] = (32, 64, 128), out_dim: int = 512):
+                 widths: tuple[int, ...] = (32, 64, 128), convs_per_stage: int = 1, out_dim: int = 512):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
         size = image_size
         for width in widths:
-            for _ in range(2):
+            for _ in range(convs_per_stage):
                 layers += [nn.Conv2d(channels, width, 3, padding=1, bias=norm == "none"),
                            norm2d(norm)(width), nn.ReLU(inplace=True)]
                 channels = width
@@ -94,7 +94,14 @@ class SmallCNN(nn.Module):
 
 @BACKBONES.register("small_cnn")
 def small_cnn(*, in_channels: int, image_size: int, norm: str = "batch") -> nn.Module:
-    return SmallCNN(in_channels=in_channels, image_size=image_size, norm=norm)
+    """One convolution per stage: about 1,000 training images/s for two views on a 2-core CPU."""
+    return SmallCNN(in_channels=in_channels, image_size=image_size, norm=norm, convs_per_stage=1)
+
+
+@BACKBONES.register("small_cnn_deep")
+def small_cnn_deep(*, in_channels: int, image_size: int, norm: str = "batch") -> nn.Module:
+    """Two convolutions per stage: more capacity, about 5x the compute of small_cnn."""
+    return SmallCNN(in_channels=in_channels, image_size=image_size, norm=norm, convs_per_stage=2)
 
 
 def build_backbone(name: str, *, in_channels: int, image_size: int, norm: str) -> nn.Module:

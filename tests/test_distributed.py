@@ -45,3 +45,26 @@ def test_feature_extraction_two_ranks_equals_one_process(tmp_path, n, batch):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == two.shape == (n, 512)
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+
+
+def test_launch_env_from_slurm_without_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[012-015],cpu001")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert du.read_launch_env() == (5, 8, 1, 4)
+    import os
+    assert os.environ["MASTER_ADDR"] == "gpu012" and os.environ["RANK"] == "5" and os.environ["LOCAL_RANK"] == "1"
+
+
+def test_launch_env_prefers_torchrun(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert du.read_launch_env() == (1, 2, 1, 2)

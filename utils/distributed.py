@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,9 +31,12 @@ class DistInfo:
 
 
 def _env_int(*names: str, default: int) -> int:
+    """First set variable among `names` as an int; SLURM writes counts like '4(x2)': take the leading number."""
     for name in names:
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
+        value = os.environ.get(name, "")
+        match = re.match(r"\d+", value)
+        if match:
+            return int(match.group())
     return default
 
 
