@@ -178,22 +178,19 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
 def adjust_hue_batch(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of each RGB image (B, 3, H, W) in [0, 1] by shift (B,) turns, through HSV as
     torchvision's adjust_hue."""
-    maxc, _ = images.max(dim=1)
-    minc, _ = images.min(dim=1)
-    delta = maxc - minc
-    saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, 1.0), 0.0)
-    safe = torch.where(delta > 0, delta, 1.0)
+    tiny = torch.finfo(images.dtype).tiny
     r, g, b = images.unbind(dim=1)
-    hue = torch.where(maxc == r, (g - b) / safe,
-                      torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(delta > 0, hue, 0.0) / 6.0
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
+    maxc = images.amax(dim=1)
+    delta = maxc - images.amin(dim=1)
+    saturation = delta / maxc.clamp_min(tiny)  # 0 where the pixel is black
+    safe = delta.clamp_min(tiny)  # where delta is 0 the numerators below are 0 too: grey has hue 0
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = torch.remainder(hue / 6.0 + shift.view(-1, 1, 1), 1.0)
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * hue.unsqueeze(1), 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-    value = maxc.unsqueeze(1)
-    return value - value * saturation.unsqueeze(1) * ramp
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(1) * (1.0 - saturation.unsqueeze(1) * ramp)
 
 
 def adjust_colour_batch(images: torch.Tensor, *, brightness: torch.Tensor, contrast: torch.Tensor,
@@ -204,10 +201,10 @@ def adjust_colour_batch(images: torch.Tensor, *, brightness: torch.Tensor, contr
     gray = _grayscale(x) if x.shape[1] == 3 else x
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)
     c = contrast.view(-1, 1, 1, 1)
-    x = (c * x + (1.0 - c) * mean).clamp_(0.0, 1.0)
+    x = torch.lerp(mean.expand_as(x), x, c).clamp_(0.0, 1.0)  # c x + (1 - c) mean, exact at c = 1
     if x.shape[1] == 3:
         s = saturation.view(-1, 1, 1, 1)
-        x = (s * x + (1.0 - s) * _grayscale(x)).clamp_(0.0, 1.0)
+        x = torch.lerp(_grayscale(x).expand_as(x), x, s).clamp_(0.0, 1.0)
         rotate = torch.nonzero(hue != 0).squeeze(1)
         if rotate.numel():
             x = x.index_copy(0, rotate, adjust_hue_batch(x.index_select(0, rotate), hue.index_select(0, rotate)))
@@ -233,7 +230,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """(B, C, H, W) float in [0, 1] -> (x - mean) / std per channel."""
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - m) / s
+    return torch.addcmul(-m / s, images, 1.0 / s)  # (x - m) / s in one pass
 
 
 class BatchAugment(torch.nn.Module):

@@ -92,14 +92,14 @@ def test_loaders_leave_the_global_rng_alone():
 
 
 def test_workers_loader_takes_the_device_loaders_indices():
-    data = _toy(203)
+    data = _toy(67, size=8)
     for rank in (0, 1):
-        device, workers = _loader(data, rank=rank), _loader(data, rank=rank, mode="workers")
+        device, workers = _loader(data, rank=rank, batch=8), _loader(data, rank=rank, batch=8, mode="workers")
         assert isinstance(workers, WorkersLoader) and len(workers) == len(device)
         for epoch in (0, 3):
             assert torch.equal(_epoch_indices(workers, epoch), _epoch_indices(device, epoch))
-    batch = next(iter(_loader(data, mode="workers", views=3)))
-    assert len(batch.views) == 3 and batch.views[2].shape == (16, 3, 12, 12)
+    batch = next(iter(_loader(data, batch=8, mode="workers", views=3)))
+    assert len(batch.views) == 3 and batch.views[2].shape == (8, 3, 8, 8)
 
 
 def test_workers_views_do_not_depend_on_the_number_of_workers():
