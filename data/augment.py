@@ -49,9 +49,10 @@ class AugmentParams:
     crop: (B, 4) top, left, height, width of the crop box in input pixels. flip: (B,) bool.
     angle: (B,) degrees, clockwise on screen as torchvision's `affine`. translate: (B, 2) pixels
     (x, y) of the output image. shear: (B,) x-shear, degrees. displacement: (B, S, S, 2) elastic
-    offsets in normalised [-1, 1] units (x, y), or None. brightness/contrast/saturation: (B,)
-    factors (1 = unchanged). hue: (B,) shift in turns (0 = unchanged). grayscale, solarize: (B,) bool.
-    blur_sigma: (B,) pixels, 0 = no blur.
+    offsets in normalised [-1, 1] units (x, y). brightness/contrast/saturation: (B,) factors
+    (1 = unchanged). hue: (B,) shift in turns (0 = unchanged). grayscale, solarize: (B,) bool.
+    blur_sigma: (B,) pixels, 0 = no blur. None = the op is off for the whole batch (the config
+    disables it), so that deciding what to run never waits on the device.
     """
 
     crop: torch.Tensor
@@ -59,26 +60,22 @@ class AugmentParams:
     angle: torch.Tensor
     translate: torch.Tensor
     shear: torch.Tensor
-    displacement: torch.Tensor | None
-    brightness: torch.Tensor
-    contrast: torch.Tensor
-    saturation: torch.Tensor
-    hue: torch.Tensor
-    grayscale: torch.Tensor
-    blur_sigma: torch.Tensor
-    solarize: torch.Tensor
+    displacement: torch.Tensor | None = None
+    brightness: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None
+    saturation: torch.Tensor | None = None
+    hue: torch.Tensor | None = None
+    grayscale: torch.Tensor | None = None
+    blur_sigma: torch.Tensor | None = None
+    solarize: torch.Tensor | None = None
 
     @classmethod
     def identity(cls, batch: int, height: int, width: int, device: torch.device | str = "cpu") -> AugmentParams:
-        """Parameters that change nothing: full-image crop, no flip, no affine, unit factors."""
-        zeros = torch.zeros(batch, device=device)
-        ones = torch.ones(batch, device=device)
-        no = torch.zeros(batch, dtype=torch.bool, device=device)
+        """Parameters that change nothing: full-image crop, no flip, no affine, every other op off."""
         crop = torch.tensor([0.0, 0.0, float(height), float(width)], device=device).expand(batch, 4).clone()
-        return cls(crop=crop, flip=no, angle=zeros, translate=torch.zeros(batch, 2, device=device),
-                   shear=zeros.clone(), displacement=None, brightness=ones, contrast=ones.clone(),
-                   saturation=ones.clone(), hue=zeros.clone(), grayscale=no.clone(), blur_sigma=zeros.clone(),
-                   solarize=no.clone())
+        return cls(crop=crop, flip=torch.zeros(batch, dtype=torch.bool, device=device),
+                   angle=torch.zeros(batch, device=device), translate=torch.zeros(batch, 2, device=device),
+                   shear=torch.zeros(batch, device=device))
 
     def replace(self, **changes) -> AugmentParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -90,6 +87,16 @@ def _uniform(shape: Sequence[int] | int, low: float, high: float, generator: tor
              device: torch.device) -> torch.Tensor:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     return torch.rand(shape, generator=generator, device=device) * (high - low) + low
+
+
+def _sync_free(device: torch.device) -> bool:
+    """On accelerators, choose what to run without reading device values (a read waits for the device)."""
+    return device.type != "cpu"
+
+
+def _any(mask: torch.Tensor) -> bool:
+    """Whether an op may have work: looks on the CPU; on an accelerator assumes yes."""
+    return True if _sync_free(mask.device) else bool(mask.any())
 
 
 def _bernoulli(batch: int, p: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -193,21 +200,30 @@ def adjust_hue_batch(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc.unsqueeze(1) * (1.0 - saturation.unsqueeze(1) * ramp)
 
 
-def adjust_colour_batch(images: torch.Tensor, *, brightness: torch.Tensor, contrast: torch.Tensor,
-                        saturation: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+def adjust_colour_batch(images: torch.Tensor, *, brightness: torch.Tensor | None = None,
+                        contrast: torch.Tensor | None = None, saturation: torch.Tensor | None = None,
+                        hue: torch.Tensor | None = None) -> torch.Tensor:
     """Colour jitter with per-image factors (B,), brightness -> contrast -> saturation -> hue, each as
-    torchvision's adjust_* on float images. Saturation and hue are skipped on 1-channel images."""
-    x = (images * brightness.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-    gray = _grayscale(x) if x.shape[1] == 3 else x
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-    c = contrast.view(-1, 1, 1, 1)
-    x = torch.lerp(mean.expand_as(x), x, c).clamp_(0.0, 1.0)  # c x + (1 - c) mean, exact at c = 1
-    if x.shape[1] == 3:
-        s = saturation.view(-1, 1, 1, 1)
-        x = torch.lerp(_grayscale(x).expand_as(x), x, s).clamp_(0.0, 1.0)
-        rotate = torch.nonzero(hue != 0).squeeze(1)
-        if rotate.numel():
-            x = x.index_copy(0, rotate, adjust_hue_batch(x.index_select(0, rotate), hue.index_select(0, rotate)))
+    torchvision's adjust_* on float images (None skips one). Saturation and hue do nothing on
+    1-channel images."""
+    x = images
+    if brightness is not None:
+        x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    if contrast is not None:
+        gray = _grayscale(x) if x.shape[1] == 3 else x
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.lerp(mean.expand_as(x), x, contrast.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)  # exact at factor 1
+    if x.shape[1] != 3:
+        return x
+    if saturation is not None:
+        x = torch.lerp(_grayscale(x).expand_as(x), x, saturation.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    if hue is not None:
+        if _sync_free(x.device):  # rotate all, keep the originals where the shift is 0
+            x = torch.where((hue != 0).view(-1, 1, 1, 1), adjust_hue_batch(x, hue), x)
+        else:  # rotate only the images that move (jitter_p of them)
+            rotate = torch.nonzero(hue != 0).squeeze(1)
+            if rotate.numel():
+                x = x.index_copy(0, rotate, adjust_hue_batch(x.index_select(0, rotate), hue.index_select(0, rotate)))
     return x
 
 
@@ -287,22 +303,32 @@ class BatchAugment(torch.nn.Module):
             field = elastic_displacement(batch, self.image_size, alpha=cfg.elastic_alpha,
                                          sigma=cfg.elastic_sigma, generator=generator, device=device)
             displacement = field * on.view(-1, 1, 1, 1)
-        jitter = _bernoulli(batch, cfg.jitter_p, generator, device)
+        params = AugmentParams(crop=crop, flip=flip, angle=angle, translate=translate, shear=shear,
+                               displacement=displacement)
+        colour = self.channels == 3
+        if cfg.jitter_p > 0:
+            jitter = _bernoulli(batch, cfg.jitter_p, generator, device)
 
-        def factor(spread: float) -> torch.Tensor:
-            drawn = _uniform(batch, max(0.0, 1.0 - spread), 1.0 + spread, generator, device)
-            return torch.where(jitter, drawn, 1.0)
+            def factor(spread: float) -> torch.Tensor | None:
+                if spread == 0:
+                    return None
+                drawn = _uniform(batch, max(0.0, 1.0 - spread), 1.0 + spread, generator, device)
+                return torch.where(jitter, drawn, 1.0)
 
-        brightness, contrast, saturation = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
-        hue = torch.where(jitter, _uniform(batch, -cfg.hue, cfg.hue, generator, device), 0.0)
-        grayscale = _bernoulli(batch, cfg.grayscale_p, generator, device)
-        blur_on = _bernoulli(batch, self.blur_p, generator, device)
-        sigma = _uniform(batch, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)
-        solarize = _bernoulli(batch, self.solarize_p, generator, device)
-        return AugmentParams(crop=crop, flip=flip, angle=angle, translate=translate, shear=shear,
-                             displacement=displacement, brightness=brightness, contrast=contrast,
-                             saturation=saturation, hue=hue, grayscale=grayscale,
-                             blur_sigma=torch.where(blur_on, sigma, 0.0), solarize=solarize)
+            params.brightness, params.contrast = factor(cfg.brightness), factor(cfg.contrast)
+            if colour:
+                params.saturation = factor(cfg.saturation)
+                if cfg.hue > 0:
+                    params.hue = torch.where(jitter, _uniform(batch, -cfg.hue, cfg.hue, generator, device), 0.0)
+        if colour and cfg.grayscale_p > 0:
+            params.grayscale = _bernoulli(batch, cfg.grayscale_p, generator, device)
+        if self.blur_p > 0:
+            blur_on = _bernoulli(batch, self.blur_p, generator, device)
+            sigma = _uniform(batch, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)
+            params.blur_sigma = torch.where(blur_on, sigma, 0.0)
+        if self.solarize_p > 0:
+            params.solarize = _bernoulli(batch, self.solarize_p, generator, device)
+        return params
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Apply given per-image parameters (deterministic)."""
@@ -310,26 +336,34 @@ class BatchAugment(torch.nn.Module):
         x = self._geometry(x, params)
         x = adjust_colour_batch(x, brightness=params.brightness, contrast=params.contrast,
                                 saturation=params.saturation, hue=params.hue)
-        if self.channels == 3 and bool(params.grayscale.any()):
+        if self.channels == 3 and params.grayscale is not None and _any(params.grayscale):
             x = torch.where(params.grayscale.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
-        blur = torch.nonzero(params.blur_sigma > 0).squeeze(1)
-        if blur.numel():
-            blurred = gaussian_blur_batch(x.index_select(0, blur), params.blur_sigma.index_select(0, blur),
-                                          self.kernel_size)
-            x = x.index_copy(0, blur, blurred)
-        if bool(params.solarize.any()):
+        if params.blur_sigma is not None:
+            x = self._blur(x, params.blur_sigma)
+        if params.solarize is not None and _any(params.solarize):
             x = torch.where(params.solarize.view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1.0 - x, x)
         return normalize(x, self.mean, self.std) if self.cfg.normalize else x
+
+    def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Blur the images whose sigma is > 0. On the CPU only those; on an accelerator all of them
+        (no host sync), the others with a vanishing sigma, whose kernel is exactly [0, .., 1, .., 0]."""
+        if _sync_free(x.device):
+            return gaussian_blur_batch(x, torch.where(sigma > 0, sigma, 1e-3), self.kernel_size)
+        chosen = torch.nonzero(sigma > 0).squeeze(1)
+        if not chosen.numel():
+            return x
+        blurred = gaussian_blur_batch(x.index_select(0, chosen), sigma.index_select(0, chosen), self.kernel_size)
+        return x.index_copy(0, chosen, blurred)
 
     def _geometry(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Crop + flip + affine + elastic as one bilinear grid_sample on the original image."""
         b, _, height, width = x.shape
         size = self.image_size
         device, dtype = x.device, x.dtype
-        full = torch.tensor([0.0, 0.0, height, width], device=device)
-        if (height == width == size and not self.use_affine and params.displacement is None
-                and not bool(params.flip.any()) and bool((params.crop == full).all())):
-            return x  # nothing moves: skip the resampling (exact, and the no-augmentation path is free)
+        if (not _sync_free(device) and height == width == size and not self.use_affine and params.displacement is None
+                and not bool(params.flip.any())
+                and bool((params.crop == torch.tensor([0.0, 0.0, height, width])).all())):
+            return x  # nothing moves: skip the resampling (exact, and free); not checked on accelerators (sync)
         # Output pixel centres in normalised coordinates (align_corners=False): (1, S, S, 2) as (x, y).
         axis = (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1
         grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).unsqueeze(0)
