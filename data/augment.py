@@ -57,9 +57,9 @@ class AugmentParams:
 
     crop: torch.Tensor
     flip: torch.Tensor
-    angle: torch.Tensor
-    translate: torch.Tensor
-    shear: torch.Tensor
+    angle: torch.Tensor | None = None
+    translate: torch.Tensor | None = None
+    shear: torch.Tensor | None = None
     displacement: torch.Tensor | None = None
     brightness: torch.Tensor | None = None
     contrast: torch.Tensor | None = None
@@ -71,11 +71,9 @@ class AugmentParams:
 
     @classmethod
     def identity(cls, batch: int, height: int, width: int, device: torch.device | str = "cpu") -> AugmentParams:
-        """Parameters that change nothing: full-image crop, no flip, no affine, every other op off."""
+        """Parameters that change nothing: full-image crop, no flip, every other op off."""
         crop = torch.tensor([0.0, 0.0, float(height), float(width)], device=device).expand(batch, 4).clone()
-        return cls(crop=crop, flip=torch.zeros(batch, dtype=torch.bool, device=device),
-                   angle=torch.zeros(batch, device=device), translate=torch.zeros(batch, 2, device=device),
-                   shear=torch.zeros(batch, device=device))
+        return cls(crop=crop, flip=torch.zeros(batch, dtype=torch.bool, device=device))
 
     def replace(self, **changes) -> AugmentParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -292,19 +290,17 @@ class BatchAugment(torch.nn.Module):
         """Draw every image's parameters; the draws do not depend on the pixels."""
         cfg, device = self.cfg, torch.device(device)
         crop = sample_crop_boxes(batch, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
-        flip = _bernoulli(batch, cfg.hflip_p, generator, device)
-        angle = _uniform(batch, -cfg.affine_degrees, cfg.affine_degrees, generator, device)
-        max_shift = cfg.affine_translate * self.image_size
-        translate = torch.round(_uniform((batch, 2), -max_shift, max_shift, generator, device))
-        shear = _uniform(batch, -cfg.affine_shear, cfg.affine_shear, generator, device)
-        displacement = None
+        params = AugmentParams(crop=crop, flip=_bernoulli(batch, cfg.hflip_p, generator, device))
+        if self.use_affine:
+            params.angle = _uniform(batch, -cfg.affine_degrees, cfg.affine_degrees, generator, device)
+            max_shift = cfg.affine_translate * self.image_size
+            params.translate = torch.round(_uniform((batch, 2), -max_shift, max_shift, generator, device))
+            params.shear = _uniform(batch, -cfg.affine_shear, cfg.affine_shear, generator, device)
         if self.use_elastic:
             on = _bernoulli(batch, cfg.elastic_p, generator, device)
             field = elastic_displacement(batch, self.image_size, alpha=cfg.elastic_alpha,
                                          sigma=cfg.elastic_sigma, generator=generator, device=device)
-            displacement = field * on.view(-1, 1, 1, 1)
-        params = AugmentParams(crop=crop, flip=flip, angle=angle, translate=translate, shear=shear,
-                               displacement=displacement)
+            params.displacement = field * on.view(-1, 1, 1, 1)
         colour = self.channels == 3
         if cfg.jitter_p > 0:
             jitter = _bernoulli(batch, cfg.jitter_p, generator, device)
@@ -360,7 +356,8 @@ class BatchAugment(torch.nn.Module):
         b, _, height, width = x.shape
         size = self.image_size
         device, dtype = x.device, x.dtype
-        if (not _sync_free(device) and height == width == size and not self.use_affine and params.displacement is None
+        affine = params.angle is not None or params.translate is not None or params.shear is not None
+        if (not _sync_free(device) and height == width == size and not affine and params.displacement is None
                 and not bool(params.flip.any())
                 and bool((params.crop == torch.tensor([0.0, 0.0, height, width])).all())):
             return x  # nothing moves: skip the resampling (exact, and free); not checked on accelerators (sync)
@@ -370,8 +367,8 @@ class BatchAugment(torch.nn.Module):
         if params.displacement is not None:
             grid = grid + params.displacement.to(dtype)
         mask = None
-        if self.use_affine or params.displacement is not None:
-            grid = self._inverse_affine(grid, params)
+        if affine or params.displacement is not None:
+            grid = self._inverse_affine(grid, params) if affine else grid.expand(b, -1, -1, -1)
             mask = (_coverage(grid[..., 0], size) * _coverage(grid[..., 1], size)).unsqueeze(1)
         # Crop box (input pixels) as a scale and offset in normalised coordinates; flip negates x.
         top, left, h, w = params.crop.to(dtype).unbind(dim=1)
@@ -391,18 +388,20 @@ class BatchAugment(torch.nn.Module):
     def _inverse_affine(self, grid: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Map output coordinates back through the random affine (rotation, x-shear, translation
         about the centre, torchvision's convention) to the cropped-and-flipped image's coordinates."""
-        angle = torch.deg2rad(params.angle.to(grid.dtype))
-        shear = torch.deg2rad(params.shear.to(grid.dtype))
+        n = params.crop.shape[0]
+        zeros = torch.zeros(n, dtype=grid.dtype, device=grid.device)
+        angle = torch.deg2rad(params.angle.to(grid.dtype)) if params.angle is not None else zeros
+        shear = torch.deg2rad(params.shear.to(grid.dtype)) if params.shear is not None else zeros
+        translate = params.translate.to(grid.dtype) if params.translate is not None else zeros[:, None].expand(n, 2)
         # forward linear part R(angle) @ [[1, -tan(shear)], [0, 1]] with R = [[cos, -sin], [sin, cos]]
         # (y points down, so positive angles turn clockwise on screen); its inverse is
         # [[1, tan(shear)], [0, 1]] @ R(-angle) = [[a, b], [c, d]] below
         cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
         a, b_ = cos - tan * sin, sin + tan * cos
         c, d = -sin, cos
-        shift = params.translate.to(grid.dtype) * (2.0 / self.image_size)  # pixels -> normalised
+        shift = translate * (2.0 / self.image_size)  # pixels -> normalised
         px = grid[..., 0] - shift[:, 0].view(-1, 1, 1)
         py = grid[..., 1] - shift[:, 1].view(-1, 1, 1)
-        n = px.shape[0]
         ix = a.view(n, 1, 1) * px + b_.view(n, 1, 1) * py
         iy = c.view(n, 1, 1) * px + d.view(n, 1, 1) * py
         return torch.stack([ix, iy], dim=-1)
