@@ -57,3 +57,12 @@ def test_augment_config_errors_name_the_key(changes, key):
     with pytest.raises(ValueError, match=key) as info:
         AugmentConfig(**changes).validate()
     assert "\n" not in str(info.value)
+
+
+def test_the_schema_imports_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, data.config; assert 'torch' not in sys.modules, 'data.config pulled in torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
