@@ -1,0 +1,182 @@
+"""Nearest-centroid search by chunked matrix products (the inner loop of k-means).
+
+Squared distances are expanded as ``|x|^2 - 2 x.c + |c|^2``: the ``x.c`` term is one
+GEMM per chunk of rows, ``|c|^2`` is folded into it (``addmm``), and ``|x|^2`` is
+constant per row, so it is added only to the selected minima.  Memory is
+O(chunk_size x K) for the distance block, never O(N x K).
+"""
+from __future__ import annotations
+
+import torch
+
+# On the CPU, `Tensor.min(dim)` with indices over rows of ~1000 floats is about as slow
+# as the GEMM that produced them, while `amin` (values only) is vectorised and ~8x
+# faster.  So for wide K we take the minimum over blocks of `_BLOCK` columns with
+# `amin`, find the winning block (a much narrower min-with-index), and only then
+# search inside that one block.  The result equals `argmin` (first minimal index).
+_BLOCK = 32
+_BLOCK_MIN_K = 4 * _BLOCK
+
+
+def default_chunk_size(n_clusters: int, device: torch.device) -> int:
+    """Rows per distance block: ~16 MiB of float32 on the CPU (fits the caches well),
+    ~256 MiB on a GPU (large enough to keep it busy)."""
+    budget = (1 << 22) if device.type == "cpu" else (1 << 26)
+    return max(256, budget // max(n_clusters, 1))
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Distances, bounds and centroids are kept in float32 unless x is float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_sq_norms(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) squared L2 norms of the rows of x (N, D), computed in `dtype` chunk by chunk."""
+    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
+    for s in range(0, x.shape[0], chunk_size):
+        xc = x[s:s + chunk_size].to(dtype)
+        out[s:s + chunk_size] = (xc * xc).sum(1)
+    return out
+
+
+class Assigner:
+    """Chunked nearest / second-nearest centroid search against a fixed centroid set.
+
+    Args:
+        x: (N, D) data, any floating dtype, on any device.
+        x_sq: (N,) squared norms of x in the compute dtype.
+        chunk_size: rows per distance block.
+    """
+
+    def __init__(self, x: torch.Tensor, x_sq: torch.Tensor, chunk_size: int) -> None:
+        self.x = x
+        self.x_sq = x_sq
+        self.chunk_size = chunk_size
+        self.cdtype = x_sq.dtype
+        # The CPU has no fast half-precision GEMM: upcast each chunk instead.  On a GPU
+        # the product runs in x's own dtype (tensor cores) and is upcast afterwards.
+        self.mm_dtype = self.cdtype if x.device.type == "cpu" else x.dtype
+        self._buf: torch.Tensor | None = None
+
+    def set_centroids(self, c: torch.Tensor) -> None:
+        """c: (K, D) centroids in the compute dtype."""
+        k = c.shape[0]
+        self.k = k
+        self.block = _BLOCK if k >= _BLOCK_MIN_K else 0
+        kp = -(-k // _BLOCK) * _BLOCK if self.block else k
+        c_sq = (c * c).sum(1)
+        # Padding columns get |c|^2 = +inf, so they can never win a minimum.
+        self.c_sq = torch.full((kp,), float("inf"), dtype=self.cdtype, device=c.device)
+        self.c_sq[:k] = c_sq
+        ct = torch.zeros((c.shape[1], kp), dtype=self.mm_dtype, device=c.device)
+        ct[:, :k] = c.T.to(self.mm_dtype)
+        self.ct = ct
+        if self._buf is None or self._buf.shape[1] != kp:
+            self._buf = torch.empty((self.chunk_size, kp), dtype=self.cdtype, device=c.device)
+
+    def _partial_dists(self, xc: torch.Tensor) -> torch.Tensor:
+        """(m, Kp) values of |c|^2 - 2 x.c for a chunk xc (m, D); |x|^2 is not added."""
+        out = self._buf[: xc.shape[0]]
+        if self.mm_dtype == self.cdtype:
+            torch.addmm(self.c_sq, xc.to(self.cdtype), self.ct, beta=1, alpha=-2, out=out)
+        else:
+            torch.add(self.c_sq, torch.mm(xc.to(self.mm_dtype), self.ct).to(self.cdtype),
+                      alpha=-2, out=out)
+        return out
+
+    def _top2(self, d: torch.Tensor, second: bool):
+        """Row minimum, its index and (optionally) the second smallest value of d (m, Kp).
+
+        d is scratch and may be overwritten.
+        """
+        m = d.shape[0]
+        inf = float("inf")
+        if self.block:
+            nb = d.shape[1] // self.block
+            d3 = d.view(m, nb, self.block)
+            bmin = d3.amin(2)                                   # (m, nb)
+            v1, bi = bmin.min(1)
+            rows = torch.arange(m, device=d.device)
+            sub = d3[rows, bi]                                  # (m, block) copy
+            j = sub.argmin(1)
+            idx = bi * self.block + j
+            if not second:
+                return v1, idx, None
+            sub[rows, j] = inf
+            bmin[rows, bi] = inf
+            v2 = torch.minimum(sub.amin(1), bmin.amin(1))
+            return v1, idx, v2
+        v1, idx = d.min(1)
+        if not second:
+            return v1, idx, None
+        d.scatter_(1, idx[:, None], inf)
+        return v1, idx, d.amin(1)
+
+    def nearest(self, rows: torch.Tensor | None = None, *, second: bool = True):
+        """Nearest centroid of the selected rows of x.
+
+        Args:
+            rows: (M,) int64 row indices into x, or None for all rows.
+            second: also return the squared distance to the second-nearest centroid.
+        Returns:
+            labels (M,) int64, d1 (M,) squared distance to the nearest centroid,
+            d2 (M,) squared distance to the second nearest (+inf when K == 1) or None.
+            Distances are clamped at 0 (the expansion can round slightly below).
+        """
+        n = self.x.shape[0] if rows is None else rows.shape[0]
+        dev = self.x.device
+        labels = torch.empty(n, dtype=torch.int64, device=dev)
+        d1 = torch.empty(n, dtype=self.cdtype, device=dev)
+        d2 = torch.empty(n, dtype=self.cdtype, device=dev) if second else None
+        for s in range(0, n, self.chunk_size):
+            e = min(n, s + self.chunk_size)
+            if rows is None:
+                xc, xs = self.x[s:e], self.x_sq[s:e]
+            else:
+                r = rows[s:e]
+                xc, xs = self.x.index_select(0, r), self.x_sq.index_select(0, r)
+            v1, idx, v2 = self._top2(self._partial_dists(xc), second)
+            labels[s:e] = idx
+            torch.add(v1, xs, out=d1[s:e]).clamp_(min=0)
+            if second:
+                torch.add(v2, xs, out=d2[s:e]).clamp_(min=0)
+        return labels, d1, d2
+
+
+def exact_sq_dist(x: torch.Tensor, c: torch.Tensor, labels: torch.Tensor,
+                  rows: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    """Squared distance of x[rows] (M, D) to c[labels[rows]], by direct differences.
+
+    More accurate than the norm expansion (no cancellation); used to tighten bounds and
+    to pick the points farthest from their centroids.
+    """
+    n = x.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(n, dtype=c.dtype, device=x.device)
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        if rows is None:
+            xc, lab = x[s:e], labels[s:e]
+        else:
+            r = rows[s:e]
+            xc, lab = x.index_select(0, r), labels.index_select(0, r)
+        diff = xc.to(c.dtype) - c.index_select(0, lab)
+        out[s:e] = (diff * diff).sum(1)
+    return out
+
+
+def half_min_center_dist(c: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(K,) half the distance from each centroid to its nearest other centroid.
+
+    A point within this distance of its own centroid cannot be closer to any other
+    centroid (triangle inequality).  +inf when K == 1.  Chunked over rows so memory is
+    O(chunk_size x K).
+    """
+    k = c.shape[0]
+    c_sq = (c * c).sum(1)
+    out = torch.empty(k, dtype=c.dtype, device=c.device)
+    for s in range(0, k, chunk_size):
+        e = min(k, s + chunk_size)
+        d = torch.addmm(c_sq, c[s:e], c.T, beta=1, alpha=-2).add_(c_sq[s:e, None])
+        d[torch.arange(e - s, device=c.device), torch.arange(s, e, device=c.device)] = float("inf")
+        out[s:e] = d.amin(1)
+    return out.clamp_(min=0).sqrt_().mul_(0.5)

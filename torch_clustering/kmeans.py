@@ -1,0 +1,636 @@
+"""k-means (Lloyd's algorithm) in pure PyTorch, on one device or across ranks.
+
+Algorithm
+---------
+Each restart runs Lloyd iterations: assign every point to its nearest centroid, then
+move each centroid to the mean of its points.  Results are those of plain Lloyd; three
+things make it fast:
+
+* Distances come from one matrix product per chunk of rows, ``|c|^2 - 2 x.c`` (the
+  ``|x|^2`` term is constant per row), so memory is O(chunk_size x K) and the work is a
+  GEMM.  Squared norms of x are computed once per `fit` and shared by all restarts.
+* Hamerly's bounds (G. Hamerly, "Making k-means even faster", SDM 2010): every point
+  keeps an upper bound on the distance to its own centroid and a lower bound on the
+  distance to any other centroid; both are moved by how far the centroids moved.  A
+  point whose upper bound is below ``max(lower bound, half the distance from its
+  centroid to the nearest other centroid)`` provably keeps its label and is skipped.
+  Only the remaining rows are gathered and sent through the GEMM.  This is exact: it
+  changes how much is computed, not the result (up to float rounding at exact ties).
+* Per-cluster sums are kept in float64 and updated only for points that changed label,
+  and the inertia of each iteration is computed from them in closed form,
+  ``sum|x|^2 - 2 sum_j c_j.S_j + sum_j n_j |c_j|^2``, instead of from every distance.
+
+Semantics follow scikit-learn's ``KMeans(algorithm="lloyd")``: an iteration assigns
+labels with the current centroids, then updates them; it stops on strict convergence
+(no label changed) or when the total squared centroid shift is at most
+``tol * mean(var(x, axis=0))``; if it did not stop strictly, a final assignment makes the
+labels match the returned centroids.  ``inertia_history[t]`` is the inertia of the
+assignment made at iteration t, measured against the centroids it was made with.
+
+Empty clusters
+--------------
+When a cluster has no point after an assignment, it is re-seeded with the point
+farthest from its own centroid (several empty clusters take the farthest points in
+order, largest distance to the lowest empty cluster index).  Points of clusters that
+would become empty themselves are never taken.  The moved point becomes the new
+centroid exactly.
+
+Metrics
+-------
+``metric="euclidean"`` minimises squared Euclidean distances.  ``metric="cosine"`` is
+spherical k-means: rows of x are L2-normalised, centroids are re-normalised after every
+update, and assignment maximises cosine similarity; its inertia is
+``sum_i (1 - cos(x_i, c_{label_i}))``.
+
+Distributed modes (``distributed=``)
+------------------------------------
+* ``False``: one process, x is all the data.
+* ``True`` or ``"sharded"``: torch.distributed is initialised and every rank passes its
+  own shard of the data (shards may differ in size, even be empty).  Each Lloyd step
+  all-reduces per-cluster sums, counts and the number of changed labels (one float64
+  buffer of (K + 1) x (D + 1)), so every rank holds identical centroids and no rank ever
+  holds the whole data.  ``labels`` are those of the rank's own shard; ``inertia`` is
+  global.  k-means++ / random initialisation runs, identically on every rank, on a
+  bounded uniform sample gathered from all shards (``init_sample_size`` points, by
+  default ``max(64 K, 16384)``), never on the gathered data.  All restarts run on all
+  ranks.
+* ``"replicated"``: every rank passes the same full x.  The ``n_init`` restarts are split
+  over ranks (restart r runs on rank ``r % world_size``), the one with the lowest
+  inertia wins and its centroids, labels and history are broadcast to all ranks.  A
+  restart's random draws depend only on (seed, restart index), so the result is that
+  of one process running all ``n_init`` restarts.
+
+Precision and devices
+---------------------
+Everything runs on x's device; results have x's dtype.  Distances, bounds and
+centroids are computed in float32 (float64 when x is float64); half-precision inputs are
+multiplied in half on a GPU and upcast per chunk on the CPU; sums are accumulated in
+float64.  A seed gives the same result on a given device.  On CUDA, `index_add_` uses
+atomics unless ``torch.use_deterministic_algorithms(True)`` is set; float64 sums make a
+difference in the float32 centroids very unlikely, but only that setting guarantees it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ._assign import (Assigner, compute_dtype_for, default_chunk_size, exact_sq_dist,
+                      half_min_center_dist, row_sq_norms)
+from ._dist import Comm
+from ._init import kmeans_plusplus, random_init, restart_generator
+
+logger = logging.getLogger(__name__)
+
+_METRICS = ("euclidean", "cosine")
+_INITS = ("k-means++", "random")
+_MODES = {False: "local", True: "sharded", "sharded": "sharded", "replicated": "replicated"}
+
+
+@dataclass
+class KMeansResult:
+    """Outcome of `KMeans.fit`.
+
+    Attributes:
+        centroids: (K, D) tensor, x's dtype and device (unit rows for the cosine metric).
+        labels: (N,) int64 nearest-centroid index of every row of x (of the rank's own
+            shard in sharded mode).
+        inertia: sum of squared distances of the points to their centroid (global in
+            sharded mode; ``sum(1 - cos)`` for the cosine metric).
+        n_iter: Lloyd iterations run by the kept restart.
+        converged: whether it stopped before `max_iter` (strictly or by `tol`).
+        inertia_history: inertia of each iteration's assignment (length `n_iter`).
+        restart: index of the kept restart.
+    """
+
+    centroids: torch.Tensor
+    labels: torch.Tensor
+    inertia: float
+    n_iter: int
+    converged: bool
+    inertia_history: list[float] = field(default_factory=list)
+    restart: int = 0
+
+
+@dataclass
+class _Data:
+    """Training data prepared once per fit and shared by all restarts."""
+
+    x: torch.Tensor          # (N_local, D), unit rows for the cosine metric
+    x_sq: torch.Tensor       # (N_local,) squared norms, compute dtype
+    sq_total: float          # global sum of x_sq, float64
+    n_total: int             # global number of rows
+    tol_abs: float           # tol * mean per-feature variance
+    comm: Comm               # collectives for Lloyd (inactive unless sharded)
+    chunk: int
+    cosine: bool
+
+
+class _Lloyd:
+    """One restart of Lloyd's algorithm with Hamerly's bounds."""
+
+    def __init__(self, data: _Data, c0: torch.Tensor) -> None:
+        self.d = data
+        self.c = c0.clone()                                         # (K, D) compute dtype
+        self.k, self.dim = c0.shape
+        dev = data.x.device
+        self.sums = torch.zeros((self.k, self.dim), dtype=torch.float64, device=dev)
+        self.counts = torch.zeros(self.k, dtype=torch.float64, device=dev)
+        self.n_changed = 0
+        self.assigner = Assigner(data.x, data.x_sq, data.chunk)
+
+    # -- assignment ---------------------------------------------------------------------
+    def _first_pass(self) -> None:
+        """Full assignment from the initial centroids; builds labels, bounds and sums."""
+        self.assigner.set_centroids(self.c)
+        labels, d1, d2 = self.assigner.nearest(None)
+        self.labels, self.upper, self.lower = labels, d1.sqrt_(), d2.sqrt_()
+        x, ch = self.d.x, self.d.chunk
+        for s in range(0, x.shape[0], ch):
+            self.sums.index_add_(0, labels[s:s + ch], x[s:s + ch].to(torch.float64))
+        self.counts += torch.bincount(labels, minlength=self.k).to(torch.float64)
+
+    def _bounded_pass(self) -> None:
+        """Assignment that recomputes distances only where the bounds cannot rule out a
+        label change."""
+        x, c, ch = self.d.x, self.c, self.d.chunk
+        labels, upper, lower = self.labels, self.upper, self.lower
+        self.n_changed = 0
+        bound = torch.maximum(half_min_center_dist(c, ch).index_select(0, labels), lower)
+        cand = (upper > bound).nonzero().squeeze(1)
+        if cand.numel():
+            # Tighten the (loose) upper bound with the exact distance: O(D) per point,
+            # and it settles most candidates without the O(K D) search.
+            exact = exact_sq_dist(x, c, labels, cand, ch).sqrt_()
+            upper[cand] = exact
+            cand = cand[exact > bound[cand]]
+        if not cand.numel():
+            return
+        self.assigner.set_centroids(c)
+        new, d1, d2 = self.assigner.nearest(cand)
+        upper[cand] = d1.sqrt_()
+        lower[cand] = d2.sqrt_()
+        moved = new != labels[cand]
+        rows = cand[moved]
+        if rows.numel():
+            self._move(rows, labels[rows], new[moved])
+            self.n_changed = rows.numel()
+
+    def _move(self, rows: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Relabel x[rows] from `old` to `new` and update the local float64 sums."""
+        x, ch = self.d.x, self.d.chunk
+        for s in range(0, rows.shape[0], ch):
+            xr = x.index_select(0, rows[s:s + ch]).to(torch.float64)
+            self.sums.index_add_(0, new[s:s + ch], xr)
+            self.sums.index_add_(0, old[s:s + ch], xr, alpha=-1)
+        self.counts += (torch.bincount(new, minlength=self.k)
+                        - torch.bincount(old, minlength=self.k)).to(torch.float64)
+        self.labels[rows] = new
+
+    # -- reductions -------------------------------------------------------------------------
+    def _reduce(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Global (sums (K, D), counts (K,), number of changed labels), one all-reduce."""
+        comm = self.d.comm
+        if not comm.active:
+            return self.sums, self.counts, self.n_changed
+        buf = torch.empty((self.k + 1, self.dim + 1), dtype=torch.float64, device=self.sums.device)
+        buf[: self.k, : self.dim] = self.sums
+        buf[: self.k, self.dim] = self.counts
+        buf[self.k].zero_()
+        buf[self.k, 0] = self.n_changed
+        comm.sum_(buf)
+        return buf[: self.k, : self.dim], buf[: self.k, self.dim], int(buf[self.k, 0].item())
+
+    def _inertia(self, sums: torch.Tensor, counts: torch.Tensor) -> float:
+        """Inertia of the current labels against the current centroids, from the sums."""
+        c = self.c.to(torch.float64)
+        dot = (c * sums).sum()
+        if self.d.cosine:
+            val = self.d.n_total - dot
+        else:
+            val = self.d.sq_total - 2 * dot + (counts * (c * c).sum(1)).sum()
+        return max(float(val.item()), 0.0)
+
+    # -- empty clusters -----------------------------------------------------------------
+    def _relocate(self, empty: list[int], counts: torch.Tensor) -> torch.Tensor:
+        """Re-seed the empty clusters with the points farthest from their centroids.
+
+        Returns the local rows that were moved (their bounds are reset by the caller).
+        """
+        x, comm, n_empty = self.d.x, self.d.comm, len(empty)
+        dev = x.device
+        dist = exact_sq_dist(x, self.c, self.labels, None, self.d.chunk).to(torch.float64)
+        # Taking the last point of a cluster would just move the hole elsewhere.
+        dist = torch.where(counts.index_select(0, self.labels) >= 2, dist, -1.0)
+        packed = torch.full((3, n_empty), -1.0, dtype=torch.float64, device=dev)
+        packed[0] = -math.inf
+        k_loc = min(n_empty, x.shape[0])
+        if k_loc:
+            vals, idx = dist.topk(k_loc)
+            packed[0, :k_loc] = vals
+            packed[1, :k_loc] = idx.to(torch.float64)
+            packed[2, :k_loc] = self.labels.index_select(0, idx).to(torch.float64)
+        cands = []
+        for rank, part in enumerate(comm.all_gather(packed)):
+            for j, (val, idx, lab) in enumerate(part.T.tolist()):
+                cands.append((-val, rank, j, int(idx), int(lab)))
+        remaining = counts.tolist()
+        taken = []
+        for negval, rank, _, idx, lab in sorted(cands):
+            if len(taken) == n_empty or -negval < 0:
+                break
+            if remaining[lab] >= 2:
+                remaining[lab] -= 1
+                taken.append((rank, idx, lab))
+        mine = [(idx, old, new) for (rank, idx, old), new in zip(taken, empty) if rank == comm.rank]
+        if taken:
+            logger.debug("re-seeded %d empty cluster(s) with the farthest points", len(taken))
+        if not mine:
+            return torch.empty(0, dtype=torch.int64, device=dev)
+        rows, old, new = (torch.tensor(v, dtype=torch.int64, device=dev) for v in zip(*mine))
+        self._move(rows, old, new)
+        return rows
+
+    # -- update -------------------------------------------------------------------------------
+    def _update(self, sums: torch.Tensor, counts: torch.Tensor) -> float:
+        """Move centroids to their means, shift the bounds, return the total squared shift."""
+        old = self.c.to(torch.float64)
+        has = counts > 0
+        new = torch.where(has[:, None], sums / counts.clamp(min=1)[:, None], old)
+        if self.d.cosine:
+            norm = new.norm(dim=1, keepdim=True)
+            new = torch.where(norm > 0, new / norm.clamp(min=1e-300), old)
+        self.c = new.to(self.c.dtype)
+        shift = (self.c.to(torch.float64) - old).norm(dim=1)
+        p = shift.to(self.c.dtype)
+        self.upper += p.index_select(0, self.labels)
+        if self.k > 1:
+            # Other centroids moved by at most the largest shift, except for points of the
+            # cluster that moved most, whose other centroids moved by at most the 2nd largest.
+            top, arg = p.topk(2)
+            self.lower -= torch.where(self.labels == arg[0], top[1], top[0])
+        return float((shift * shift).sum().item())
+
+    def run(self, max_iter: int) -> KMeansResult:
+        d = self.d
+        self._first_pass()
+        sums, counts, _ = self._reduce()
+        history: list[float] = []
+        converged = strict = False
+        n_iter = max_iter
+        for it in range(max_iter):
+            if it > 0:
+                self._bounded_pass()
+                sums, counts, n_changed = self._reduce()
+            history.append(self._inertia(sums, counts))
+            if it > 0 and n_changed == 0:
+                converged = strict = True
+                n_iter = it + 1
+                break
+            empty = (counts == 0).nonzero().squeeze(1).tolist()
+            moved = None
+            if empty:
+                moved = self._relocate(empty, counts)
+                sums, counts, _ = self._reduce()
+            shift = self._update(sums, counts)
+            if moved is not None and moved.numel():
+                # A re-seeded point is its centroid now: distance 0, no lower bound known.
+                self.upper[moved] = 0
+                self.lower[moved] = 0
+            if shift <= d.tol_abs:
+                converged = True
+                n_iter = it + 1
+                break
+        if strict:
+            inertia = history[-1]
+        else:
+            # Final assignment so that the labels match the returned centroids.
+            self._bounded_pass()
+            sums, counts, _ = self._reduce()
+            inertia = self._inertia(sums, counts)
+        return KMeansResult(centroids=self.c, labels=self.labels, inertia=inertia, n_iter=n_iter,
+                            converged=converged, inertia_history=history)
+
+
+class KMeans:
+    """k-means clustering (Lloyd) with k-means++ restarts, Euclidean or cosine.
+
+    Example::
+
+        km = KMeans(100, n_init=3, seed=0)
+        result = km.fit(features)            # features: (N, D) tensor on any device
+        result.centroids, result.labels, result.inertia
+        km.predict(other_features)           # (M,) int64 labels
+
+    Args:
+        n_clusters: K >= 1.
+        metric: "euclidean" or "cosine" (spherical k-means, see the module docstring).
+        init: "k-means++" (greedy, as scikit-learn), "random" (K distinct points), or a
+            (K, D) tensor of initial centroids (then one restart is run; in distributed
+            modes rank 0's tensor is used).
+        n_init: restarts; the one with the lowest inertia is kept.
+        max_iter: Lloyd iterations per restart.
+        tol: stop when the total squared centroid shift is at most tol times the mean
+            per-feature variance of x (as scikit-learn); 0 stops only on strict
+            convergence.
+        seed: seeds every random draw (made on the CPU, so devices agree on the draws).
+        chunk_size: rows per distance block (memory O(chunk_size x K)); default ~16 MiB
+            of float32 on the CPU, ~256 MiB on a GPU.
+        distributed: False, True / "sharded" or "replicated" (see the module docstring).
+        init_sample_size: sharded mode only: size of the sample gathered for
+            initialisation (default max(64 K, 16384), capped at the number of points).
+        max_points_per_centroid: None (default) fits on all points.  An int fits on a
+            uniform random subsample of at most K times that many points (as faiss does
+            by default with 256), then labels all points and reports their inertia;
+            `inertia_history` then refers to the subsample.
+    """
+
+    def __init__(self, n_clusters: int, *, metric: str = "euclidean",
+                 init: str | torch.Tensor = "k-means++", n_init: int = 1, max_iter: int = 300,
+                 tol: float = 1e-4, seed: int = 0, chunk_size: int | None = None,
+                 distributed: bool | str = False, init_sample_size: int | None = None,
+                 max_points_per_centroid: int | None = None) -> None:
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
+        if metric not in _METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {list(_METRICS)}")
+        if isinstance(init, str):
+            if init not in _INITS:
+                raise ValueError(f"unknown init {init!r}; expected one of {list(_INITS)} "
+                                 "or a (n_clusters, D) tensor of centroids")
+        elif isinstance(init, torch.Tensor):
+            if init.dim() != 2 or init.shape[0] != n_clusters:
+                raise ValueError(f"initial centroids must have shape (n_clusters={n_clusters}, D), "
+                                 f"got {tuple(init.shape)}")
+        else:
+            raise ValueError(f"init must be 'k-means++', 'random' or a tensor, got {type(init).__name__}")
+        for name, val, low in (("n_init", n_init, 1), ("max_iter", max_iter, 1)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {val!r}")
+        if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
+            raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        for name, val in (("chunk_size", chunk_size), ("init_sample_size", init_sample_size),
+                          ("max_points_per_centroid", max_points_per_centroid)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {val!r}")
+        if distributed not in _MODES:
+            raise ValueError(f"distributed must be False, True, 'sharded' or 'replicated', "
+                             f"got {distributed!r}")
+        self.n_clusters = n_clusters
+        self.metric = metric
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = float(tol)
+        self.seed = int(seed)
+        self.chunk_size = chunk_size
+        self.distributed = distributed
+        self.init_sample_size = init_sample_size
+        self.max_points_per_centroid = max_points_per_centroid
+        self.centroids: torch.Tensor | None = None
+        self.result: KMeansResult | None = None
+
+    # -- public API -----------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> KMeansResult:
+        """Cluster x.
+
+        Args:
+            x: (N, D) floating tensor on any device (the rank's shard in sharded mode).
+        Returns:
+            KMeansResult; the model also keeps `centroids` (K, D) and `result`.
+        """
+        t0 = time.perf_counter()
+        mode = _MODES[self.distributed]
+        comm = Comm(mode != "local")
+        x, counts_per_rank = self._check_fit_input(x, comm, mode)
+        if self.metric == "cosine":
+            x = _normalize_rows(x)
+        cdtype = compute_dtype_for(x.dtype)
+        k = self.n_clusters
+        chunk = self.chunk_size or default_chunk_size(k, x.device)
+        lloyd_comm = comm if mode == "sharded" else Comm(False)
+        n_total = sum(counts_per_rank) if mode == "sharded" else x.shape[0]
+
+        x_train, n_train_total = x, n_total
+        mppc = self.max_points_per_centroid
+        if mppc is not None and n_total > k * mppc:
+            x_train, n_train_total = self._subsample(x, k * mppc, n_total, comm, mode)
+        data = _prepare(x_train, n_train_total, self.tol, lloyd_comm, chunk, self.metric == "cosine")
+
+        restarts = list(range(self.n_init))
+        if isinstance(self.init, torch.Tensor):
+            if self.n_init > 1:
+                logger.warning("init is an explicit tensor: running 1 restart instead of n_init=%d",
+                               self.n_init)
+            restarts = [0]
+        if mode == "replicated":
+            restarts = [r for r in restarts if r % comm.world_size == comm.rank]
+        inits = self._initial_centroids(data, restarts, comm, mode, counts_per_rank)
+
+        best: KMeansResult | None = None
+        for r, c0 in zip(restarts, inits):
+            res = _Lloyd(data, c0).run(self.max_iter)
+            res.restart = r
+            logger.debug("k-means restart %d: inertia %.6g after %d iterations", r, res.inertia, res.n_iter)
+            if best is None or res.inertia < best.inertia:
+                best = res
+        if mode == "replicated":
+            best = self._share_best(best, comm, x)
+
+        if x_train is not x:
+            # Fitted on a subsample: label every point and report the full inertia.
+            full = _prepare(x, n_total, 0.0, lloyd_comm, chunk, self.metric == "cosine")
+            best.labels, best.inertia = _label_all(full, best.centroids)
+        best.centroids = best.centroids.to(x.dtype)
+        self.centroids = best.centroids
+        self.result = best
+        logger.info("k-means (K=%d, N=%d, %s, mode=%s): inertia %.6g, restart %d, %d iterations%s, %.2fs",
+                    k, n_total, self.metric, mode, best.inertia, best.restart, best.n_iter,
+                    "" if best.converged else " (not converged)", time.perf_counter() - t0)
+        return best
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(M,) int64 index of the nearest fitted centroid of every row of x (M, D)."""
+        if self.centroids is None:
+            raise RuntimeError("KMeans.predict called before fit")
+        x = _as_float_tensor(x)
+        if x.dim() != 2 or x.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"x must have shape (M, {self.centroids.shape[1]}), got {tuple(x.shape)}")
+        if self.metric == "cosine":
+            x = _normalize_rows(x)
+        cdtype = compute_dtype_for(x.dtype)
+        chunk = self.chunk_size or default_chunk_size(self.n_clusters, x.device)
+        assigner = Assigner(x, row_sq_norms(x, chunk, cdtype), chunk)
+        assigner.set_centroids(self.centroids.to(device=x.device, dtype=cdtype))
+        return assigner.nearest(None, second=False)[0]
+
+    def fit_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Fit on x and return its (N,) labels."""
+        return self.fit(x).labels
+
+    # -- helpers --------------------------------------------------------------------------
+    def _check_fit_input(self, x, comm: Comm, mode: str) -> tuple[torch.Tensor, list[int]]:
+        """Validate x (identically on every rank, so all ranks raise together)."""
+        x = _as_float_tensor(x)
+        ok_dim = x.dim() == 2
+        n, d = (x.shape[0], x.shape[1]) if ok_dim else (0, 0)
+        finite = bool(torch.isfinite(x).all().item()) if ok_dim else True
+        info = torch.tensor([int(ok_dim), n, d, int(finite)], dtype=torch.int64, device=x.device)
+        rows = [t.tolist() for t in comm.all_gather(info)]
+        if not all(r[0] for r in rows):
+            bad = [i for i, r in enumerate(rows) if not r[0]]
+            raise ValueError(f"x must be 2-D (N, D); got shape {tuple(x.shape)}"
+                             + (f" (bad ranks: {bad})" if comm.active else ""))
+        if len({r[2] for r in rows}) > 1:
+            raise ValueError(f"x has a different number of features on different ranks: "
+                             f"{[r[2] for r in rows]}")
+        if not all(r[3] for r in rows):
+            bad = [i for i, r in enumerate(rows) if not r[3]]
+            raise ValueError("x contains NaN or inf" + (f" (on ranks {bad})" if comm.active else ""))
+        counts = [r[1] for r in rows]
+        if mode == "replicated" and len(set(counts)) > 1:
+            raise ValueError(f"replicated mode needs the same x on every rank; row counts {counts}")
+        n_total = sum(counts) if mode == "sharded" else n
+        if n_total < self.n_clusters:
+            raise ValueError(f"n_samples={n_total} should be >= n_clusters={self.n_clusters}")
+        if d < 1:
+            raise ValueError("x must have at least one feature")
+        if isinstance(self.init, torch.Tensor) and self.init.shape[1] != d:
+            raise ValueError(f"initial centroids must have shape (n_clusters={self.n_clusters}, D={d}), "
+                             f"got {tuple(self.init.shape)}")
+        return x.detach(), counts
+
+    def _subsample(self, x, target: int, n_total: int, comm: Comm, mode: str):
+        """Uniform random subsample of about `target` rows in total (per rank, sharded)."""
+        stream_rank = comm.rank if mode == "sharded" else 0
+        g = restart_generator(self.seed, stream_rank, stream=3)
+        keep = round(x.shape[0] * target / n_total) if mode == "sharded" else target
+        idx = torch.randperm(x.shape[0], generator=g)[:keep].sort().values.to(x.device)
+        sub = x.index_select(0, idx)
+        if mode == "sharded":
+            total = int(comm.sum_(torch.tensor([keep], device=x.device)).item())
+        else:
+            total = keep
+        return sub, total
+
+    def _initial_centroids(self, data: _Data, restarts: list[int], comm: Comm, mode: str,
+                           counts_per_rank: list[int]) -> list[torch.Tensor]:
+        """(K, D) initial centroids (compute dtype) for each of the given restarts."""
+        x, k = data.x, self.n_clusters
+        cdtype = data.x_sq.dtype
+        if isinstance(self.init, torch.Tensor):
+            c0 = self.init.detach().to(device=x.device, dtype=cdtype).clone()
+            if not bool(torch.isfinite(c0).all()):
+                raise ValueError("initial centroids contain NaN or inf")
+            comm.broadcast_(c0, src=0)
+            if data.cosine:
+                c0 = _normalize_rows(c0)
+            return [c0]
+        if not restarts:
+            return []
+        if mode == "sharded":
+            # Initialise on a bounded sample gathered from every shard.
+            sample = _gather_sample(x, data.n_total, counts_per_rank,
+                                    self.init_sample_size or max(64 * k, 16384), comm, self.seed)
+            x_init, x_sq_init = sample, row_sq_norms(sample, data.chunk, cdtype)
+        else:
+            x_init, x_sq_init = x, data.x_sq
+        gens = [restart_generator(self.seed, r) for r in restarts]
+        if self.init == "random":
+            out = random_init(x_init, k, gens, cdtype)
+        else:
+            out = kmeans_plusplus(x_init, x_sq_init, k, gens, chunk_size=data.chunk)
+        if mode == "sharded":
+            comm.broadcast_(out, src=0)   # guard against any cross-rank float drift
+        return list(out)
+
+    def _share_best(self, best: KMeansResult | None, comm: Comm, x: torch.Tensor) -> KMeansResult:
+        """Replicated mode: pick the lowest inertia over ranks and broadcast that result."""
+        dev = x.device
+        mine = torch.tensor([math.inf if best is None else best.inertia,
+                             math.inf if best is None else best.restart],
+                            dtype=torch.float64, device=dev)
+        table = [t.tolist() for t in comm.all_gather(mine)]
+        src = min(range(len(table)), key=lambda i: (table[i][0], table[i][1]))
+        k, d = self.n_clusters, x.shape[1]
+        cdtype = compute_dtype_for(x.dtype)
+        cent = best.centroids.clone() if comm.rank == src else torch.empty((k, d), dtype=cdtype, device=dev)
+        labels = best.labels.clone() if comm.rank == src else torch.empty(x.shape[0], dtype=torch.int64,
+                                                                          device=dev)
+        meta = torch.full((4 + self.max_iter,), math.nan, dtype=torch.float64, device=dev)
+        if comm.rank == src:
+            meta[:4] = torch.tensor([best.inertia, best.n_iter, float(best.converged), best.restart],
+                                    dtype=torch.float64)
+            meta[4:4 + len(best.inertia_history)] = torch.tensor(best.inertia_history, dtype=torch.float64)
+        for t in (cent, labels, meta):
+            comm.broadcast_(t, src=src)
+        m = meta.tolist()
+        return KMeansResult(centroids=cent, labels=labels, inertia=m[0], n_iter=int(m[1]),
+                            converged=bool(m[2]), inertia_history=m[4:4 + int(m[1])], restart=int(m[3]))
+
+
+def _as_float_tensor(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it with .float())")
+    return x
+
+
+def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero), computed in float32 or better."""
+    xf = x.to(compute_dtype_for(x.dtype))
+    return (xf / xf.norm(dim=1, keepdim=True).clamp(min=1e-12)).to(x.dtype)
+
+
+def _prepare(x: torch.Tensor, n_total: int, tol: float, comm: Comm, chunk: int, cosine: bool) -> _Data:
+    """Squared norms (once per fit) and the absolute tolerance from the global variance."""
+    cdtype = compute_dtype_for(x.dtype)
+    d = x.shape[1]
+    x_sq = torch.empty(x.shape[0], dtype=cdtype, device=x.device)
+    # One pass, in float64: per-feature sums and sums of squares, and row norms.
+    stats = torch.zeros(2 * d + 1, dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk].to(torch.float64)
+        sq = xc * xc
+        stats[:d] += xc.sum(0)
+        stats[d:2 * d] += sq.sum(0)
+        rows = sq.sum(1)
+        stats[2 * d] += rows.sum()
+        x_sq[s:s + chunk] = rows.to(cdtype)
+    comm.sum_(stats)
+    mean = stats[:d] / n_total
+    var = (stats[d:2 * d] / n_total - mean * mean).clamp(min=0)
+    return _Data(x=x, x_sq=x_sq, sq_total=float(stats[2 * d].item()), n_total=n_total,
+                 tol_abs=tol * float(var.mean().item()), comm=comm, chunk=chunk, cosine=cosine)
+
+
+def _gather_sample(x: torch.Tensor, n_total: int, counts: list[int], size: int, comm: Comm,
+                   seed: int) -> torch.Tensor:
+    """A uniform random sample of min(size, n_total) rows drawn across all shards.
+
+    Each rank contributes in proportion to its shard (largest-remainder quotas, which
+    every rank computes identically), so only the sample is ever communicated.
+    """
+    size = min(size, n_total)
+    exact = [size * c / n_total for c in counts]
+    quota = [int(math.floor(e)) for e in exact]
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - quota[i]), i))
+    for i in order[: size - sum(quota)]:
+        quota[i] += 1
+    g = restart_generator(seed, comm.rank, stream=2)
+    idx = torch.randperm(x.shape[0], generator=g)[: quota[comm.rank]].to(x.device)
+    return comm.all_gather_rows(x.index_select(0, idx))
+
+
+def _label_all(data: _Data, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Labels of every row of data.x and the (global) inertia they give."""
+    run = _Lloyd(data, centroids)
+    run._first_pass()
+    sums, counts, _ = run._reduce()
+    return run.labels, run._inertia(sums, counts)
