@@ -72,6 +72,24 @@ def test_mnist_npz_train_then_test_rows(shared_data, mnist_npz):
     assert data.mean == MNIST_STATS[0]
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The MNIST idx format: 0, 0, dtype code 0x08 (ubyte), rank, then big-endian int32 sizes and the bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_mnist_torchvision_folder(tmp_path, mnist_npz):
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(raw / "train-images-idx3-ubyte", mnist_npz["x_train"][:20])
+    _write_idx(raw / "train-labels-idx1-ubyte", mnist_npz["y_train"][:20])
+    _write_idx(raw / "t10k-images-idx3-ubyte", mnist_npz["x_test"][:6])
+    _write_idx(raw / "t10k-labels-idx1-ubyte", mnist_npz["y_test"][:6])
+    data = build_dataset(DataConfig(name="mnist", root=str(tmp_path)), split="train+test")
+    assert np.array_equal(data.images[:, 0].numpy(), np.concatenate([mnist_npz["x_train"][:20], mnist_npz["x_test"][:6]]))
+    assert data.labels.tolist() == mnist_npz["y_train"][:20].tolist() + mnist_npz["y_test"][:6].tolist()
+
+
 def test_mnist_5k_is_the_first_500_training_images_of_each_digit(mnist_npz):
     data = build_dataset(DataConfig(name="mnist_5k"), split="train+test")
     x, y = mnist_npz["x_train"], mnist_npz["y_train"]
