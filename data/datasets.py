@@ -431,7 +431,7 @@ def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
 def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """STL-10 binaries (root/stl10_binary): 5k train + 8k test labeled, 100k unlabeled (label -1).
     The label files are 1-based (1 = airplane); labels here are 0-based. Images are stored
-    column-major per channel."""
+    column-major per channel. mean/std are computed from the loaded labeled images."""
     root = _default_root(cfg)
     base = root if root.name == "stl10_binary" else root / "stl10_binary"
     if not base.is_dir():
