@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 
-    from data.datasets import build_dataset
+    from data.datasets import build_eval_dataset, build_train_dataset
     from models import DataInfo, build_method
     from utils import distributed as du
     from utils.checkpoint import find_latest_checkpoint
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
              dist_info.world_size, dist_info.device, torch.get_num_threads())
 
-    train_data = build_dataset(cfg.data, split=cfg.data.split)
-    eval_split = cfg.data.eval_split or cfg.data.split
-    eval_data = train_data if eval_split == cfg.data.split else build_dataset(cfg.data, split=eval_split)
+    train_data = build_train_dataset(cfg.data)
+    same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
+    eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
     num_clusters = cfg.cluster.num_clusters or train_data.num_classes
     method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                           data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *, batch_size: int,
-                     device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     device: torch.device, amp_dtype: torch.dtype | None = None,
+                     num_workers: int = 0) -> torch.Tensor:
     """Features (N, D) of every image of `data`, in dataset order, identical on every rank.
 
     Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform); the
@@ -24,7 +25,8 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *
 
     chunks = []
     for images, _ in iterate_shard(data, batch_size=batch_size, device=device,
-                                   rank=du.get_rank(), world_size=du.get_world_size()):
+                                   rank=du.get_rank(), world_size=du.get_world_size(),
+                                   num_workers=num_workers):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             chunks.append(feature_fn(images).float())
     if chunks:
@@ -39,14 +41,17 @@ def cluster_features(features: torch.Tensor, *, num_clusters: int, metric: str, 
                      tol: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on replicated features (N, D) -> (labels (N,), centroids (K, D)), identical on all ranks.
 
-    Every rank holds the same features; rank 0's result is broadcast so that floating-point
-    non-determinism between devices can never give ranks different pseudo-labels.
+    Every rank holds the same features, so the `n_init` restarts are split over the ranks
+    (torch_clustering's "replicated" mode: the best restart is broadcast). Rank 0's labels and
+    centroids are broadcast once more so that floating-point differences between devices can never
+    give ranks different pseudo-labels.
     """
     from torch_clustering import KMeans
 
     start = time.perf_counter()
     result = KMeans(num_clusters, metric=metric, init="k-means++", n_init=n_init, max_iter=max_iter,
-                    tol=tol, seed=seed).fit(features)
+                    tol=tol, seed=seed,
+                    distributed="replicated" if du.get_world_size() > 1 else False).fit(features)
     labels = result.labels.to(features.device).contiguous()
     centroids = result.centroids.to(features.device, torch.float32).contiguous()
     du.broadcast_tensor(labels, src=0)

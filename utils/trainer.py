@@ -205,7 +205,7 @@ class Trainer:
             start = time.perf_counter()
             feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
                                      batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
-                                     amp_dtype=self.amp_dtype)
+                                     amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers)
             log.info("extracted %s features %s in %.2fs", kind, tuple(feats.shape), time.perf_counter() - start)
             self.model.train()
             self._feature_cache[key] = feats
@@ -244,7 +244,8 @@ class Trainer:
         self.method.eval()
         du.average_buffers(self.method)
         preds = extract_features(lambda x: self.method.head_predictions(x).unsqueeze(1).float(), data,
-                                 batch_size=self.cfg.cluster.extract_batch_size, device=self.device)
+                                 batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
+                                 num_workers=self.cfg.data.num_workers)
         self.model.train()
         return preds.squeeze(1).long()
 

@@ -1,0 +1,92 @@
+"""End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as launcher
+from tests.torchrun_util import REPO_ROOT, SHARED_DATA, run_torchrun
+
+DEMO = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
+# The demo at a reduced size: 640 real digits from the official MNIST order (all classes mixed),
+# smaller heads, 2 epochs with the clustering terms from the second one.
+SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=640",
+         "train.batch_size_per_rank=64", "train.epochs=2", "train.log_every_steps=1", "train.time_budget_minutes=0",
+         "method.warmup_epochs=1", "method.projector_hidden_dim=64", "method.predictor_hidden_dim=64",
+         "method.feature_dim=32", "eval.every_epochs=1", "eval.n_init=1", "cluster.n_init=1",
+         "logging.progress_bar=false"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path, epoch: int) -> list[float]:
+    return [r["step/loss"] for r in records(run_dir) if "step/loss" in r and r["epoch"] == epoch]
+
+
+def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
+    metrics = launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=demo", *SMALL])
+    run_dir = tmp_path / "demo"
+    assert set(metrics) == {"nmi", "acc", "ari"} and all(0.0 <= v <= 1.0 for v in metrics.values())
+    out = capsys.readouterr().out
+    assert f"ACC {metrics['acc']:.4f}" in out and "NMI" in out and "ARI" in out
+    assert (run_dir / "config.yml").is_file() and (run_dir / "train.log").is_file()
+    evals = [r for r in records(run_dir) if "eval/acc" in r]
+    assert [r["epoch"] for r in evals] == [0, 1]
+    assert len(step_losses(run_dir, 1)) == 10 and "step/psl" in records(run_dir)[-2]  # clustering terms ran
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run_dir / name, weights_only=True)
+        assert not any(k.startswith("module.") for k in state["model"])
+        assert state["config"]["method"]["name"] == "propos" and len(state["rng"]) == 1
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 20
+    labels = last["model"]["pseudo_labels"]
+    assert labels.shape == (640,) and labels.min() >= 0 and labels.unique().numel() == 10
+
+
+def test_resume_reproduces_the_uninterrupted_next_step_losses(tmp_path):
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=straight", *SMALL])
+    # The same run, stopped after its first epoch by a tiny time budget, then resumed.
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "train.time_budget_minutes=1e-6"])
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
+    assert step_losses(tmp_path / "split", 1) == []
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "--resume", "auto"])
+    straight, resumed = step_losses(tmp_path / "straight", 1), step_losses(tmp_path / "split", 1)
+    assert len(straight) == 10
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"precious")
+    with pytest.raises(SystemExit, match=r"already holds checkpoints; pass --resume auto"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=taken", *SMALL])
+    assert (run_dir / "last.pt").read_bytes() == b"precious"
+
+
+def test_config_errors_exit_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$"):
+        launcher.main([str(DEMO), "train.epoch=3"])
+    assert not (tmp_path / "mnist_cnn_propos").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "bad"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"last.pt: not a readable checkpoint"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=bad", *SMALL, "--resume", "auto"])
+    assert (run_dir / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_two_process_training_run(tmp_path):
+    proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), f"run.output_dir={tmp_path}", "run.name=ddp",
+                        *SMALL, "train.batch_size_per_rank=32", nproc=2)
+    assert "final (2 epochs" in proc.stdout and proc.stdout.count("final (") == 1  # rank 0 only
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["global_step"] == 20
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert any("eval/acc" in r for r in records(tmp_path / "ddp"))
