@@ -1,18 +1,22 @@
 """Rough throughput of the training views: BatchAugment (batched, on the device) against the
 per-sample torchvision.transforms.v2 pipeline that the workers loader runs, both in this process.
 
-    python -m data.benchmark                       # MNIST 28 px and CIFAR 32 px on the CPU
-    python -m data.benchmark --device cuda --batch 512
+    python bench/augment.py                        # MNIST 28 px and CIFAR 32 px on the CPU
+    python bench/augment.py --device cuda --batch 512
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from data.augment import build_batch_augments, build_sample_transform
-from data.config import AugmentConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.augment import build_batch_augments, build_sample_transform  # noqa: E402
+from data.config import AugmentConfig  # noqa: E402
 
 # The shipped demo's digit views and the SimCLR-style CIFAR views of the ProPos paper configs.
 CASES = {
