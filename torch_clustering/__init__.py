@@ -16,11 +16,12 @@ dataset every epoch), usable on its own::
 What is where:
 
 * `KMeans` / `KMeansResult` (`torch_clustering.kmeans`): Lloyd's algorithm with exact
-  (Hamerly) pruning, greedy k-means++ or random init, Euclidean or cosine (spherical)
-  metric, chunked GEMM distances (memory O(chunk_size x K)), one process, sharded
-  data across ranks (``distributed=True``) or restarts split across ranks over
-  replicated data (``distributed="replicated"``).  See that module's docstring for the
-  exact semantics (convergence, empty clusters, precision, distributed modes).
+  (Hamerly / Yinyang-style) pruning, greedy k-means++ or random init, Euclidean or
+  cosine (spherical) metric, chunked GEMM distances (memory O(chunk_size x K)), one
+  process, sharded data across ranks (``distributed=True``) or restarts split across
+  ranks over replicated data (``distributed="replicated"``).  See that module's
+  docstring for the exact semantics (convergence, empty clusters, precision,
+  distributed modes).
 * `GaussianMixture` (`torch_clustering.gmm`): EM for diagonal or spherical covariances,
   initialised from k-means like scikit-learn.
 * `evaluate_clustering` (`torch_clustering.metrics`): NMI, ACC (Hungarian matching) and
