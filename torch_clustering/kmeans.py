@@ -262,26 +262,38 @@ class _Lloyd:
         dist = exact_sq_dist(self.assigner, self.c, self.labels, None).to(torch.float64)
         # Taking the last point of a cluster would just move the hole elsewhere.
         dist = torch.where(counts.index_select(0, self.labels) >= 2, dist, -1.0)
-        packed = torch.full((3, n_empty), -1.0, dtype=torch.float64, device=dev)
-        packed[0] = -math.inf
-        k_loc = min(n_empty, x.shape[0])
-        if k_loc:
-            vals, idx = dist.topk(k_loc)
-            packed[0, :k_loc] = vals
-            packed[1, :k_loc] = idx.to(torch.float64)
-            packed[2, :k_loc] = self.labels.index_select(0, idx).to(torch.float64)
-        cands = []
-        for rank, part in enumerate(comm.all_gather(packed)):
-            for j, (val, idx, lab) in enumerate(part.T.tolist()):
-                cands.append((-val, rank, j, int(idx), int(lab)))
-        remaining = counts.tolist()
-        taken = []
-        for negval, rank, _, idx, lab in sorted(cands):
-            if len(taken) == n_empty or -negval < 0:
+        # Every rank offers its m farthest points.  A cluster may not give away its last
+        # point, so some offers can be refused; then m doubles until every empty cluster
+        # is served or no rank has more points to offer (every rank sees the same offers,
+        # so all make the same choice and leave the loop together).
+        m = n_empty
+        while True:
+            packed = torch.full((3, m), -1.0, dtype=torch.float64, device=dev)
+            packed[0] = -math.inf
+            k_loc = min(m, x.shape[0])
+            if k_loc:
+                vals, idx = dist.topk(k_loc)
+                packed[0, :k_loc] = vals
+                packed[1, :k_loc] = idx.to(torch.float64)
+                packed[2, :k_loc] = self.labels.index_select(0, idx).to(torch.float64)
+            cands = []
+            exhausted = True
+            for rank, part in enumerate(comm.all_gather(packed)):
+                rows = part.T.tolist()
+                exhausted &= not rows[-1][0] >= 0         # this rank offered all it had
+                for j, (val, idx, lab) in enumerate(rows):
+                    cands.append((-val, rank, j, int(idx), int(lab)))
+            remaining = counts.tolist()
+            taken = []
+            for negval, rank, _, idx, lab in sorted(cands):
+                if len(taken) == n_empty or -negval < 0:
+                    break
+                if remaining[lab] >= 2:
+                    remaining[lab] -= 1
+                    taken.append((rank, idx, lab))
+            if len(taken) == n_empty or exhausted:
                 break
-            if remaining[lab] >= 2:
-                remaining[lab] -= 1
-                taken.append((rank, idx, lab))
+            m *= 2
         mine = [(idx, old, new) for (rank, idx, old), new in zip(taken, empty) if rank == comm.rank]
         if taken:
             logger.debug("re-seeded %d empty cluster(s) with the farthest points", len(taken))

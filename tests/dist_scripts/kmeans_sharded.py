@@ -1,0 +1,78 @@
+"""Under torchrun: torch_clustering.KMeans in its two distributed modes, for comparison with one process.
+
+Every rank builds the same data (`make_data`) and then sees only what its mode gives it:
+
+* "sharded" (``distributed=True``): rank r gets rows [SPLIT[r], SPLIT[r + 1]) of the data, so the two
+  shards differ in size.  Two fits: from explicit initial centroids, two of them far from every point
+  (two clusters are empty after the first assignment and are re-seeded with planted outliers, one on
+  each rank), and with k-means++ initialised on a sample of at most SAMPLE rows.
+* "replicated": every rank gets all rows and the three restarts are split over the ranks.
+
+Each rank saves what it got to OUT_DIR/rank{r}.pt, together with the largest number of rows any
+`all_gather_rows` call gathered on it (the k-means++ sample must stay bounded).
+
+Usage: kmeans_sharded.py OUT_DIR
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from torch_clustering import KMeans
+from torch_clustering._dist import Comm
+
+N, D, K = 1501, 8, 12
+SPLIT = (0, 600, N)           # rank 0 holds 600 rows, rank 1 holds 901
+OUTLIERS = (100, 1000)        # one planted outlier in each shard
+FAR = (0, 5)                  # initial centroids placed far from every point
+SAMPLE = 400                  # k-means++ sample size in sharded mode
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x (N, D) float64 overlapping blobs with two outliers, explicit initial centroids (K, D),
+    well-separated blobs (N, D) for k-means++)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(K, D, generator=g, dtype=torch.float64) * 3
+    x = centres[torch.randint(K, (N,), generator=g)] + torch.randn(N, D, generator=g, dtype=torch.float64)
+    for i, row in enumerate(OUTLIERS):
+        x[row] = 40.0 * (i + 1)
+    init = x[torch.randperm(N, generator=g)[:K]].clone()
+    for i, row in enumerate(FAR):
+        init[row] = -1000.0 * (i + 1)
+    separated = centres * 4
+    blobs = (separated[torch.randint(K, (N,), generator=g)]
+             + 0.5 * torch.randn(N, D, generator=g, dtype=torch.float64))
+    return x, init, blobs
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == 2
+    largest_gather = [0]
+    plain_gather = Comm.all_gather_rows
+
+    def counting_gather(self, t):
+        out = plain_gather(self, t)
+        largest_gather[0] = max(largest_gather[0], out.shape[0])
+        return out
+
+    Comm.all_gather_rows = counting_gather
+    x, init, blobs = make_data()
+    lo, hi = SPLIT[rank], SPLIT[rank + 1]
+    out = {}
+    res = KMeans(K, init=init, max_iter=30, tol=0.0, distributed=True).fit(x[lo:hi])
+    out["init"] = res
+    res = KMeans(K, n_init=2, seed=3, max_iter=100, distributed=True, init_sample_size=SAMPLE).fit(blobs[lo:hi])
+    out["kpp"] = res
+    out["kpp_largest_gather"] = largest_gather[0]
+    res = KMeans(K, n_init=3, seed=5, max_iter=100, distributed="replicated").fit(x)
+    out["replicated"] = res
+    torch.save({name: (vars(r) if hasattr(r, "centroids") else r) for name, r in out.items()},
+               Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

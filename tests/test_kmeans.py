@@ -1,0 +1,370 @@
+"""torch_clustering.KMeans against scikit-learn's Lloyd, a hand-written spherical k-means, constructed
+empty-cluster cases, its input checks, and real two-process runs (torchrun, gloo) against one process."""
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans as SkKMeans
+from sklearn.datasets import make_blobs
+
+from tests.torchrun_util import REPO_ROOT, run_torchrun
+from torch_clustering import KMeans, KMeansResult
+
+SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
+
+
+def overlapping_blobs(n, d, k, seed, dtype=np.float64):
+    """Blobs that overlap (unit noise, centres ~2 apart), so Lloyd keeps moving labels for many
+    iterations; plus K distinct rows as initial centroids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k // 2 + 1, d)) * 2
+    x = (centres[rng.integers(len(centres), size=n)] + rng.normal(size=(n, d))).astype(dtype)
+    return x, x[rng.choice(n, k, replace=False)].copy()
+
+
+def inertia_np(x, centroids, labels):
+    x, c = np.asarray(x, np.float64), np.asarray(centroids, np.float64)
+    return float(((x - c[labels]) ** 2).sum())
+
+
+def nearest_np(x, centroids):
+    x, c = np.asarray(x, np.float64), np.asarray(centroids, np.float64)
+    return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+
+
+def sklearn_lloyd(x, init, max_iter, tol=0.0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # "max_iter reached" is what these tests ask for
+        return SkKMeans(init.shape[0], init=init, n_init=1, max_iter=max_iter, tol=tol,
+                        algorithm="lloyd").fit(x)
+
+
+# -- against scikit-learn's Lloyd from the same initial centroids -----------------------------------
+
+# (K, dtype, chunk_size, max_iter, tol): K=8 is one centroid group; K=100 and K=300 use group lower
+# bounds, K=300 also the exact-distance tightening; a chunk size of 97 splits every pass into blocks.
+LLOYD_CASES = [
+    (8, np.float64, None, 1, 0.0),
+    (8, np.float64, None, 5, 0.0),
+    (8, np.float64, 31, 300, 0.0),        # runs to strict convergence
+    (100, np.float64, None, 6, 0.0),
+    (100, np.float64, None, 300, 1e-4),   # stops on sklearn's tolerance rule
+    (300, np.float64, 97, 4, 0.0),
+    (300, np.float32, None, 300, 0.0),
+]
+
+
+@pytest.mark.parametrize("k,dtype,chunk,max_iter,tol", LLOYD_CASES)
+def test_lloyd_matches_sklearn_from_same_init(k, dtype, chunk, max_iter, tol):
+    x, c0 = overlapping_blobs(4000, 12, k, seed=k + max_iter)
+    x, c0 = x.astype(dtype), c0.astype(dtype)
+    sk = sklearn_lloyd(x, c0, max_iter, tol)
+    res = KMeans(k, init=torch.from_numpy(c0), max_iter=max_iter, tol=tol, chunk_size=chunk).fit(torch.from_numpy(x))
+    assert isinstance(res, KMeansResult)
+    assert res.labels.dtype == torch.int64 and res.labels.shape == (4000,)
+    assert res.centroids.dtype == torch.from_numpy(x).dtype and res.centroids.shape == (k, 12)
+    assert res.n_iter == sk.n_iter_ and len(res.inertia_history) == res.n_iter
+    np.testing.assert_array_equal(res.labels.numpy(), sk.labels_)
+    np.testing.assert_allclose(res.centroids.numpy(), sk.cluster_centers_, rtol=0, atol=1e-4)
+    assert res.inertia == pytest.approx(sk.inertia_, rel=1e-5 if dtype == np.float32 else 1e-9)
+    assert res.converged == (res.n_iter < max_iter)
+    # Lloyd never increases the objective from one assignment to the next.
+    hist = np.array(res.inertia_history)
+    assert (np.diff(hist) <= 1e-6 * hist[0]).all()
+
+
+def test_labels_are_nearest_centroids_and_inertia_is_theirs():
+    x, c0 = overlapping_blobs(3000, 6, 40, seed=1)
+    res = KMeans(40, init=torch.from_numpy(c0), max_iter=7, tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_array_equal(res.labels.numpy(), nearest_np(x, res.centroids.numpy()))
+    assert res.inertia == pytest.approx(inertia_np(x, res.centroids.numpy(), res.labels.numpy()), rel=1e-10)
+
+
+# -- k-means++ with restarts: quality against scikit-learn -------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_kmeans_plusplus_restarts_within_one_percent_of_sklearn_on_blobs(seed):
+    x = make_blobs(4000, 10, centers=15, cluster_std=1.0, random_state=seed)[0]
+    sk = SkKMeans(15, n_init=3, max_iter=100, random_state=seed).fit(x)
+    res = KMeans(15, n_init=3, max_iter=100, seed=seed).fit(torch.from_numpy(x))
+    assert res.inertia <= 1.01 * sk.inertia_
+    # The reported inertia is that of the returned labels and centroids (not a stale figure).
+    assert res.inertia == pytest.approx(inertia_np(x, res.centroids.numpy(), res.labels.numpy()), rel=1e-9)
+
+
+def mnist_features(shared_data, n):
+    """The first n MNIST training digits: pixels in [0, 1], centred, projected to 64-d by a fixed
+    Gaussian matrix (float32)."""
+    with np.load(shared_data / "mnist.npz", allow_pickle=False) as z:
+        pixels = z["x_train"][:n].reshape(n, -1).astype(np.float32) / 255
+    proj = np.random.default_rng(0).normal(size=(784, 64)).astype(np.float32) / 8
+    return (pixels - pixels.mean(0)) @ proj
+
+
+@pytest.mark.parametrize("k", [10, 50])
+def test_kmeans_plusplus_restarts_within_one_percent_of_sklearn_on_mnist(shared_data, k):
+    x = mnist_features(shared_data, 10_000)
+    sk = SkKMeans(k, n_init=3, max_iter=100, random_state=0).fit(x)
+    res = KMeans(k, n_init=3, max_iter=100, seed=0).fit(torch.from_numpy(x))
+    assert res.inertia <= 1.01 * sk.inertia_
+    assert res.inertia == pytest.approx(inertia_np(x, res.centroids.numpy(), res.labels.numpy()), rel=1e-5)
+
+
+def test_more_restarts_keep_the_best():
+    x, _ = overlapping_blobs(3000, 8, 30, seed=2, dtype=np.float32)
+    one = KMeans(30, n_init=1, seed=4, max_iter=50).fit(torch.from_numpy(x))
+    four = KMeans(30, n_init=4, seed=4, max_iter=50).fit(torch.from_numpy(x))
+    # Restart 0 draws the same numbers in both fits: the best of four is no worse.
+    assert four.inertia <= one.inertia * (1 + 1e-6)
+    assert 0 <= four.restart < 4
+
+
+# -- cosine (spherical) k-means against a hand-written reference ------------------------------------
+
+def spherical_kmeans_reference(x, c0, max_iter):
+    """Plain loops in float64: assign by largest cosine, centroid = normalised sum of its points
+    (an empty cluster keeps its centroid), stop when no label changes; final assignment otherwise."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = c0 / np.linalg.norm(c0, axis=1, keepdims=True)
+    prev, converged = None, False
+    n_iter = max_iter
+    for it in range(max_iter):
+        labels = np.array([int(np.argmax([row @ cj for cj in c])) for row in x])
+        if prev is not None and (labels == prev).all():
+            converged, n_iter = True, it + 1
+            break
+        for j in range(len(c)):
+            members = x[labels == j]
+            if len(members):
+                s = members.sum(0)
+                c[j] = s / np.linalg.norm(s)
+        prev = labels
+    if not converged:
+        labels = np.array([int(np.argmax([row @ cj for cj in c])) for row in x])
+    inertia = float(sum(1 - x[i] @ c[labels[i]] for i in range(len(x))))
+    return c, labels, inertia, n_iter
+
+
+@pytest.mark.parametrize("max_iter", [1, 3, 50])
+def test_cosine_matches_hand_written_spherical_kmeans(max_iter):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 5)) + np.array([1.0, 0.5, 0, 0, 0])
+    x *= rng.uniform(0.1, 10, size=(300, 1))          # norms must not matter
+    c0 = x[rng.choice(300, 6, replace=False)]
+    c, labels, inertia, n_iter = spherical_kmeans_reference(x, c0, max_iter)
+    res = KMeans(6, metric="cosine", init=torch.from_numpy(c0), max_iter=max_iter, tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_array_equal(res.labels.numpy(), labels)
+    np.testing.assert_allclose(res.centroids.numpy(), c, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.norm(res.centroids.numpy(), axis=1), 1.0, atol=1e-12)
+    assert res.inertia == pytest.approx(inertia, rel=1e-9)
+    assert res.n_iter == n_iter
+
+
+# -- empty clusters ------------------------------------------------------------------------------------
+
+def test_empty_cluster_takes_the_farthest_point_like_sklearn():
+    # After the first assignment cluster 2 (centroid 1000) is empty; the point farthest from its own
+    # centroid is 50 (distance 40 from centroid 10), which becomes centroid 2 exactly.
+    x = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [50.0]])
+    c0 = np.array([[0.0], [10.0], [1000.0]])
+    one = KMeans(3, init=torch.from_numpy(c0), max_iter=1, tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_allclose(one.centroids.numpy().ravel(), [0.1, 10.05, 50.0], atol=1e-12)
+    np.testing.assert_array_equal(one.labels.numpy(), [0, 0, 0, 1, 1, 2])
+    full = KMeans(3, init=torch.from_numpy(c0), tol=0.0).fit(torch.from_numpy(x))
+    sk = sklearn_lloyd(x, c0, 300)
+    np.testing.assert_allclose(full.centroids.numpy(), sk.cluster_centers_, atol=1e-12)
+    np.testing.assert_array_equal(full.labels.numpy(), sk.labels_)
+
+
+def test_several_empty_clusters_take_the_farthest_points_in_order():
+    # Clusters 2 and 3 start empty; the farthest point (50) goes to the lower index (2), the next
+    # farthest (0.2, distance 0.2 from centroid 0) to cluster 3.
+    x = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [50.0]])
+    c0 = np.array([[0.0], [10.0], [1000.0], [2000.0]])
+    res = KMeans(4, init=torch.from_numpy(c0), max_iter=1, tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_allclose(res.centroids.numpy().ravel(), [0.05, 10.05, 50.0, 0.2], atol=1e-12)
+    np.testing.assert_array_equal(res.labels.numpy(), [0, 0, 3, 1, 1, 2])
+
+
+def test_empty_cluster_never_takes_the_last_point_of_a_cluster():
+    # 100 is the farthest point from its centroid (110) but the only point of cluster 1: taking it
+    # would only move the hole, so cluster 2 gets 1.5, the farthest point of cluster 0.
+    x = np.array([[0.0], [1.5], [100.0]])
+    c0 = np.array([[0.5], [110.0], [5000.0]])
+    res = KMeans(3, init=torch.from_numpy(c0), tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_allclose(res.centroids.numpy().ravel(), [0.0, 100.0, 1.5], atol=1e-12)
+    np.testing.assert_array_equal(res.labels.numpy(), [0, 2, 1])
+    assert res.inertia == pytest.approx(0.0, abs=1e-12)
+
+
+
+def test_empty_clusters_do_not_drain_a_cluster_between_them():
+    # Clusters 2 and 3 start empty.  The two points farthest from their centroid (105, then 100)
+    # are the only two of cluster 1: the first goes to cluster 2, the second would leave cluster 1
+    # empty, so cluster 3 gets the next farthest point, 2.5 from cluster 0.
+    x = np.array([[0.0], [1.0], [2.5], [100.0], [105.0]])
+    c0 = np.array([[1.0], [102.0], [5000.0], [6000.0]])
+    res = KMeans(4, init=torch.from_numpy(c0), max_iter=1, tol=0.0).fit(torch.from_numpy(x))
+    np.testing.assert_allclose(res.centroids.numpy().ravel(), [0.5, 100.0, 105.0, 2.5], atol=1e-12)
+    np.testing.assert_array_equal(res.labels.numpy(), [0, 0, 3, 1, 2])
+
+# -- determinism, API, dtypes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_same_seed_same_result_other_seed_other_result(init):
+    x = torch.from_numpy(overlapping_blobs(2000, 8, 20, seed=5, dtype=np.float32)[0])
+    a = KMeans(20, init=init, n_init=2, seed=11, max_iter=30).fit(x)
+    b = KMeans(20, init=init, n_init=2, seed=11, max_iter=30).fit(x)
+    c = KMeans(20, init=init, n_init=2, seed=12, max_iter=30).fit(x)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.labels, b.labels)
+    assert a.inertia == b.inertia and a.inertia_history == b.inertia_history
+    assert not torch.equal(a.centroids, c.centroids)
+
+
+def test_predict_fit_predict_and_fitted_centroids():
+    x = torch.from_numpy(overlapping_blobs(1500, 4, 9, seed=3)[0])
+    km = KMeans(9, seed=1)
+    with pytest.raises(RuntimeError, match="before fit"):
+        km.predict(x)
+    res = km.fit(x)
+    assert km.centroids is res.centroids
+    assert torch.equal(km.predict(x), res.labels)
+    assert torch.equal(km.predict(x[:10]), res.labels[:10])
+    assert torch.equal(KMeans(9, seed=1).fit_predict(x), res.labels)
+    with pytest.raises(ValueError, match="shape"):
+        km.predict(x[:, :3])
+
+
+def test_array_input_and_float64_follow_the_input():
+    x = overlapping_blobs(500, 3, 5, seed=0)[0]
+    res = KMeans(5, seed=0).fit(x)                    # a numpy array is accepted
+    assert res.centroids.dtype == torch.float64 and res.labels.dtype == torch.int64
+
+
+def test_half_precision_input_gives_half_centroids_close_to_float32():
+    x, c0 = overlapping_blobs(2000, 8, 10, seed=9, dtype=np.float32)
+    x16 = torch.from_numpy(x).half()
+    c16 = torch.from_numpy(c0).half()
+    res16 = KMeans(10, init=c16, max_iter=20, tol=0.0).fit(x16)
+    res32 = KMeans(10, init=c16.float(), max_iter=20, tol=0.0).fit(x16.float())
+    assert res16.centroids.dtype == torch.float16
+    torch.testing.assert_close(res16.centroids.float(), res32.centroids, rtol=0, atol=2e-3)
+    assert (res16.labels == res32.labels).float().mean() > 0.999
+    assert res16.inertia == pytest.approx(res32.inertia, rel=1e-4)
+
+
+def test_subsample_option_labels_every_point():
+    x = torch.from_numpy(make_blobs(6000, 5, centers=6, cluster_std=0.5, random_state=0)[0])
+    full = KMeans(6, n_init=2, seed=0).fit(x)
+    sub = KMeans(6, n_init=2, seed=0, max_points_per_centroid=100).fit(x)   # fits on 600 points
+    assert sub.labels.shape == (6000,)
+    assert sub.inertia == pytest.approx(inertia_np(x.numpy(), sub.centroids.numpy(), sub.labels.numpy()),
+                                        rel=1e-9)
+    np.testing.assert_array_equal(sub.labels.numpy(), nearest_np(x.numpy(), sub.centroids.numpy()))
+    assert sub.inertia <= 1.01 * full.inertia
+
+
+def test_one_cluster_is_the_mean():
+    x = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = KMeans(1).fit(x)
+    torch.testing.assert_close(res.centroids[0], x.mean(0))
+    assert res.converged and (res.labels == 0).all()
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+GOOD_X = torch.randn(20, 3)
+
+
+@pytest.mark.parametrize("make,x,match", [
+    (lambda: KMeans(3), torch.randn(20), "2-D"),
+    (lambda: KMeans(3), torch.randn(4, 5, 3), "2-D"),
+    (lambda: KMeans(30), GOOD_X, "n_samples=20 should be >= n_clusters=30"),
+    (lambda: KMeans(3), torch.where(torch.arange(60).view(20, 3) == 7, float("nan"), GOOD_X), "NaN or inf"),
+    (lambda: KMeans(3), torch.where(torch.arange(60).view(20, 3) == 7, float("inf"), GOOD_X), "NaN or inf"),
+    (lambda: KMeans(3, init=torch.zeros(3, 4)), GOOD_X, r"shape \(n_clusters=3, D=3\)"),
+    (lambda: KMeans(3), torch.arange(60).view(20, 3), "floating-point"),
+])
+def test_bad_input_raises_value_error_at_fit(make, x, match):
+    with pytest.raises(ValueError, match=match):
+        make().fit(x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_clusters=0), "n_clusters must be an integer >= 1"),
+    (dict(n_clusters=-2), "n_clusters must be an integer >= 1"),
+    (dict(n_clusters=2.5), "n_clusters must be an integer >= 1"),
+    (dict(n_clusters=3, metric="manhattan"), "unknown metric 'manhattan'"),
+    (dict(n_clusters=3, init="kmeans++"), "unknown init 'kmeans\\+\\+'"),
+    (dict(n_clusters=3, init=torch.zeros(2, 3)), r"shape \(n_clusters=3, D\)"),
+    (dict(n_clusters=3, init=torch.zeros(3)), r"shape \(n_clusters=3, D\)"),
+    (dict(n_clusters=3, n_init=0), "n_init"),
+    (dict(n_clusters=3, max_iter=0), "max_iter"),
+    (dict(n_clusters=3, tol=-1.0), "tol"),
+    (dict(n_clusters=3, distributed="ring"), "distributed"),
+])
+def test_bad_options_raise_value_error_at_construction(kwargs, match):
+    k = kwargs.pop("n_clusters")
+    with pytest.raises(ValueError, match=match):
+        KMeans(k, **kwargs)
+
+
+def test_distributed_without_process_group_says_so():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        KMeans(3, distributed=True).fit(GOOD_X)
+
+
+# -- two real processes (torchrun, gloo) against one process -----------------------------------------
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("kmeans_sharded", SCRIPTS / "kmeans_sharded.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
+    script = _load_script()
+    run_torchrun(SCRIPTS / "kmeans_sharded.py", tmp_path, nproc=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    x, init, blobs = script.make_data()
+    lo, mid, hi = script.SPLIT
+
+    # Sharded, explicit init, with two empty clusters re-seeded from different ranks.
+    one = KMeans(script.K, init=init, max_iter=30, tol=0.0).fit(x)
+    for r in ranks:
+        torch.testing.assert_close(r["init"]["centroids"], one.centroids, rtol=0, atol=1e-10)
+        assert r["init"]["inertia"] == pytest.approx(one.inertia, rel=1e-10)
+        assert r["init"]["n_iter"] == one.n_iter
+        assert r["init"]["inertia_history"] == pytest.approx(one.inertia_history, rel=1e-10)
+    assert torch.equal(ranks[0]["init"]["centroids"], ranks[1]["init"]["centroids"])
+    assert ranks[0]["init"]["labels"].shape == (mid - lo,) and ranks[1]["init"]["labels"].shape == (hi - mid,)
+    assert torch.equal(torch.cat([r["init"]["labels"] for r in ranks]), one.labels)
+    # The far initial centroids were re-seeded with the planted outliers, the farther one (on rank 1)
+    # going to the lower cluster index; each outlier stays alone in its cluster.
+    for row, cluster in zip(script.OUTLIERS[::-1], script.FAR):
+        assert int(one.labels[row]) == cluster and int((one.labels == cluster).sum()) == 1
+        assert torch.equal(one.centroids[cluster], x[row])
+
+    # Sharded, k-means++ on a bounded sample: all ranks agree, the result is a Lloyd fixed point on
+    # the concatenated data, and it is as good as one process's k-means++.
+    kpp = [r["kpp"] for r in ranks]
+    assert torch.equal(kpp[0]["centroids"], kpp[1]["centroids"]) and kpp[0]["inertia"] == kpp[1]["inertia"]
+    labels = torch.cat([r["labels"] for r in kpp])
+    assert labels.shape == (script.N,)
+    np.testing.assert_array_equal(labels.numpy(), nearest_np(blobs.numpy(), kpp[0]["centroids"].numpy()))
+    assert kpp[0]["inertia"] == pytest.approx(inertia_np(blobs, kpp[0]["centroids"], labels.numpy()), rel=1e-10)
+    assert kpp[0]["converged"]
+    one_kpp = KMeans(script.K, n_init=2, seed=3, max_iter=100).fit(blobs)
+    assert kpp[0]["inertia"] <= 1.01 * one_kpp.inertia
+    assert all(0 < r["kpp_largest_gather"] <= script.SAMPLE for r in ranks)
+
+    # Replicated: restarts split over the ranks give one process's result with all restarts.
+    one_rep = KMeans(script.K, n_init=3, seed=5, max_iter=100).fit(x)
+    for r in ranks:
+        torch.testing.assert_close(r["replicated"]["centroids"], one_rep.centroids, rtol=0, atol=1e-10)
+        assert torch.equal(r["replicated"]["labels"], one_rep.labels)
+        assert r["replicated"]["inertia"] == pytest.approx(one_rep.inertia, rel=1e-10)
+        assert r["replicated"]["restart"] == one_rep.restart
