@@ -1,0 +1,127 @@
+"""torch_clustering.GaussianMixture against scikit-learn's GaussianMixture from the same initial parameters."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from torch_clustering import GaussianMixture
+
+
+def anisotropic_blobs(n=2000, d=5, k=4, seed=0, dtype=np.float64):
+    """Overlapping blobs with a different scale per component and feature."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 3
+    scales = rng.uniform(0.3, 2.0, size=(k, d))
+    owner = rng.integers(k, size=n)
+    return (centres[owner] + scales[owner] * rng.normal(size=(n, d))).astype(dtype)
+
+
+def initial_parameters(x, k, covariance_type, seed=1):
+    """Deliberately rough starting point: random rows as means, unequal weights, unit variances."""
+    rng = np.random.default_rng(seed)
+    weights = rng.uniform(0.5, 1.5, size=k)
+    weights /= weights.sum()
+    means = x[rng.choice(len(x), k, replace=False)].astype(np.float64)
+    shape = (k, x.shape[1]) if covariance_type == "diag" else (k,)
+    variances = rng.uniform(0.5, 2.0, size=shape)
+    return weights, means, variances
+
+
+def sklearn_from(x, weights, means, variances, covariance_type, max_iter):
+    sk = SkGaussianMixture(len(weights), covariance_type=covariance_type, max_iter=max_iter, tol=0.0,
+                           weights_init=weights, means_init=means, precisions_init=1.0 / variances,
+                           reg_covar=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # not converged after max_iter: the point of these tests
+        return sk.fit(x)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+@pytest.mark.parametrize("max_iter", [1, 5, 25])
+def test_em_matches_sklearn_from_same_initial_parameters(covariance_type, max_iter):
+    x = anisotropic_blobs(seed=max_iter)
+    w, mu, var = initial_parameters(x, 4, covariance_type)
+    sk = sklearn_from(x, w, mu, var, covariance_type, max_iter)
+    gmm = GaussianMixture(4, covariance_type=covariance_type, max_iter=max_iter, tol=0.0,
+                          init={"weights": torch.from_numpy(w), "means": torch.from_numpy(mu),
+                                "variances": torch.from_numpy(var)}).fit(torch.from_numpy(x))
+    assert gmm.n_iter == sk.n_iter_ == max_iter and len(gmm.lower_bound_history) == max_iter
+    assert gmm.lower_bound == pytest.approx(sk.lower_bound_, rel=1e-9)
+    if hasattr(sk, "lower_bounds_"):      # scikit-learn >= 1.6 keeps the whole history
+        np.testing.assert_allclose(gmm.lower_bound_history, sk.lower_bounds_, rtol=1e-9)
+    np.testing.assert_allclose(gmm.weights.numpy(), sk.weights_, rtol=1e-8)
+    np.testing.assert_allclose(gmm.means.numpy(), sk.means_, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(gmm.variances.numpy(), sk.covariances_, rtol=1e-8)
+    xt = torch.from_numpy(x)
+    np.testing.assert_allclose(gmm.predict_proba(xt).numpy(), sk.predict_proba(x), atol=1e-9)
+    np.testing.assert_array_equal(gmm.predict(xt).numpy(), sk.predict(x))
+    assert gmm.score(xt) == pytest.approx(sk.score(x), rel=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_float32_lower_bound_within_1e3_of_sklearn(covariance_type):
+    x = anisotropic_blobs(seed=3, dtype=np.float32)
+    w, mu, var = initial_parameters(x, 4, covariance_type)
+    sk = sklearn_from(x, w, mu, var, covariance_type, 10)
+    gmm = GaussianMixture(4, covariance_type=covariance_type, max_iter=10, tol=0.0,
+                          init={"weights": w, "means": mu, "variances": var}).fit(torch.from_numpy(x))
+    assert gmm.means.dtype == torch.float32
+    assert gmm.lower_bound == pytest.approx(sk.lower_bound_, rel=1e-3)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_kmeans_init_converges_like_sklearn_on_separated_blobs(covariance_type):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(5, 6)) * 8
+    x = centres[rng.integers(5, size=3000)] + rng.uniform(0.5, 1.5, size=(3000, 1)) * rng.normal(size=(3000, 6))
+    gmm = GaussianMixture(5, covariance_type=covariance_type, seed=0).fit(torch.from_numpy(x))
+    sk = SkGaussianMixture(5, covariance_type=covariance_type, random_state=0).fit(x)
+    assert gmm.converged and gmm.n_iter == len(gmm.lower_bound_history)
+    assert gmm.lower_bound == pytest.approx(sk.lower_bound_, rel=1e-3)
+    # EM never decreases the lower bound.
+    assert (np.diff(gmm.lower_bound_history) >= -1e-9).all()
+    proba = gmm.predict_proba(torch.from_numpy(x))
+    assert proba.shape == (3000, 5)
+    torch.testing.assert_close(proba.sum(1), torch.ones(3000, dtype=proba.dtype))
+    assert torch.equal(gmm.predict(torch.from_numpy(x)), proba.argmax(1))
+
+
+def test_same_seed_same_fit():
+    x = torch.from_numpy(anisotropic_blobs(seed=6, dtype=np.float32))
+    a = GaussianMixture(4, seed=2, max_iter=20).fit(x)
+    b = GaussianMixture(4, seed=2, max_iter=20).fit(x)
+    assert torch.equal(a.means, b.means) and a.lower_bound_history == b.lower_bound_history
+
+
+X = torch.randn(30, 3)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: GaussianMixture(0), "n_components must be an integer >= 1"),
+    (lambda: GaussianMixture(3, covariance_type="full"), "unknown covariance_type 'full'"),
+    (lambda: GaussianMixture(3, init="kmeans"), "unknown init 'kmeans'"),
+    (lambda: GaussianMixture(3, init={"weights": None, "means": None}), "missing \\['variances'\\]"),
+    (lambda: GaussianMixture(3, max_iter=0), "max_iter"),
+])
+def test_bad_options_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make,x,match", [
+    (lambda: GaussianMixture(3), torch.randn(30), "2-D"),
+    (lambda: GaussianMixture(40), X, "n_samples=30 should be >= n_components=40"),
+    (lambda: GaussianMixture(3), torch.where(torch.arange(90).view(30, 3) == 4, float("nan"), X), "NaN or inf"),
+    (lambda: GaussianMixture(3, init={"weights": torch.ones(3), "means": torch.zeros(3, 2),
+                                      "variances": torch.ones(3, 3)}), X, "initial parameters must have shapes"),
+])
+def test_bad_input_raises_value_error_at_fit(make, x, match):
+    with pytest.raises(ValueError, match=match):
+        make().fit(x)
+
+
+def test_predict_before_fit_raises():
+    with pytest.raises(RuntimeError, match="before fit"):
+        GaussianMixture(2).predict(X)
