@@ -124,14 +124,14 @@ def test_more_restarts_keep_the_best():
 # -- cosine (spherical) k-means against a hand-written reference ------------------------------------
 
 def spherical_kmeans_reference(x, c0, max_iter):
-    """Plain loops in float64: assign by largest cosine, centroid = normalised sum of its points
+    """Plain numpy in float64: assign by largest cosine, centroid = normalised sum of its points
     (an empty cluster keeps its centroid), stop when no label changes; final assignment otherwise."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     c = c0 / np.linalg.norm(c0, axis=1, keepdims=True)
     prev, converged = None, False
     n_iter = max_iter
     for it in range(max_iter):
-        labels = np.array([int(np.argmax([row @ cj for cj in c])) for row in x])
+        labels = (x @ c.T).argmax(1)
         if prev is not None and (labels == prev).all():
             converged, n_iter = True, it + 1
             break
@@ -142,19 +142,19 @@ def spherical_kmeans_reference(x, c0, max_iter):
                 c[j] = s / np.linalg.norm(s)
         prev = labels
     if not converged:
-        labels = np.array([int(np.argmax([row @ cj for cj in c])) for row in x])
-    inertia = float(sum(1 - x[i] @ c[labels[i]] for i in range(len(x))))
+        labels = (x @ c.T).argmax(1)
+    inertia = float((1 - (x * c[labels]).sum(1)).sum())
     return c, labels, inertia, n_iter
 
 
-@pytest.mark.parametrize("max_iter", [1, 3, 50])
-def test_cosine_matches_hand_written_spherical_kmeans(max_iter):
+@pytest.mark.parametrize("k,max_iter", [(6, 1), (6, 3), (6, 50), (60, 4), (60, 50)])
+def test_cosine_matches_hand_written_spherical_kmeans(k, max_iter):
     rng = np.random.default_rng(7)
-    x = rng.normal(size=(300, 5)) + np.array([1.0, 0.5, 0, 0, 0])
-    x *= rng.uniform(0.1, 10, size=(300, 1))          # norms must not matter
-    c0 = x[rng.choice(300, 6, replace=False)]
+    x = rng.normal(size=(600, 5)) + np.array([1.0, 0.5, 0, 0, 0])
+    x *= rng.uniform(0.1, 10, size=(600, 1))          # norms must not matter
+    c0 = x[rng.choice(600, k, replace=False)]
     c, labels, inertia, n_iter = spherical_kmeans_reference(x, c0, max_iter)
-    res = KMeans(6, metric="cosine", init=torch.from_numpy(c0), max_iter=max_iter, tol=0.0).fit(torch.from_numpy(x))
+    res = KMeans(k, metric="cosine", init=torch.from_numpy(c0), max_iter=max_iter, tol=0.0).fit(torch.from_numpy(x))
     np.testing.assert_array_equal(res.labels.numpy(), labels)
     np.testing.assert_allclose(res.centroids.numpy(), c, atol=1e-10)
     np.testing.assert_allclose(np.linalg.norm(res.centroids.numpy(), axis=1), 1.0, atol=1e-12)
@@ -347,6 +347,13 @@ def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
     for row, cluster in zip(script.OUTLIERS[::-1], script.FAR):
         assert int(one.labels[row]) == cluster and int((one.labels == cluster).sum()) == 1
         assert torch.equal(one.centroids[cluster], x[row])
+
+    # Sharded, many clusters (grouped bounds, tightening), a fixed number of iterations.
+    many = KMeans(script.K_MANY, init=x[:script.K_MANY], max_iter=8, tol=0.0).fit(x)
+    for r in ranks:
+        torch.testing.assert_close(r["many"]["centroids"], many.centroids, rtol=0, atol=1e-10)
+        assert r["many"]["inertia"] == pytest.approx(many.inertia, rel=1e-10)
+    assert torch.equal(torch.cat([r["many"]["labels"] for r in ranks]), many.labels)
 
     # Sharded, k-means++ on a bounded sample: all ranks agree, the result is a Lloyd fixed point on
     # the concatenated data, and it is as good as one process's k-means++.

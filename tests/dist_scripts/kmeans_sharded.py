@@ -3,9 +3,10 @@
 Every rank builds the same data (`make_data`) and then sees only what its mode gives it:
 
 * "sharded" (``distributed=True``): rank r gets rows [SPLIT[r], SPLIT[r + 1]) of the data, so the two
-  shards differ in size.  Two fits: from explicit initial centroids, two of them far from every point
+  shards differ in size.  Three fits: from explicit initial centroids, two of them far from every point
   (two clusters are empty after the first assignment and are re-seeded with planted outliers, one on
-  each rank), and with k-means++ initialised on a sample of at most SAMPLE rows.
+  each rank), from the first K_MANY rows as initial centroids, and with k-means++ initialised on a
+  sample of at most SAMPLE rows.
 * "replicated": every rank gets all rows and the three restarts are split over the ranks.
 
 Each rank saves what it got to OUT_DIR/rank{r}.pt, together with the largest number of rows any
@@ -27,6 +28,7 @@ SPLIT = (0, 600, N)           # rank 0 holds 600 rows, rank 1 holds 901
 OUTLIERS = (100, 1000)        # one planted outlier in each shard
 FAR = (0, 5)                  # initial centroids placed far from every point
 SAMPLE = 400                  # k-means++ sample size in sharded mode
+K_MANY = 240                  # enough clusters for grouped bounds and exact-distance tightening
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,6 +66,8 @@ def main(out_dir: str) -> None:
     out = {}
     res = KMeans(K, init=init, max_iter=30, tol=0.0, distributed=True).fit(x[lo:hi])
     out["init"] = res
+    res = KMeans(K_MANY, init=x[:K_MANY], max_iter=8, tol=0.0, distributed=True).fit(x[lo:hi])
+    out["many"] = res
     res = KMeans(K, n_init=2, seed=3, max_iter=100, distributed=True, init_sample_size=SAMPLE).fit(blobs[lo:hi])
     out["kpp"] = res
     out["kpp_largest_gather"] = largest_gather[0]
