@@ -266,6 +266,18 @@ def test_subsample_option_labels_every_point():
     assert sub.inertia <= 1.01 * full.inertia
 
 
+def test_refinement_after_subsample_is_lloyd_on_all_points_from_the_subsample_centroids():
+    x = torch.from_numpy(overlapping_blobs(5000, 6, 10, seed=8)[0])
+    sub = KMeans(10, n_init=2, seed=1, max_points_per_centroid=50).fit(x)
+    refined = KMeans(10, n_init=2, seed=1, max_points_per_centroid=50, refine_iter=6, tol=0.0).fit(x)
+    again = KMeans(10, init=sub.centroids, max_iter=6, tol=0.0).fit(x)
+    torch.testing.assert_close(refined.centroids, again.centroids, rtol=0, atol=1e-12)
+    assert torch.equal(refined.labels, again.labels)
+    assert refined.inertia == pytest.approx(again.inertia, rel=1e-12)
+    assert refined.n_iter == again.n_iter and refined.inertia_history == pytest.approx(again.inertia_history)
+    assert refined.inertia < sub.inertia
+
+
 def test_one_cluster_is_the_mean():
     x = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     res = KMeans(1).fit(x)
@@ -304,6 +316,7 @@ def test_bad_input_raises_value_error_at_fit(make, x, match):
     (dict(n_clusters=3, max_iter=0), "max_iter"),
     (dict(n_clusters=3, tol=-1.0), "tol"),
     (dict(n_clusters=3, distributed="ring"), "distributed"),
+    (dict(n_clusters=3, refine_iter=-1), "refine_iter"),
 ])
 def test_bad_options_raise_value_error_at_construction(kwargs, match):
     k = kwargs.pop("n_clusters")
