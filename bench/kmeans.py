@@ -1,0 +1,225 @@
+"""Benchmark torch_clustering.KMeans against scikit-learn's KMeans and faiss-cpu's Kmeans.
+
+    python bench/kmeans.py                       # the three CPU cases, all libraries
+    python bench/kmeans.py --case k100 --libs ours,faiss
+    python bench/kmeans.py --case imagenet --device cuda --libs ours
+
+Every library gets the same data, K, n_init=3 restarts and max_iter=100; what else each
+one does is printed with the table (faiss subsamples and initialises at random by
+default; it also runs every iteration, having no tolerance).  The inertia column is
+recomputed here for every library's centroids on ALL points, in float64, by one
+evaluator, so the figures compare like with like.  Times cover producing centroids and
+the labels of every point: our `fit` and scikit-learn's `fit` return labels; for faiss
+the time of `index.search` over all points is added to `train` (shown separately).
+
+Rows "ours-sub" and "ours-sub-refine" are the documented speed option of our KMeans: fit
+on a K*256 uniform subsample as faiss does (`max_points_per_centroid=256`), then only label
+all points (like faiss), or also run Lloyd on all points from those centroids
+(`refine_iter`), which recovers the inertia lost to subsampling.  They are skipped when
+N <= K*256 (k1000), where they would equal "ours".
+
+Data (cases k10, k100, k1000): the 60,000 MNIST training digits from
+../shared/data/mnist.npz, pixels scaled to [0, 1] and centred, projected to D dimensions
+by a fixed Gaussian random matrix (seed 0); for k10 the rows are L2-normalised.
+Case imagenet is synthetic (no ImageNet features ship with the repository): 1,281,167
+points in 256-d around 1,000 Gaussian centres, generated on the device from seed 0.
+
+scikit-learn and faiss-cpu are benchmark-only dependencies (`pip install faiss-cpu`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from torch_clustering import KMeans  # noqa: E402
+
+logger = logging.getLogger("bench.kmeans")
+
+CASES = {
+    # name: (N, D, K, L2-normalised, source)
+    "k10": (60_000, 512, 10, True, "mnist"),
+    "k100": (60_000, 256, 100, False, "mnist"),
+    "k1000": (60_000, 128, 1000, False, "mnist"),
+    "imagenet": (1_281_167, 256, 1000, False, "synthetic"),
+}
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def make_data(case: str, device: torch.device) -> torch.Tensor:
+    n, d, k, normalise, source = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    if source == "mnist":
+        with np.load(shared_data_dir() / "mnist.npz", allow_pickle=False) as z:
+            pixels = torch.from_numpy(z["x_train"].reshape(len(z["x_train"]), -1)).float() / 255.0
+        pixels = pixels[:n] - pixels[:n].mean(0)
+        proj = torch.randn(pixels.shape[1], d, generator=g) / math.sqrt(d)
+        x = pixels @ proj
+    else:
+        gd = torch.Generator(device=device).manual_seed(0)
+        centres = torch.randn(k, d, generator=gd, device=device)
+        x = torch.empty((n, d), device=device)
+        for s in range(0, n, 1 << 18):
+            e = min(n, s + (1 << 18))
+            owner = torch.randint(k, (e - s,), generator=gd, device=device)
+            x[s:e] = centres[owner] + 0.5 * torch.randn(e - s, d, generator=gd, device=device)
+    if normalise:
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x.to(device).contiguous()
+
+
+def inertia_f64(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> float:
+    """Sum over all points of the squared distance to the nearest centroid, in float64
+    with direct differences for the winner (independent of every library's own report)."""
+    c = centroids.to(device=x.device, dtype=torch.float64)
+    c_sq = (c * c).sum(1)
+    total = 0.0
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk].to(torch.float64)
+        idx = torch.addmm(c_sq, xc, c.T, alpha=-2).argmin(1)
+        total += float(((xc - c[idx]) ** 2).sum().item())
+    return total
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(x, k, args, subsample: int | None, refine_iter: int = 0):
+    km = KMeans(k, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, seed=args.seed,
+                max_points_per_centroid=subsample, refine_iter=refine_iter)
+    sync(x.device)
+    t = time.perf_counter()
+    res = km.fit(x)
+    sync(x.device)
+    secs = time.perf_counter() - t
+    what = "refinement on all points" if refine_iter else "best restart"
+    note = f"n_iter {res.n_iter} ({what}), converged {res.converged}"
+    return secs, res.centroids, note
+
+
+def run_sklearn(x, k, args):
+    from sklearn.cluster import KMeans as SkKMeans
+    xn = x.cpu().numpy()
+    km = SkKMeans(k, init="k-means++", n_init=args.n_init, max_iter=args.max_iter, tol=args.tol,
+                  algorithm="lloyd", random_state=args.seed)
+    t = time.perf_counter()
+    km.fit(xn)
+    secs = time.perf_counter() - t
+    return secs, torch.from_numpy(km.cluster_centers_), f"n_iter {km.n_iter_} (best restart)"
+
+
+def run_faiss(x, k, args, max_points_per_centroid: int | None):
+    import faiss
+    xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+    kw = {} if max_points_per_centroid is None else {"max_points_per_centroid": max_points_per_centroid}
+    km = faiss.Kmeans(xn.shape[1], k, niter=args.max_iter, nredo=args.n_init, seed=args.seed,
+                      verbose=False, **kw)
+    t = time.perf_counter()
+    km.train(xn)
+    t_train = time.perf_counter() - t
+    km.index.search(xn, 1)
+    secs = time.perf_counter() - t
+    used = min(xn.shape[0], k * km.cp.max_points_per_centroid)
+    note = f"train {t_train:.2f}s + search {secs - t_train:.2f}s; trained on {used} points"
+    return secs, torch.from_numpy(km.centroids), note
+
+
+SETTINGS = {
+    "ours": "torch_clustering: greedy k-means++, n_init={n}, max_iter={it}, tol={tol} (sklearn rule), all points",
+    "ours-sub": "torch_clustering, max_points_per_centroid=256: as above on a K*256 uniform subsample, then labels all points",
+    "ours-sub-refine": "torch_clustering, max_points_per_centroid=256, refine_iter={it}: as ours-sub, then Lloyd on all "
+                       "points from those centroids until tol or {it} iterations",
+    "sklearn": "scikit-learn KMeans(algorithm='lloyd'): greedy k-means++, n_init={n}, max_iter={it}, tol={tol}",
+    "faiss": "faiss Kmeans defaults: random init, nredo={n}, niter={it} (no tolerance), max_points_per_centroid=256",
+    "faiss-full": "faiss Kmeans: as above with max_points_per_centroid large enough to train on all points",
+}
+
+
+def bench_case(case: str, args, device: torch.device) -> None:
+    n, d, k, normalise, source = CASES[case]
+    x = make_data(case, device)
+    print(f"\n=== case {case}: {n} x {d} ({source}{', L2-normalised' if normalise else ''}), K={k}, "
+          f"device {device}, torch threads {torch.get_num_threads()} ===", flush=True)
+    libs = args.libs.split(",")
+    rows = []
+    for lib in libs:
+        if lib in ("sklearn", "faiss", "faiss-full") and device.type != "cpu":
+            continue
+        if lib == "faiss-full" and n <= k * 256:
+            continue   # faiss trains on all points by default here: identical to "faiss"
+        if lib.startswith("ours-sub") and n <= k * 256:
+            continue
+        try:
+            if lib == "ours":
+                secs, cent, note = run_ours(x, k, args, None)
+            elif lib == "ours-sub":
+                secs, cent, note = run_ours(x, k, args, 256)
+            elif lib == "ours-sub-refine":
+                secs, cent, note = run_ours(x, k, args, 256, refine_iter=args.max_iter)
+            elif lib == "sklearn":
+                secs, cent, note = run_sklearn(x, k, args)
+            elif lib == "faiss":
+                secs, cent, note = run_faiss(x, k, args, None)
+            elif lib == "faiss-full":
+                secs, cent, note = run_faiss(x, k, args, n)
+            else:
+                raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
+        except ImportError as e:
+            print(f"  {lib}: skipped ({e})")
+            continue
+        rows.append((lib, secs, inertia_f64(x, cent), note))
+        print(f"  {lib:15s} {secs:8.2f} s  ({note})", flush=True)
+    if not rows:
+        return
+    t_sk = next((r[1] for r in rows if r[0] == "sklearn"), None)
+    t_fa = next((r[1] for r in rows if r[0] == "faiss"), None)
+    best = min(r[2] for r in rows)
+    print(f"\n  {'library':15s} {'seconds':>9s} {'/sklearn':>9s} {'/faiss':>8s} {'inertia (all points)':>22s} {'vs best':>9s}")
+    for lib, secs, inertia, _ in rows:
+        r_sk = f"{secs / t_sk:9.2f}" if t_sk else f"{'-':>9s}"
+        r_fa = f"{secs / t_fa:8.2f}" if t_fa else f"{'-':>8s}"
+        print(f"  {lib:15s} {secs:9.2f} {r_sk} {r_fa} {inertia:22.6g} {100 * (inertia / best - 1):+8.3f}%")
+    print("  settings:")
+    for lib, *_ in rows:
+        print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, tol=args.tol))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", default="k10,k100,k1000",
+                   help="comma-separated cases among " + ", ".join(CASES) + " (default: the three CPU cases)")
+    p.add_argument("--libs", default="ours,ours-sub,ours-sub-refine,sklearn,faiss,faiss-full",
+                   help="comma-separated among " + ", ".join(SETTINGS))
+    p.add_argument("--device", default="cpu", help="device for torch_clustering (cpu or cuda)")
+    p.add_argument("--n-init", type=int, default=3)
+    p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    for case in args.case.split(","):
+        if case not in CASES:
+            raise SystemExit(f"unknown case {case!r}; expected one of {list(CASES)}")
+        bench_case(case, args, device)
+
+
+if __name__ == "__main__":
+    main()
