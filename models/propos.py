@@ -48,6 +48,9 @@ class ProPosConfig(MethodConfig):
     warmup_epochs: int = 50              # plain BYOL epochs before the clustering terms start
     symmetric: bool = True
     shuffling_bn: bool = True            # shuffle the target's batch across ranks (ignored on 1 rank or with SyncBN)
+    # What the EM loop's k-means clusters into pseudo-labels: the paper's normalised target projections,
+    # or the target backbone's features (which cluster better on short runs: see the demo config).
+    pseudo_label_features: str = "projector"
 
     @classmethod
     def eval_feature_choices(cls) -> tuple[str, ...]:
@@ -65,13 +68,15 @@ class ProPosConfig(MethodConfig):
             raise ConfigError(f"method.temperature: expected a value > 0, got {self.temperature}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"method.warmup_epochs: expected a value >= 0, got {self.warmup_epochs}")
+        if self.pseudo_label_features not in self.eval_feature_choices():
+            raise ConfigError(f"method.pseudo_label_features: expected one of "
+                              f"{', '.join(self.eval_feature_choices())}, got {self.pseudo_label_features!r}")
 
 
 @register_method("propos")
 class ProPos(Method):
     config_class: ClassVar[type[MethodConfig]] = ProPosConfig
     default_eval_features: ClassVar[str] = "projector"
-    pseudo_label_feature_kind: ClassVar[str] = "projector"
 
     def __init__(self, cfg: ProPosConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__()
@@ -92,7 +97,8 @@ class ProPos(Method):
         # EM-loop state, checkpointed with the model: pseudo-label of every dataset position, and the
         # k-means prototypes (kept for inspection and resumption; the loss uses only the labels).
         self.register_buffer("pseudo_labels", torch.full((data.num_samples,), -1, dtype=torch.long))
-        self.register_buffer("prototypes", torch.zeros(data.num_clusters, cfg.feature_dim))
+        prototype_dim = cfg.feature_dim if cfg.pseudo_label_features == "projector" else self.backbone.out_dim
+        self.register_buffer("prototypes", torch.zeros(data.num_clusters, prototype_dim))
 
     def target_parameters(self):
         yield from self.target_backbone.parameters()
@@ -168,6 +174,10 @@ class ProPos(Method):
         torch._foreach_add_(target, online, alpha=1.0 - m)
 
     # ------------------------------------------------------------------ EM loop
+    @property
+    def pseudo_label_feature_kind(self) -> str:
+        return self.cfg.pseudo_label_features
+
     def wants_pseudo_labels(self, epoch: int) -> bool:
         return self.clustering_active(epoch)
 

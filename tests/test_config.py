@@ -63,6 +63,8 @@ def test_invalid_values_name_the_key(tmp_path):
         load_config(write(tmp_path, MINIMAL + "  temperature: 0\n"))
     with pytest.raises(ConfigError, match=r"eval.features: expected one of projector, backbone"):
         load_config(write(tmp_path, MINIMAL + "eval:\n  features: logits\n"))
+    with pytest.raises(ConfigError, match=r"method.pseudo_label_features: expected one of projector, backbone"):
+        load_config(write(tmp_path, MINIMAL + "  pseudo_label_features: logits\n"))
 
 
 def test_base_chain_and_overrides(tmp_path):
