@@ -1,0 +1,107 @@
+"""Images per second of a ProPos training step, fed two ways in one run:
+
+* ``device``: the images stay on the training device as uint8 and every batch is augmented there
+  by `data.augment.BatchAugment` (one random draw per image, whole-batch tensor ops);
+* ``workers``: the same step fed by a DataLoader whose workers run the per-sample
+  torchvision.transforms.v2 pipeline with the same augmentation settings (what image-folder
+  datasets use, and what the reference code does for every dataset).
+
+Both use the trainer's own step (forward of both views, target pass, PSA + PSL, backward,
+optimizer, EMA), with the clustering terms on (pseudo-labels from one k-means first).
+
+    python bench/train_step.py                                   # the demo: small CNN, MNIST digits, CPU
+    python bench/train_step.py --config config/cifar10_r18_propos.yml data.root=../shared/data/cifar10_jpeg.npz \\
+        --device cuda --steps 50                                 # on a GPU
+
+Overrides after the config are the launcher's dotted keys. Prints one line per feed and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from data.datasets import build_train_dataset  # noqa: E402
+from models import DataInfo, build_method  # noqa: E402
+from utils import distributed as du  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+
+def build_trainer(config: str, overrides: list[str], loader: str, run_dir: Path) -> Trainer:
+    cfg = load_config(config, [*overrides, f"data.loader={loader}", "method.warmup_epochs=0",
+                               "logging.progress_bar=false"])
+    dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    torch.manual_seed(cfg.run.seed)
+    data = build_train_dataset(cfg.data)
+    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
+                          data=DataInfo(in_channels=data.channels, image_size=data.image_size,
+                                        num_classes=data.num_classes, num_samples=len(data),
+                                        num_clusters=cfg.cluster.num_clusters or data.num_classes))
+    trainer = Trainer(cfg, method, data, data, dist_info=dist_info, run_dir=run_dir, writer=None)
+    if method.wants_pseudo_labels(0):
+        trainer.update_pseudo_labels()
+    return trainer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(trainer: Trainer, *, steps: int, warmup: int) -> float:
+    """Training images per second (one image = its two views) over `steps` steps after `warmup`."""
+    done, start, images, epoch = 0, None, 0, 0
+    while done < warmup + steps:
+        trainer.loader.set_epoch(epoch)
+        for batch in trainer.loader:
+            if done == warmup:
+                sync(trainer.device)
+                start, images = time.perf_counter(), 0
+            trainer.train_step(batch.views, batch.indices, epoch)
+            images += batch.indices.shape[0]
+            done += 1
+            if done == warmup + steps:
+                break
+        epoch += 1
+    sync(trainer.device)
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO_ROOT / "config" / "mnist_cnn_propos.yml"))
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size_per_rank=128")
+    p.add_argument("--device", default="cpu", help="run.device (cpu, cuda)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per feed")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers start, caches warm)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers of the workers feed")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = [*args.overrides, f"run.device={args.device}", f"data.num_workers={args.workers}"]
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for loader in ("device", "workers"):
+            trainer = build_trainer(args.config, overrides, loader, Path(tmp))
+            rates[loader] = images_per_second(trainer, steps=args.steps, warmup=args.warmup)
+            cfg = trainer.cfg
+            print(f"{loader:8s} feed: {rates[loader]:8.1f} images/s  ({cfg.method.name}, {cfg.model.backbone}, "
+                  f"{cfg.data.name}, batch {cfg.train.batch_size_per_rank}, device {trainer.device}, "
+                  f"torch threads {torch.get_num_threads()}"
+                  + (f", {args.workers} workers" if loader == "workers" else "") + ")", flush=True)
+            del trainer
+    print(f"device feed / workers feed: {rates['device'] / rates['workers']:.2f}x")
+    du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
