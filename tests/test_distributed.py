@@ -49,7 +49,10 @@ def test_feature_extraction_two_ranks_equals_one_process(tmp_path, n, batch):
 
 def test_launch_env_from_slurm_without_torchrun(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so that monkeypatch records the original state and removes what
+        # read_launch_env writes into os.environ (else later in-process runs see WORLD_SIZE=8)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
