@@ -4,9 +4,14 @@ from __future__ import annotations
 from models.backbones import BACKBONES, build_backbone
 from models.base import METHODS, DataInfo, Method, MethodConfig, Progress, register_method
 
-# Each import registers its method(s).
-from models import propos as _propos  # noqa: F401,E402
-from models import byol as _byol  # noqa: F401,E402
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
+# Importing a method module registers its method(s): one file per method, found here by name so that
+# adding a method never edits this file.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("backbones", "base") and not _module.name.startswith("_"):
+        importlib.import_module(f"models.{_module.name}")
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
