@@ -4,11 +4,13 @@
     python main.py config/mnist_cnn_propos.yml train.epochs=2      # dotted overrides, validated like the YAML
     torchrun --nproc_per_node=4 main.py config/cifar10_r18_propos.yml
     python main.py CONFIG --resume auto                            # continue the newest checkpoint of the run
+    python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | knn | linear
     srun python main.py CONFIG                                     # SLURM, one task per GPU (see scripts/)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import sys
@@ -25,7 +27,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config file (config/*.yml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the newest in the run directory")
+    parser.add_argument("--eval", default="", metavar="MODE",
+                        help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), knn (weighted kNN "
+                             "top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes CHECKPOINT.eval_MODE.json")
+    parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
     return parser.parse_args(argv)
+
+
+EVAL_MODES = ("cluster", "knn", "linear")
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -46,6 +55,77 @@ def prepare_run_dir(cfg, resume: str) -> Path:
     return run_dir
 
 
+def build_trainer(cfg, dist_info, run_dir: Path, writer, checkpoint_model: dict | None = None):
+    """Datasets, method (optionally with a checkpoint's weights) and the Trainer, from the config."""
+    from data.datasets import build_eval_dataset, build_train_dataset
+    from models import DataInfo, build_method
+    from utils.trainer import Trainer
+
+    train_data = build_train_dataset(cfg.data)
+    same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
+    eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
+    num_clusters = cfg.cluster.num_clusters or train_data.num_classes
+    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
+                          data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
+                                        num_classes=train_data.num_classes, num_samples=len(train_data),
+                                        num_clusters=num_clusters))
+    if checkpoint_model is not None:
+        try:
+            method.load_state_dict(checkpoint_model)
+        except RuntimeError as exc:
+            raise SystemExit(f"error: the checkpoint's model does not match the config "
+                             f"({' '.join(str(exc).split())[:300]})") from None
+    return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
+
+
+def check_eval_args(args: argparse.Namespace) -> Path:
+    if args.eval not in EVAL_MODES:
+        raise SystemExit(f"error: --eval: expected one of {', '.join(EVAL_MODES)}, got {args.eval!r}")
+    if args.resume:
+        raise SystemExit("error: --eval evaluates a checkpoint and never trains; drop --resume")
+    if not args.checkpoint:
+        raise SystemExit("error: --eval needs --checkpoint PATH")
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise SystemExit(f"error: --checkpoint: no such file {checkpoint}")
+    return checkpoint
+
+
+def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
+    """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
+    from utils import distributed as du
+    from utils.checkpoint import load_checkpoint
+    from utils.logger import setup_logging
+
+    try:
+        state = load_checkpoint(checkpoint, map_location="cpu")
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    setup_logging(dist_info.rank, None)
+    seed_everything(cfg.run.seed, dist_info.rank)
+    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, checkpoint_model=state["model"])
+    if mode == "cluster":
+        results = trainer.evaluate()
+    elif mode == "knn":
+        results = {"knn_acc": trainer.knn_evaluate(), "knn_k": cfg.eval.knn_k,
+                   "knn_temperature": cfg.eval.knn_temperature}
+    else:
+        results = trainer.linear_evaluate()
+    results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(state["epoch"]), "config": cfg.source,
+               "world_size": dist_info.world_size, **results}
+    out = checkpoint.with_suffix(f".eval_{mode}.json")
+    if dist_info.is_main:  # rank 0 only: the results file and the one-line summary
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
+        scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
+                           if k in results)
+        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {out}", flush=True)
+    du.cleanup_distributed()
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     from utils.config import ConfigError, load_config, save_resolved_config
@@ -55,13 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 
-    from data.datasets import build_eval_dataset, build_train_dataset
-    from models import DataInfo, build_method
     from utils import distributed as du
     from utils.checkpoint import find_latest_checkpoint
     from utils.logger import MetricWriter, setup_logging
-    from utils.trainer import Trainer
 
+    if args.eval or args.checkpoint:
+        checkpoint = check_eval_args(args)
+        return run_evaluation(cfg, args.eval, checkpoint)
     dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     run_dir = prepare_run_dir(cfg, args.resume)
     if dist_info.is_main:  # rank 0 only: create the run directory and write the resolved config
@@ -73,19 +153,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
              dist_info.world_size, dist_info.device, torch.get_num_threads())
 
-    train_data = build_train_dataset(cfg.data)
-    same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
-    eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
-    num_clusters = cfg.cluster.num_clusters or train_data.num_classes
-    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
-                          data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
-                                        num_classes=train_data.num_classes, num_samples=len(train_data),
-                                        num_clusters=num_clusters))
     writer = None
     if dist_info.is_main:  # rank 0 only: metrics file and wandb
         writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                               wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
-    trainer = Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
+    trainer = build_trainer(cfg, dist_info, run_dir, writer)
     if args.resume:
         path = find_latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
         if path is not None:

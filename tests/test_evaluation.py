@@ -82,3 +82,61 @@ def test_knn_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="features"):
         knn_accuracy(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 4),
                      torch.zeros(2, dtype=torch.long), num_classes=2)
+
+
+# ------------------------------------------------------------------ the kNN monitor and --eval runs
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch run of the reduced demo (test_train.SMALL) with the kNN monitor on."""
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    out = tmp_path_factory.mktemp("runs")
+    launcher.main([str(DEMO), f"run.output_dir={out}", "run.name=tiny", *SMALL, "train.epochs=1",
+                   "eval.knn_every_epochs=1", "eval.knn_k=20"])
+    return out / "tiny"
+
+
+def test_knn_monitor_is_logged(trained):
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["eval/knn_acc"] for r in records if "eval/knn_acc" in r]
+    assert len(knn) == 1 and 0.3 < knn[0] <= 1.0  # well above chance (0.1) after one epoch on digits
+
+
+@pytest.mark.parametrize("mode", ["knn", "linear", "cluster"])
+def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode, capsys):
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    checkpoint = trained / "last.pt"
+    before = checkpoint.read_bytes()
+    files_before = sorted(p.name for p in trained.iterdir())
+    results = launcher.main([str(DEMO), *SMALL, "eval.knn_k=20", "eval.linear_epochs=20",
+                             "--eval", mode, "--checkpoint", str(checkpoint)])
+    assert checkpoint.read_bytes() == before
+    out_file = trained / f"last.eval_{mode}.json"
+    assert sorted(p.name for p in trained.iterdir()) == sorted(files_before + [out_file.name])
+    written = json.loads(out_file.read_text())
+    assert written == results and written["mode"] == mode and written["epoch"] == 1
+    key = {"knn": "knn_acc", "linear": "linear_acc", "cluster": "acc"}[mode]
+    assert 0.3 < written[key] <= 1.0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"eval {mode} of ") and f"{written[key]:.4f}" in line
+    if mode == "knn":  # the same number as the monitor logged at the end of training (same weights, same rows)
+        records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
+        assert written["knn_acc"] == pytest.approx([r["eval/knn_acc"] for r in records if "eval/knn_acc" in r][-1])
+    if mode == "linear":
+        assert written["protocol"] == "train/test" and written["train_rows"] == written["test_rows"] == 640
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval", "knn"], r"^error: --eval needs --checkpoint PATH$"),
+    (["--eval", "probe", "--checkpoint", "x.pt"], r"^error: --eval: expected one of cluster, knn, linear, got 'probe'$"),
+    (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"], r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
+])
+def test_eval_bad_input_is_a_one_line_error(args, message):
+    import main as launcher
+    from tests.test_train import DEMO
+
+    with pytest.raises(SystemExit, match=message):
+        launcher.main([str(DEMO), *args])

@@ -122,12 +122,37 @@ class EvalConfig:
     n_init: int = 3
     max_iter: int = 300
     best_metric: str = "acc"           # which metric picks best.pt
+    # kNN monitor: weighted kNN top-1 (cosine, exp(sim / T) votes) of the eval set against the training
+    # set's labelled rows, on the `features` above. When both sets are the same rows (train+test
+    # protocol) each query leaves itself out of its neighbours.
+    knn_every_epochs: int = 0          # 0 = off; logged as eval/knn_acc
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_chunk_size: int = 1024         # queries per similarity block: memory O(chunk x N) on the device
+    # Linear evaluation (`main.py CONFIG --eval linear --checkpoint PATH`): a linear classifier on frozen,
+    # cached features of the train split, top-1 on the test split (a seeded 80/20 split of the training
+    # images when the dataset has no test split).
+    linear_features: str = "backbone"  # which features (an eval feature kind of the method)
+    linear_epochs: int = 50
+    linear_lr: float = 0.01            # Adam
+    linear_weight_decay: float = 0.0
+    linear_batch_size: int = 1024      # rows per step (the probe runs replicated, not per rank); 0 = full batch
 
     def validate(self) -> None:
         _check_min("eval.every_epochs", self.every_epochs, 1)
         _check_min("eval.num_clusters", self.num_clusters, 0)
         _check_min("eval.n_init", self.n_init, 1)
         _check_choice("eval.best_metric", self.best_metric, ("acc", "nmi", "ari"))
+        _check_min("eval.knn_every_epochs", self.knn_every_epochs, 0)
+        _check_min("eval.knn_k", self.knn_k, 1)
+        if not self.knn_temperature > 0:
+            raise ConfigError(f"eval.knn_temperature: expected a value > 0, got {self.knn_temperature!r}")
+        _check_min("eval.knn_chunk_size", self.knn_chunk_size, 1)
+        _check_min("eval.linear_epochs", self.linear_epochs, 1)
+        if not self.linear_lr > 0:
+            raise ConfigError(f"eval.linear_lr: expected a value > 0, got {self.linear_lr!r}")
+        _check_min("eval.linear_weight_decay", self.linear_weight_decay, 0.0)
+        _check_min("eval.linear_batch_size", self.linear_batch_size, 0)
 
 
 @dataclass(kw_only=True)
@@ -341,6 +366,11 @@ def validate_cross_fields(cfg: Config) -> None:
         if cfg.eval.features not in choices:
             raise ConfigError(f"eval.features: expected one of {', '.join(choices)} for method "
                               f"{cfg.method.name!r}, got {cfg.eval.features!r}")
+    if hasattr(cfg.method, "eval_feature_choices"):
+        choices = cfg.method.eval_feature_choices()
+        if cfg.eval.linear_features not in choices:
+            raise ConfigError(f"eval.linear_features: expected one of {', '.join(choices)} for method "
+                              f"{cfg.method.name!r}, got {cfg.eval.linear_features!r}")
     if cfg.model.norm == "sync_batch" and cfg.run.device == "cpu":
         raise ConfigError("model.norm: sync_batch needs CUDA (SyncBatchNorm has no CPU kernel); use batch on run.device=cpu")
     if cfg.train.amp == "fp16" and cfg.run.device == "cpu":

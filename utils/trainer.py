@@ -123,6 +123,9 @@ class Trainer:
                 if is_best:
                     self.best = dict(self.last_metrics)
                 log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
+            if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
+                record["eval/knn_acc"] = self.knn_evaluate()
+                log.info("epoch %d: knn_acc %.4f", epoch, record["eval/knn_acc"])
             if self.dist.is_main and self.writer is not None:  # rank 0 only
                 self.writer.write(record, step=self.global_step)
             if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best:
@@ -239,6 +242,52 @@ class Trainer:
         known = labels >= 0
         scores = evaluate_clustering(labels[known].cpu(), predictions.cpu()[known])
         return {k: float(scores[k]) for k in ("nmi", "acc", "ari")}
+
+    def knn_evaluate(self) -> float:
+        """Weighted kNN top-1 of the eval set's labelled rows against the training set's labelled rows
+        (same on every rank). Reuses the features `evaluate()` extracted at this step. When the eval set
+        is the training set (the train+test clustering protocol), each query leaves itself out."""
+        from utils.evaluation import knn_accuracy
+
+        e = self.cfg.eval
+        kind = e.features or self.method.default_eval_features
+        memory, queries = self._features(self.train_data, kind), self._features(self.eval_data, kind)
+        memory_labels, query_labels = self.train_data.labels.to(memory.device), self.eval_data.labels.to(memory.device)
+        known_memory, known_query = memory_labels >= 0, query_labels >= 0
+        return knn_accuracy(memory[known_memory], memory_labels[known_memory], queries[known_query],
+                            query_labels[known_query], k=e.knn_k, temperature=e.knn_temperature,
+                            num_classes=self.train_data.num_classes, chunk_size=e.knn_chunk_size,
+                            leave_one_out=self.eval_data is self.train_data)
+
+    def linear_evaluate(self) -> dict[str, Any]:
+        """Linear probe on frozen `eval.linear_features`: trained on the train split's labels, top-1 on the
+        test split; a seeded 80/20 split of the train split when the dataset has no test split."""
+        from data.datasets import build_dataset
+        from utils.evaluation import linear_probe
+
+        e = self.cfg.eval
+        train = build_dataset(self.cfg.data, split="train")
+        try:
+            test = build_dataset(self.cfg.data, split="test")
+            protocol = "train/test"
+        except ValueError:  # e.g. mnist_5k: training images only
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.run.seed))
+            cut = int(0.8 * len(train))
+            train, test = train.subset(order[:cut]), train.subset(order[cut:])
+            protocol = "80/20 split of train"
+        self._probe_sets = (train, test)  # alive while cached: the feature cache is keyed by id(data)
+        x_train, x_test = self._features(train, e.linear_features), self._features(test, e.linear_features)
+        y_train, y_test = train.labels, test.labels
+        start = time.perf_counter()
+        acc = linear_probe(x_train[(y_train >= 0).to(x_train.device)], y_train[y_train >= 0],
+                           x_test[(y_test >= 0).to(x_test.device)], y_test[y_test >= 0],
+                           epochs=e.linear_epochs, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
+                           batch_size=e.linear_batch_size, seed=self.cfg.run.seed, num_classes=train.num_classes)
+        acc = float(du.broadcast_object(acc))  # rank 0's number on every rank
+        log.info("linear probe (%s, %s features): top-1 %.4f in %.2fs", protocol, e.linear_features, acc,
+                 time.perf_counter() - start)
+        return {"linear_acc": acc, "protocol": protocol, "features": e.linear_features,
+                "train_rows": len(train), "test_rows": len(test)}
 
     def _head_predictions(self, data) -> torch.Tensor:
         self.method.eval()
