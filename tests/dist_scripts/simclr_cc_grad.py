@@ -1,0 +1,51 @@
+"""One SimCLR step and one CC step on a fixed global batch; rank 0 saves every parameter's gradient.
+
+Run as one process (the whole batch) or under torchrun (each rank its contiguous half); with
+gathers that sum gradients back, the DDP-averaged gradients must equal the one-process ones.
+norm="none": BatchNorm would normalise over each rank's half and so differ by design.
+Usage: simclr_cc_grad.py OUT.pt
+"""
+import sys
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from models import DataInfo, Progress, build_method
+from models.cc import CCConfig
+from models.simclr import SimCLRConfig
+from utils import distributed as du
+
+GLOBAL_BATCH, NUM_CLUSTERS = 8, 3
+
+
+def one_step(cfg, info, x1, x2) -> dict:
+    torch.manual_seed(0)  # identical initial weights on every rank (DDP would broadcast them anyway)
+    method = build_method(cfg, backbone="small_cnn", norm="none",
+                          data=DataInfo(in_channels=1, image_size=12, num_classes=NUM_CLUSTERS,
+                                        num_samples=GLOBAL_BATCH, num_clusters=NUM_CLUSTERS))
+    rows = GLOBAL_BATCH // info.world_size
+    mine = slice(info.rank * rows, (info.rank + 1) * rows)
+    model = DistributedDataParallel(method) if du.is_dist() else method
+    terms = model([x1[mine], x2[mine]], torch.arange(GLOBAL_BATCH)[mine],
+                  Progress(epoch=0, global_step=0, steps_per_epoch=1, total_steps=1))
+    terms["loss"].backward()
+    return {"terms": {k: v.item() for k, v in terms.items()},
+            "grads": {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}}
+
+
+def main(out_path: str) -> None:
+    info = du.init_distributed("cpu", threads_per_rank=1)
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=gen)
+    x2 = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=gen)
+    results = {
+        "simclr": one_step(SimCLRConfig(projector_hidden_dim=32, feature_dim=16, temperature=0.5), info, x1, x2),
+        "cc": one_step(CCConfig(instance_hidden_dim=32, feature_dim=16, cluster_hidden_dim=32), info, x1, x2),
+    }
+    if info.is_main:
+        torch.save(results, out_path)
+    du.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

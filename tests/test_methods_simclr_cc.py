@@ -1,0 +1,113 @@
+"""SimCLR and CC: a few CPU steps on a fixed batch, CC's head read-out, checkpoint state, and the
+gathered losses' gradients on 1 process vs 2 gloo ranks."""
+import pytest
+import torch
+
+from models import DataInfo, Progress, build_method
+from models.cc import CCConfig
+from models.simclr import SimCLRConfig
+from tests.test_distributed import SCRIPTS, run_one_process
+from tests.torchrun_util import run_torchrun
+from utils.config import ConfigError
+
+INFO = DataInfo(in_channels=1, image_size=28, num_classes=4, num_samples=32, num_clusters=4)
+CONFIGS = {
+    "simclr": lambda: SimCLRConfig(projector_hidden_dim=64, feature_dim=32, temperature=0.5),
+    "cc": lambda: CCConfig(instance_hidden_dim=64, feature_dim=32, cluster_hidden_dim=64),
+}
+
+
+def fixed_batch(n: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 28, 28, generator=gen)
+    views = [images + 0.1 * torch.randn(images.shape, generator=gen) for _ in range(2)]
+    return views, torch.arange(n)
+
+
+def progress(step: int) -> Progress:
+    return Progress(epoch=0, global_step=step, steps_per_epoch=10, total_steps=10)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_trains_on_a_fixed_batch(name):
+    torch.manual_seed(0)
+    method = build_method(CONFIGS[name](), backbone="small_cnn", norm="batch", data=INFO)
+    opt = torch.optim.Adam(method.parameters(), lr=1e-3)
+    views, indices = fixed_batch()
+    losses = []
+    for step in range(12):
+        terms = method.training_step(views, indices, progress(step))
+        assert all(torch.isfinite(v) for v in terms.values()), terms
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        method.after_optimizer_step(progress(step))
+        losses.append(terms["loss"].item())
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_resumes_the_same_next_loss(name):
+    torch.manual_seed(0)
+    a = build_method(CONFIGS[name](), backbone="small_cnn", norm="batch", data=INFO)
+    views, indices = fixed_batch(8)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    a.training_step(views, indices, progress(0))["loss"].backward()
+    opt.step()
+    torch.manual_seed(1)
+    b = build_method(CONFIGS[name](), backbone="small_cnn", norm="batch", data=INFO)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b.training_step(views, indices, progress(1))["loss"],
+                               a.training_step(views, indices, progress(1))["loss"])
+
+
+def test_eval_features_shapes():
+    views, _ = fixed_batch(5)
+    simclr = build_method(CONFIGS["simclr"](), backbone="small_cnn", norm="batch", data=INFO).eval()
+    cc = build_method(CONFIGS["cc"](), backbone="small_cnn", norm="batch", data=INFO).eval()
+    with torch.no_grad():
+        assert simclr.eval_features(views[0], "backbone").shape == (5, 512)
+        proj = simclr.eval_features(views[0], "projector")
+        assert proj.shape == (5, 32)
+        torch.testing.assert_close(proj.norm(dim=1), torch.ones(5))
+        assert cc.eval_features(views[0], "instance").shape == (5, 32)
+        probs = cc.eval_features(views[0], "cluster")
+        assert probs.shape == (5, 4)
+        torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        simclr.eval_features(views[0], "cluster")
+
+
+def test_cc_head_predictions_are_argmax_cluster_ids():
+    torch.manual_seed(0)
+    cc = build_method(CONFIGS["cc"](), backbone="small_cnn", norm="batch", data=INFO).eval()
+    assert cc.has_head and not build_method(CONFIGS["simclr"](), backbone="small_cnn", norm="batch",
+                                            data=INFO).has_head
+    images, _ = fixed_batch(16)
+    with torch.no_grad():
+        preds = cc.head_predictions(images[0])
+        probs = cc.eval_features(images[0], "cluster")
+    assert preds.shape == (16,) and preds.dtype == torch.long
+    assert int(preds.min()) >= 0 and int(preds.max()) < INFO.num_clusters
+    assert torch.equal(preds, probs.argmax(1))
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="method.temperature"):
+        SimCLRConfig(temperature=0.0).validate()
+    with pytest.raises(ConfigError, match="method.cluster_temperature"):
+        CCConfig(cluster_temperature=-1.0).validate()
+    with pytest.raises(ConfigError, match="method.entropy_weight"):
+        CCConfig(entropy_weight=-0.5).validate()
+
+
+def test_gathered_losses_give_the_same_gradients_on_one_and_two_ranks(tmp_path):
+    run_one_process(SCRIPTS / "simclr_cc_grad.py", tmp_path / "one.pt")
+    run_torchrun(SCRIPTS / "simclr_cc_grad.py", tmp_path / "two.pt", nproc=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name in ("simclr", "cc"):
+        assert one[name]["terms"]["loss"] == pytest.approx(two[name]["terms"]["loss"], rel=1e-5), name
+        grads_one, grads_two = one[name]["grads"], two[name]["grads"]
+        assert grads_one.keys() == grads_two.keys() and len(grads_one) > 0
+        for param, g in grads_one.items():
+            torch.testing.assert_close(grads_two[param], g, rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
