@@ -87,13 +87,13 @@ def test_knn_rejects_mismatched_shapes():
 # ------------------------------------------------------------------ the kNN monitor and --eval runs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-epoch run of the reduced demo (test_train.SMALL) with the kNN monitor on."""
+    """A one-epoch, 4-step run of the reduced demo (test_train.SMALL) with the kNN monitor on."""
     import main as launcher
     from tests.test_train import DEMO, SMALL
 
     out = tmp_path_factory.mktemp("runs")
     launcher.main([str(DEMO), f"run.output_dir={out}", "run.name=tiny", *SMALL, "train.epochs=1",
-                   "eval.knn_every_epochs=1", "eval.knn_k=20"])
+                   "train.max_steps_per_epoch=4", "eval.knn_every_epochs=1", "eval.knn_k=20"])
     return out / "tiny"
 
 
@@ -140,3 +140,17 @@ def test_eval_bad_input_is_a_one_line_error(args, message):
 
     with pytest.raises(SystemExit, match=message):
         launcher.main([str(DEMO), *args])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.knn_temperature=0", r"^eval.knn_temperature: expected a value > 0, got 0.0$"),
+    ("eval.knn_k=0", r"^eval.knn_k: expected a value >= 1, got 0$"),
+    ("eval.linear_features=head", r"^eval.linear_features: expected one of .* got 'head'$"),
+    ("eval.knn_topk=5", r"^unknown key 'eval.knn_topk' \(did you mean 'knn_k'\?\)$"),
+])
+def test_eval_config_is_validated(override, message):
+    from tests.test_train import DEMO
+    from utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
