@@ -1,11 +1,19 @@
 """MoCo v2 and SimSiam: losses against hand-computed values, a few CPU steps, the checkpointed queue."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from losses.moco import info_nce_loss
 from losses.simsiam import negative_cosine, simsiam_loss
 from models import DataInfo, Progress, build_method
+from models.moco import MoCoConfig
 from models.simsiam import SimSiamConfig
+from tests.torchrun_util import REPO_ROOT, run_torchrun
 from utils.config import ConfigError
+
+SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
 
 DATA = DataInfo(in_channels=1, image_size=28, num_classes=10, num_samples=64, num_clusters=10)
 
@@ -34,7 +42,7 @@ def train_losses(method, steps: int) -> list[float]:
         terms["loss"].backward()
         optimizer.step()
         method.after_optimizer_step(progress(step))
-        losses.append(float(terms["loss"]))
+        losses.append(float(terms["loss"].detach()))
     return losses
 
 
@@ -69,3 +77,99 @@ def test_simsiam_trains_on_cpu():
 def test_simsiam_config_names_the_bad_key():
     with pytest.raises(ConfigError, match="method.predictor_hidden_dim"):
         SimSiamConfig(predictor_hidden_dim=0).validate()
+
+
+# ---------------------------------------------------------------- MoCo v2
+def test_info_nce_by_hand():
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    queue = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    t = 0.5
+    # row 0: positive 1, negatives 0 and 0 -> -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2)
+    # row 1: positive 0, negatives 1 and 0 -> -log(1 / (1 + e^2 + 1)) = log(2 + e^2)
+    expected = 0.5 * (math.log(1 + 2 * math.exp(-2)) + math.log(2 + math.exp(2)))
+    assert float(info_nce_loss(q, k, queue, t)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_gradient_reaches_only_the_queries():
+    q = F.normalize(torch.randn(2, 3), dim=1).requires_grad_()
+    k, queue = F.normalize(torch.randn(2, 3), dim=1), F.normalize(torch.randn(4, 3), dim=1)
+    info_nce_loss(q, k, queue, 0.1).backward()
+    assert q.grad.abs().sum() > 0
+
+
+def small_moco(**overrides):
+    torch.manual_seed(0)
+    kwargs = dict(projector_hidden_dim=64, feature_dim=16, queue_size=40, momentum=0.9, temperature=0.2,
+                  symmetric=True)
+    kwargs.update(overrides)
+    return build_method(MoCoConfig(**kwargs), backbone="small_cnn", norm="batch", data=DATA)
+
+
+def test_moco_trains_on_cpu(monkeypatch):
+    method = small_moco()
+    assert method.key_backbone is not method.backbone
+    assert not any(p.requires_grad for p in method.key_parameters())
+    # On one fixed batch the queue would fill with this batch's own earlier keys, negatives as close to
+    # the query as its positive, and the loss would rise: measure learning against the initial queue.
+    monkeypatch.setattr(method, "enqueue", lambda keys: None)
+    losses = train_losses(method, steps=8)
+    assert losses[-1] < losses[0] - 0.05, losses
+    key_params = list(method.key_parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(key_params, method.backbone.parameters()))
+
+
+def test_moco_steps_fill_the_queue():
+    method = small_moco()
+    before = method.queue.clone()
+    losses = train_losses(method, steps=3)
+    assert all(math.isfinite(v) for v in losses)
+    # 3 steps x 2 views x 16 keys = 96 rows written into a 40-row queue: the pointer wrapped to 96 % 40
+    assert int(method.queue_ptr) == 96 % 40
+    assert not torch.equal(method.queue, before)
+    torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(40))
+
+
+def test_moco_enqueue_wraps_in_order():
+    method = small_moco(queue_size=5, feature_dim=2)
+    method.enqueue(torch.arange(6.0).view(3, 2))
+    method.enqueue(torch.arange(6.0, 12.0).view(3, 2))   # rows 3, 4, then wraps to 0
+    expected_rows = {0: [10.0, 11.0], 1: [2.0, 3.0], 2: [4.0, 5.0], 3: [6.0, 7.0], 4: [8.0, 9.0]}
+    for row, value in expected_rows.items():
+        assert method.queue[row].tolist() == value
+    assert int(method.queue_ptr) == 1
+    with pytest.raises(RuntimeError, match="method.queue_size"):
+        method.enqueue(torch.zeros(6, 2))
+
+
+def test_moco_queue_round_trips_through_state_dict(tmp_path):
+    method = small_moco()
+    train_losses(method, steps=2)
+    path = tmp_path / "state.pt"
+    torch.save(method.state_dict(), path)
+    restored = small_moco()
+    assert not torch.equal(restored.queue, method.queue)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.queue, method.queue)
+    assert int(restored.queue_ptr) == int(method.queue_ptr) == 64 % 40
+
+
+def test_moco_config_names_the_bad_key():
+    with pytest.raises(ConfigError, match="method.queue_size"):
+        MoCoConfig(queue_size=0).validate()
+    with pytest.raises(ConfigError, match="method.temperature"):
+        MoCoConfig(temperature=0).validate()
+
+
+def test_moco_queue_holds_both_ranks_keys_in_rank_order(tmp_path):
+    run_torchrun(SCRIPTS / "moco_queue.py", tmp_path / "out", nproc=2)
+    ranks = [torch.load(tmp_path / f"out.rank{r}.pt") for r in range(2)]
+    rows = ranks[0]["step_keys"].shape[0]
+    step_keys = torch.cat([r["step_keys"] for r in ranks])       # rank 0's keys, then rank 1's
+    explicit = torch.cat([r["explicit_keys"] for r in ranks])
+    for r in ranks:
+        assert r["ptr_after_step"] == 2 * rows and r["ptr"] == 4 * rows
+        torch.testing.assert_close(r["queue_after_step"][:2 * rows], step_keys)
+        torch.testing.assert_close(r["queue"][:2 * rows], step_keys)
+        torch.testing.assert_close(r["queue"][2 * rows:4 * rows], explicit)
+    torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])  # every rank holds the same queue
