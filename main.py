@@ -28,8 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the newest in the run directory")
     parser.add_argument("--eval", default="", metavar="MODE",
-                        help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), knn (weighted kNN "
-                             "top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes CHECKPOINT.eval_MODE.json")
+                        help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), knn (weighted "
+                             "kNN top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes "
+                             "CHECKPOINT.eval_MODE.json")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
     return parser.parse_args(argv)
 

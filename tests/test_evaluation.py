@@ -129,10 +129,30 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         assert written["protocol"] == "train/test" and written["train_rows"] == written["test_rows"] == 640
 
 
+def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
+    import shutil
+
+    from tests.test_train import DEMO, SMALL
+    from tests.torchrun_util import REPO_ROOT, run_torchrun
+
+    checkpoint = tmp_path / "last.pt"
+    shutil.copy(trained / "last.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), *SMALL, "train.batch_size_per_rank=32", "eval.knn_k=20",
+                        "--eval", "knn", "--checkpoint", str(checkpoint), nproc=2)
+    assert proc.stdout.count("eval knn of ") == 1  # rank 0 only
+    assert checkpoint.read_bytes() == before
+    two = json.loads((tmp_path / "last.eval_knn.json").read_text())
+    one = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines() if "eval/knn_acc" in r]
+    assert two["world_size"] == 2 and two["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eval", "knn"], r"^error: --eval needs --checkpoint PATH$"),
-    (["--eval", "probe", "--checkpoint", "x.pt"], r"^error: --eval: expected one of cluster, knn, linear, got 'probe'$"),
-    (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"], r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
+    (["--eval", "probe", "--checkpoint", "x.pt"],
+     r"^error: --eval: expected one of cluster, knn, linear, got 'probe'$"),
+    (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"],
+     r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
 ])
 def test_eval_bad_input_is_a_one_line_error(args, message):
     import main as launcher
