@@ -1,4 +1,5 @@
 """MoCo v2 and SimSiam: losses against hand-computed values, a few CPU steps, the checkpointed queue."""
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from losses.simsiam import negative_cosine, simsiam_loss
 from models import DataInfo, Progress, build_method
 from models.moco import MoCoConfig
 from models.simsiam import SimSiamConfig
-from tests.torchrun_util import REPO_ROOT, run_torchrun
+from tests.torchrun_util import REPO_ROOT, SHARED_DATA, run_torchrun
 from utils.config import ConfigError
 
 SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
@@ -173,3 +174,27 @@ def test_moco_queue_holds_both_ranks_keys_in_rank_order(tmp_path):
         torch.testing.assert_close(r["queue"][:2 * rows], step_keys)
         torch.testing.assert_close(r["queue"][2 * rows:4 * rows], explicit)
     torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"])  # every rank holds the same queue
+
+
+def test_moco_resume_reproduces_the_next_epochs_losses(tmp_path):
+    """The queue and its pointer are checkpointed: a run stopped after epoch 0 and resumed takes the same
+    epoch-1 steps as the uninterrupted run (a queue lost at the restart would change every loss)."""
+    import main as launcher
+
+    def step_losses(run_dir, epoch):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["step/loss"] for r in rows if "step/loss" in r and r["epoch"] == epoch]
+
+    config = str(REPO_ROOT / "config" / "mnist_cnn_moco.yml")
+    small = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=128", "augment.elastic_p=0", "run.threads_per_rank=1",
+             "train.batch_size_per_rank=32", "train.epochs=2", "train.log_every_steps=1", "train.time_budget_minutes=0",
+             "method.projector_hidden_dim=32", "method.feature_dim=16", "method.queue_size=100",
+             "eval.every_epochs=2", "eval.n_init=1", "cluster.n_init=1", "logging.progress_bar=false"]
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=straight", *small])
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *small, "train.time_budget_minutes=1e-6"])
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and int(state["model"]["queue_ptr"]) == (4 * 64) % 100
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *small, "--resume", "auto"])
+    straight, resumed = step_losses(tmp_path / "straight", 1), step_losses(tmp_path / "split", 1)
+    assert len(straight) == 4
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
