@@ -85,10 +85,8 @@ class MoCo(Method):
     # ------------------------------------------------------------------ training
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised keys (B, D) of the key encoder; call under inference mode."""
-        if self.shuffle_key_bn and du.is_dist():
-            shuffled, unshuffle = du.shuffle_across_ranks(images)
-            return unshuffle(F.normalize(self.key_projector(self.key_backbone(shuffled)), dim=1))
-        return F.normalize(self.key_projector(self.key_backbone(images)), dim=1)
+        return du.run_on_shuffled_batch(lambda x: F.normalize(self.key_projector(self.key_backbone(x)), dim=1),
+                                        images, shuffle=self.shuffle_key_bn)
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:

@@ -123,10 +123,8 @@ class ProPos(Method):
 
     def _target_projection(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised target projections (B, D), no autograd graph (run under inference mode)."""
-        if self.shuffle_target_bn and du.is_dist():
-            shuffled, unshuffle = du.shuffle_across_ranks(images)
-            return unshuffle(F.normalize(self.target_projector(self.target_backbone(shuffled)), dim=1))
-        return F.normalize(self.target_projector(self.target_backbone(images)), dim=1)
+        return du.run_on_shuffled_batch(lambda x: F.normalize(self.target_projector(self.target_backbone(x)), dim=1),
+                                        images, shuffle=self.shuffle_target_bn)
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:

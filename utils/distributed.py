@@ -236,6 +236,15 @@ def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = No
     return gathered[perm][rank * rows:(rank + 1) * rows], unshuffle
 
 
+def run_on_shuffled_batch(fn, x: torch.Tensor, *, shuffle: bool = True) -> torch.Tensor:
+    """Shuffling BN: `fn(x)` (B, ...) -> (B, ...) computed on a batch shuffled across ranks, returned
+    in this rank's original row order; plain `fn(x)` on one rank or when `shuffle` is False."""
+    if not (shuffle and is_dist()):
+        return fn(x)
+    shuffled, unshuffle = shuffle_across_ranks(x)
+    return unshuffle(fn(shuffled))
+
+
 @torch.no_grad()
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BN running statistics) over ranks, so that evaluation and
