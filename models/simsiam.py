@@ -6,9 +6,9 @@ backbone -> projector z -> predictor p; loss 1/2 D(p1, sg(z2)) + 1/2 D(p2, sg(z1
 - projector: the CIFAR variant, two layers Linear-BN-ReLU-Linear-BN (the ImageNet one has three);
   the last BN has no affine parameters, as in the reference, so the projection stays centred;
 - predictor: the bottleneck Linear(D, h)-BN-ReLU-Linear(h, D), h = `predictor_hidden_dim` (D/4);
-- the reference keeps the predictor's lr fixed (not cosine-decayed). The shared LR schedule
-  (utils/optim.py) scales every group by `lr_scale` along the same schedule and has no per-group
-  "fixed" option, so here the predictor follows the schedule; `predictor_lr_scale` sets its ratio.
+- the reference keeps the predictor's lr fixed at the base lr (no warm-up, no cosine):
+  `fixed_predictor_lr: true` (default) does that; false lets it follow the schedule;
+  `predictor_lr_scale` sets its ratio to the base lr either way.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class SimSiamConfig(MethodConfig):
     projector_hidden_dim: int = 2048
     predictor_hidden_dim: int = 512      # the bottleneck (D/4 in the paper)
     predictor_lr_scale: float = 1.0
+    fixed_predictor_lr: bool = True      # the reference's fixed predictor lr
 
     @classmethod
     def eval_feature_choices(cls) -> tuple[str, ...]:
@@ -69,7 +70,8 @@ class SimSiam(Method):
     def parameter_groups(self) -> list[dict]:
         return [
             {"params": list(self.backbone.parameters()) + list(self.projector.parameters()), "lr_scale": 1.0},
-            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.predictor_lr_scale},
+            {"params": list(self.predictor.parameters()), "lr_scale": self.cfg.predictor_lr_scale,
+             "fixed_lr": self.cfg.fixed_predictor_lr},
         ]
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,

@@ -8,14 +8,15 @@ import torch
 
 def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: float, momentum: float,
                     betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """groups: [{"params": [...], "lr_scale": float, optional "weight_decay"}] from Method.parameter_groups()."""
+    """groups: [{"params": [...], "lr_scale": float, optional "weight_decay", optional "fixed_lr"}] from
+    Method.parameter_groups(); a `fixed_lr` group keeps lr * lr_scale, outside warm-up and cosine."""
     param_groups = []
     for group in groups:
         params = [p for p in group["params"] if p.requires_grad]
         if not params:
             continue
         param_groups.append({"params": params, "lr": lr * group.get("lr_scale", 1.0),
-                             "lr_scale": group.get("lr_scale", 1.0),
+                             "lr_scale": group.get("lr_scale", 1.0), "fixed_lr": bool(group.get("fixed_lr", False)),
                              "weight_decay": group.get("weight_decay", weight_decay)})
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -29,7 +30,8 @@ def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: f
 class LRSchedule:
     """Linear warm-up from 0 over `warmup_steps`, then cosine from `base_lr` to `min_lr` (or constant).
 
-    Set per iteration; each optimizer group gets lr * its `lr_scale`.
+    Set per iteration; each optimizer group gets lr * its `lr_scale`, except groups marked `fixed_lr`
+    (SimSiam's predictor), which keep base_lr * lr_scale throughout.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
@@ -55,7 +57,7 @@ class LRSchedule:
         """Set the lr of every group for the current step; returns the base lr."""
         lr = self.lr_at(self.step_count)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = (self.base_lr if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
         return lr
 
     def advance(self) -> None:

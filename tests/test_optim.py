@@ -1,0 +1,24 @@
+"""The LR schedule against values worked out by hand, including a fixed-lr group (SimSiam's predictor)."""
+import math
+
+import pytest
+import torch
+
+from utils.optim import LRSchedule, build_optimizer
+
+
+def test_warmup_cosine_and_fixed_groups_by_hand():
+    scheduled, fixed = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([{"params": [scheduled], "lr_scale": 1.0},
+                           {"params": [fixed], "lr_scale": 2.0, "fixed_lr": True}],
+                          name="sgd", lr=0.1, weight_decay=0.0, momentum=0.9, betas=(0.9, 0.999))
+    schedule = LRSchedule(opt, base_lr=0.1, total_steps=12, warmup_steps=2, min_lr=0.0)
+    seen = []
+    for _ in range(12):
+        schedule.apply()
+        seen.append([g["lr"] for g in opt.param_groups])
+        schedule.advance()
+    # warm-up: 0.1 * 1/2, 0.1 * 2/2; then cosine over 10 steps: 0.05 * (1 + cos(pi * t / 10))
+    expected = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert [s[0] for s in seen] == pytest.approx(expected)
+    assert [s[1] for s in seen] == pytest.approx([0.2] * 12)
