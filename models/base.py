@@ -7,8 +7,9 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   so DistributedDataParallel can wrap the method and synchronise its gradients);
 - `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor);
 - `after_optimizer_step(progress)` (momentum/EMA updates, queues);
-- the EM loop: `wants_pseudo_labels(epoch)`, then k-means on the features named
-  `pseudo_label_feature_kind`, then `set_pseudo_labels(labels, centroids)`;
+- the EM loop: `wants_pseudo_labels(epoch)`, then `update_from_features(features, cluster, K)` with
+  the whole dataset's features named `pseudo_label_feature_kind`; by default that is one k-means
+  and `set_pseudo_labels(labels, centroids)` (PCL overrides it to cluster at several granularities);
 - evaluation: `eval_features(images, kind)` for k-means read-outs; methods with a clustering head
   set `has_head` and implement `head_predictions(images)`.
 Method state that must survive a restart (prototypes, pseudo-labels, queues) lives in registered
@@ -17,7 +18,7 @@ buffers, so `state_dict()` is the checkpoint's method state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -88,6 +89,11 @@ class Method(nn.Module):
     def wants_pseudo_labels(self, epoch: int) -> bool:
         return False
 
+    def update_from_features(self, features: torch.Tensor, cluster: ClusterFn, num_clusters: int) -> None:
+        """E-step on the whole training set's features (N, D), identical on every rank."""
+        labels, centroids = cluster(features, num_clusters)
+        self.set_pseudo_labels(labels, centroids)
+
     def set_pseudo_labels(self, labels: torch.Tensor, centroids: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not use pseudo-labels")
 
@@ -99,6 +105,10 @@ class Method(nn.Module):
     def head_predictions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B,) cluster ids, for methods with `has_head`."""
         raise NotImplementedError(f"{type(self).__name__} has no clustering head")
+
+
+ClusterFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""k-means as the config sets it: (features (N, D), K) -> (labels (N,), centroids (K, D)), same on every rank."""
 
 
 METHODS: Registry[type[Method]] = Registry("method")

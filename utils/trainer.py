@@ -220,10 +220,13 @@ class Trainer:
     def update_pseudo_labels(self) -> None:
         c = self.cfg.cluster
         feats = self._features(self.train_data, self.method.pseudo_label_feature_kind)
-        labels, centroids = cluster_features(feats, num_clusters=self.num_clusters(c.num_clusters), metric=c.metric,
-                                             n_init=c.n_init, max_iter=c.max_iter, tol=c.tol,
-                                             seed=self.cfg.run.seed + self.epoch)
-        self.method.set_pseudo_labels(labels, centroids)
+        seed = self.cfg.run.seed + self.epoch
+
+        def cluster(features: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return cluster_features(features, num_clusters=num_clusters, metric=c.metric, n_init=c.n_init,
+                                    max_iter=c.max_iter, tol=c.tol, seed=seed)
+
+        self.method.update_from_features(feats, cluster, self.num_clusters(c.num_clusters))
 
     def evaluate(self) -> dict[str, float]:
         """NMI / ACC / ARI of the method's read-out on the evaluation set (same on every rank)."""
