@@ -78,6 +78,38 @@ def test_linear_probe_separable_is_near_perfect_and_shuffled_labels_are_chance()
     assert again == linear_probe(train, train_labels, test, test_labels, epochs=5, lr=0.01, batch_size=256, seed=4)
 
 
+def test_linear_probe_with_augmented_epochs():
+    train, train_labels = separable(200, dim=32, seed=0, noise=0.1)
+    test, test_labels = separable(100, dim=32, seed=0, noise=0.1)
+    calls = []
+
+    def same_rows(epoch):
+        calls.append(epoch)
+        return train, train_labels
+
+    # "Augmentation" that returns the clean rows is the plain probe, to the last bit.
+    plain = linear_probe(train, train_labels, test, test_labels, epochs=4, lr=0.01, batch_size=64, seed=2)
+    assert linear_probe(train, train_labels, test, test_labels, epochs=4, lr=0.01, batch_size=64, seed=2,
+                        augmented_train=same_rows) == plain
+    assert calls == [0, 1, 2, 3]  # re-extracted once per epoch
+
+    # Each epoch's rows are used: noisy copies (a different subset size each epoch) still train the
+    # probe; rows whose labels are shuffled each epoch leave it at chance.
+    def noisy(epoch):
+        g = torch.Generator().manual_seed(100 + epoch)
+        keep = torch.randperm(len(train), generator=g)[:150 + epoch]
+        return train[keep] + 0.05 * torch.randn(len(keep), train.shape[1], generator=g), train_labels[keep]
+
+    def shuffled(epoch):
+        g = torch.Generator().manual_seed(200 + epoch)
+        return train, train_labels[torch.randperm(len(train), generator=g)]
+
+    assert linear_probe(train, train_labels, test, test_labels, epochs=30, lr=0.01, batch_size=64, seed=0,
+                        augmented_train=noisy) > 0.98
+    assert linear_probe(train, train_labels, test, test_labels, epochs=30, lr=0.01, batch_size=64, seed=0,
+                        augmented_train=shuffled) < 0.4
+
+
 def test_knn_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="features"):
         knn_accuracy(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 4),

@@ -7,6 +7,8 @@ so every rank computes the same number.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +71,8 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, query
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, *, epochs: int = 100, lr: float = 0.01, weight_decay: float = 0.0,
-                 batch_size: int = 1024, seed: int = 0, num_classes: int | None = None) -> float:
+                 batch_size: int = 1024, seed: int = 0, num_classes: int | None = None,
+                 augmented_train: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
     """Top-1 accuracy on the test rows of a linear classifier trained on frozen features.
 
     train_features (N, D) with labels (N,), test_features (M, D) with labels (M,). Features are
@@ -77,6 +80,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     max label + 1) is trained with Adam on cross-entropy for `epochs` passes of shuffled mini-batches
     of `batch_size` rows (0 = full batch). Deterministic for a seed; runs on the features' device.
     Seconds for 10k x 512 on a CPU.
+
+    augmented_train: when given, epoch e trains on the rows `augmented_train(e)` returns instead,
+    (features (N', D), labels (N',)): the train images re-extracted under augmentation each epoch.
+    They are standardised with the clean train features' statistics, which still set the scale.
     """
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"linear probe: expected features (N, D) and (M, D), got {tuple(train_features.shape)} "
@@ -104,14 +111,19 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     classifier = classifier.to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    n = x_train.shape[0]
-    step = batch_size or n
     with torch.enable_grad():
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            x_epoch, y_epoch = x_train, y_train
+            if augmented_train is not None:
+                x_epoch, y_epoch = augmented_train(epoch)
+                x_epoch = (x_epoch.detach().to(device).float() - mean) / std
+                y_epoch = y_epoch.to(device).long()
+            n = x_epoch.shape[0]
+            step = batch_size or n
             order = torch.randperm(n, generator=generator).to(device)
             for start in range(0, n, step):
                 rows = order[start:start + step]
-                loss = F.cross_entropy(classifier(x_train[rows]), y_train[rows])
+                loss = F.cross_entropy(classifier(x_epoch[rows]), y_epoch[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
