@@ -90,6 +90,12 @@ class MoCo(Method):
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
+        loss, _ = self.contrastive_step(views)
+        return {"loss": loss}
+
+    def contrastive_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """This step's InfoNCE and the normalised queries (B, D) with gradient: [q1], or [q1, q2] when
+        symmetric. Keeps the keys for `after_optimizer_step` to enqueue. Subclasses (PCL) add terms on q."""
         x1, x2 = views
         with torch.inference_mode():
             k2 = self._keys(x2)
@@ -105,9 +111,9 @@ class MoCo(Method):
             q2 = F.normalize(self.projector(self.backbone(x2)), dim=1)
             loss = 0.5 * (loss + info_nce_loss(q2, k1, queue, self.cfg.temperature))
             self._pending_keys = torch.cat([k1, k2])
-        else:
-            self._pending_keys = k2
-        return {"loss": loss}
+            return loss, [q1, q2]
+        self._pending_keys = k2
+        return loss, [q1]
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> None:
