@@ -121,7 +121,7 @@ class EvalConfig:
     num_clusters: int = 0              # 0 = the dataset's number of classes
     n_init: int = 3
     max_iter: int = 300
-    best_metric: str = "acc"           # which metric picks best.pt
+    best_metric: str = "acc"           # which metric picks best.pt: acc | nmi | ari | knn_acc (needs knn_every_epochs)
     # kNN monitor: weighted kNN top-1 (cosine, exp(sim / T) votes) of the eval set against the training
     # set's labelled rows, on the `features` above. When both sets are the same rows (train+test
     # protocol) each query leaves itself out of its neighbours.
@@ -137,12 +137,15 @@ class EvalConfig:
     linear_lr: float = 0.01            # Adam
     linear_weight_decay: float = 0.0
     linear_batch_size: int = 1024      # rows per step (the probe runs replicated, not per rank); 0 = full batch
+    linear_augment: bool = False       # re-extract the train rows under augment.* every probe epoch (slower)
 
     def validate(self) -> None:
         _check_min("eval.every_epochs", self.every_epochs, 1)
         _check_min("eval.num_clusters", self.num_clusters, 0)
         _check_min("eval.n_init", self.n_init, 1)
-        _check_choice("eval.best_metric", self.best_metric, ("acc", "nmi", "ari"))
+        _check_choice("eval.best_metric", self.best_metric, ("acc", "nmi", "ari", "knn_acc"))
+        if self.best_metric == "knn_acc" and not self.knn_every_epochs:
+            raise ConfigError("eval.best_metric: knn_acc needs the kNN monitor on (eval.knn_every_epochs > 0)")
         _check_min("eval.knn_every_epochs", self.knn_every_epochs, 0)
         _check_min("eval.knn_k", self.knn_k, 1)
         if not self.knn_temperature > 0:
