@@ -409,7 +409,11 @@ class BatchAugment(torch.nn.Module):
 
 def build_batch_augments(cfg: AugmentConfig, *, num_views: int, image_size: int, channels: int,
                          mean: Sequence[float], std: Sequence[float]) -> list[BatchAugment]:
-    """One BatchAugment per view; view k uses the per-view entries of view k % 2."""
+    """One BatchAugment per view; view k uses the per-view entries of view k % 2. With
+    `cfg.random_views` false every view is the deterministic evaluation transform (no augmentation)."""
+    if not cfg.random_views:
+        return [_FixedView(EvalTransform(image_size=image_size, mean=mean, std=std, normalize=cfg.normalize))
+                for _ in range(num_views)]
     return [BatchAugment(cfg, image_size=image_size, channels=channels, mean=mean, std=std, view=k % 2)
             for k in range(num_views)]
 
@@ -437,6 +441,17 @@ class EvalTransform(torch.nn.Module):
             top, left = (new[0] - size) // 2, (new[1] - size) // 2
             x = x[..., top:top + size, left:left + size]
         return normalize(x, self.mean, self.std) if self.normalize else x.contiguous()
+
+
+class _FixedView(torch.nn.Module):
+    """A view without randomness, called like BatchAugment (the generator is not used)."""
+
+    def __init__(self, transform: EvalTransform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.transform(images)
 
 
 def build_eval_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
@@ -474,6 +489,10 @@ def build_sample_transform(cfg: AugmentConfig, *, image_size: int, channels: int
 
     cfg.validate()
     bilinear = v2.InterpolationMode.BILINEAR
+    if not cfg.random_views:  # the evaluation transform, per sample
+        fixed: list[Callable] = [v2.ToImage(), v2.Resize(image_size, interpolation=bilinear, antialias=True),
+                                 v2.CenterCrop(image_size), v2.ToDtype(torch.float32, scale=True)]
+        return v2.Compose(fixed + ([v2.Normalize(list(mean), list(std))] if cfg.normalize else []))
     ops: list[Callable] = [
         v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),

@@ -106,6 +106,9 @@ class AugmentConfig:
     elastic_alpha: float = 0.0  # displacement magnitude, pixels, as torchvision's ElasticTransform
     elastic_sigma: float = 4.0  # smoothness of the displacement field, pixels
     normalize: bool = True  # subtract the dataset mean, divide by its std
+    # false: no augmentation at all, every view is the image itself (the evaluation transform: resized and
+    # centre-cropped to image_size when needed; pixels in [0, 1] unless normalize), e.g. DEC/IDEC's input
+    random_views: bool = True
 
     def validate(self) -> None:
         for key in ("crop_scale", "crop_ratio", "blur_p", "blur_sigma", "solarize_p"):

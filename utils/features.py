@@ -15,24 +15,26 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *, batch_size: int,
                      device: torch.device, amp_dtype: torch.dtype | None = None,
-                     num_workers: int = 0) -> torch.Tensor:
+                     num_workers: int = 0, normalize: bool = True) -> torch.Tensor:
     """Features (N, D) of every image of `data`, in dataset order, identical on every rank.
 
-    Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform); the
-    shards are all-gathered into exactly N rows (no DistributedSampler padding duplicates).
+    Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform, normalised
+    by the dataset statistics unless `normalize` is false, as `augment.normalize`); the shards are
+    all-gathered into exactly N rows (no DistributedSampler padding duplicates).
     """
     from data.loaders import iterate_shard
 
     chunks = []
     for images, _ in iterate_shard(data, batch_size=batch_size, device=device,
                                    rank=du.get_rank(), world_size=du.get_world_size(),
-                                   num_workers=num_workers):
+                                   num_workers=num_workers, normalize=normalize):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             chunks.append(feature_fn(images).float())
     if chunks:
         local = torch.cat(chunks)
     else:  # this rank's shard is empty (N < world size); its width comes from a probe
-        probe = next(iter(iterate_shard(data, batch_size=1, device=device, rank=0, world_size=1)))[0]
+        probe = next(iter(iterate_shard(data, batch_size=1, device=device, rank=0, world_size=1,
+                                        normalize=normalize)))[0]
         local = feature_fn(probe).float()[:0]
     return du.all_gather_rows(local, len(data))
 
