@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from models.backbones import BACKBONES, build_backbone
-from models.base import METHODS, DataInfo, Method, MethodConfig, Progress, register_method
+from models.base import METHODS, DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
@@ -23,5 +23,5 @@ def build_method(method_cfg: MethodConfig, *, backbone: str, norm: str, data: Da
     return METHODS.get(method_cfg.name)(method_cfg, backbone=backbone, norm=norm, data=data)
 
 
-__all__ = ["BACKBONES", "METHODS", "DataInfo", "Method", "MethodConfig", "Progress", "build_backbone",
+__all__ = ["BACKBONES", "METHODS", "DataInfo", "Method", "MethodConfig", "Progress", "Stage", "StageContext", "build_backbone",
            "build_method", "method_config_class", "register_method"]

@@ -11,7 +11,20 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   the whole dataset's features named `pseudo_label_feature_kind`; by default that is one k-means
   and `set_pseudo_labels(labels, centroids)` (PCL overrides it to cluster at several granularities);
 - evaluation: `eval_features(images, kind)` for k-means read-outs; methods with a clustering head
-  set `has_head` and implement `head_predictions(images)`.
+  set `has_head` and implement `head_predictions(images)`, or name `head_feature_kind` and implement
+  `predict_from_features(features)` so the read-out reuses a whole-dataset pass already made;
+- stages (optional): `training_stages()` lists named stages, each with its own epochs and optimizer
+  settings (e.g. DEC: layer-wise pretraining, fine-tuning, clustering); the trainer calls
+  `enter_stage(name)` whenever a stage becomes current (fresh or resumed: which parameters train, what
+  `training_step` computes) and `start_stage(name, context)` once when it starts fresh (e.g. k-means
+  initialisation of centroids on the whole dataset's features). No stages: one stage named "train"
+  from the `train` and `optim` sections, as before;
+- step-level refresh (optional): every `refresh_every_steps` steps of a stage the trainer hands
+  `refresh(features)` the whole dataset's features named `refresh_feature_kind` (gathered across
+  ranks, N rows in dataset order; DEC's target distribution), and ends the stage when
+  `stop_requested()` (DEC's tol rule);
+- `pretrained_checkpoint()` / `load_pretrained(model_state)`: weights of an earlier run loaded before
+  a fresh run starts (DEC and IDEC share one autoencoder pretraining).
 Method state that must survive a restart (prototypes, pseudo-labels, queues) lives in registered
 buffers, so `state_dict()` is the checkpoint's method state.
 """
@@ -51,15 +64,41 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training is; methods derive schedules (warm-up, momentum) from it."""
+    """Where training is; methods derive schedules (warm-up, momentum) from it. `total_steps` is the
+    global step at which the current stage ends (the whole run for single-stage methods)."""
     epoch: int
     global_step: int
     steps_per_epoch: int
     total_steps: int
+    stage: str = "train"
+    stage_step: int = 0     # steps done in the current stage
 
     @property
     def fraction(self) -> float:
         return min(1.0, self.global_step / max(1, self.total_steps))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One training stage: its epochs and optimizer settings; None = the `optim` section's value.
+    `lr` is the base lr for a global batch of `optim.lr_reference_batch`, scaled like `optim.lr`."""
+    name: str
+    epochs: int
+    optimizer: str | None = None        # sgd | adam | adamw
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    schedule: str | None = None         # cosine | constant
+    warmup_epochs: float | None = None
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What `start_stage` may use: the whole training set's features of a kind (N rows in dataset
+    order, identical on every rank), k-means as the `cluster` section sets it, and K."""
+    features: Callable[[str], torch.Tensor]
+    cluster: "ClusterFn"
+    num_clusters: int
 
 
 class Method(nn.Module):
@@ -68,6 +107,8 @@ class Method(nn.Module):
     default_eval_features: ClassVar[str] = "backbone"
     pseudo_label_feature_kind: ClassVar[str] = "backbone"   # what the EM loop clusters (an eval_features kind)
     has_head: ClassVar[bool] = False                          # read out clusters from head_predictions()
+    head_feature_kind: ClassVar[str | None] = None            # set: read out predict_from_features(features of this kind)
+    refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
         return self.training_step(views, indices, progress)
@@ -97,7 +138,42 @@ class Method(nn.Module):
     def set_pseudo_labels(self, labels: torch.Tensor, centroids: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not use pseudo-labels")
 
+    # ---- stages, step-level refresh, early stop, pretrained weights
+    def training_stages(self) -> list[Stage]:
+        """The run's stages in order; [] = one stage "train" from the `train` and `optim` sections."""
+        return []
+
+    def enter_stage(self, name: str) -> None:
+        """`name` is now the current stage (at its start and when resuming inside it)."""
+
+    def start_stage(self, name: str, context: StageContext) -> None:
+        """One-time work when stage `name` starts fresh (not when resuming inside it)."""
+
+    @property
+    def refresh_every_steps(self) -> int:
+        """Call `refresh` every this many steps of the current stage (at its steps 0, n, 2n...); 0 = never."""
+        return 0
+
+    def refresh(self, features: torch.Tensor) -> dict[str, float]:
+        """Step-level refresh from the whole training set's features (N, D); returns stats to log."""
+        return {}
+
+    def stop_requested(self) -> bool:
+        """True ends the current stage early (checked after each refresh)."""
+        return False
+
+    def pretrained_checkpoint(self) -> str:
+        """Path of an earlier run's checkpoint whose weights a fresh run starts from; "" = none."""
+        return ""
+
+    def load_pretrained(self, model_state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not load pretrained weights")
+
     # ---- evaluation
+    def predict_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features of `head_feature_kind` -> (N,) cluster ids."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature read-out")
+
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) features named `kind` (one of config_class.eval_feature_choices())."""
         raise NotImplementedError

@@ -4,6 +4,13 @@ Per epoch: (E) if the method wants pseudo-labels, extract features of the whole 
 all ranks, gather exactly N rows in dataset order, k-means them on the device, hand every rank the
 same labels; (M) train the method's losses for one epoch; then evaluate (k-means or head read-out,
 NMI / ACC / ARI) every `eval.every_epochs`, and save `last.pt` / `best.pt` on rank 0.
+
+A run is a sequence of stages (`Method.training_stages()`, by default the one stage "train" of the
+`train` and `optim` sections), each with its own epochs, optimizer and lr schedule. The checkpoint
+records the stage, the epochs done in it and its first step, so `--resume auto` continues inside a
+stage. Inside a stage the method may ask for a step-level refresh from the whole dataset's features
+(`refresh_every_steps`, e.g. DEC's target distribution), evaluated and logged at each refresh, and
+end the stage early (`stop_requested`, DEC's tol rule).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.base import Method, Progress
+from models.base import Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.checkpoint import gather_rng_states, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.config import Config
@@ -58,11 +65,10 @@ class Trainer:
         if cfg.model.norm == "sync_batch" and du.is_dist():
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
-        # Buffers (BN statistics, pseudo-labels) are not broadcast each step: pseudo-labels are set
-        # identically on every rank by the EM loop, and BN statistics are averaged before evaluation.
-        self.model = (DistributedDataParallel(method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                              broadcast_buffers=False)
-                      if du.is_dist() else method)
+        self.stages = method.training_stages() or [Stage(name="train", epochs=cfg.train.epochs)]
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{type(method).__name__}: stage names must be unique, got {names}")
 
         self.loader = build_train_loader(
             train_data, cfg.augment, batch_size_per_rank=cfg.train.batch_size_per_rank, num_views=method.num_views,
@@ -74,65 +80,141 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"train.batch_size_per_rank={cfg.train.batch_size_per_rank} x {dist_info.world_size} ranks "
                              f"is larger than the training set ({len(train_data)} images): no full batch per epoch")
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-
-        global_batch = cfg.train.batch_size_per_rank * dist_info.world_size
-        scale = global_batch / cfg.optim.lr_reference_batch if cfg.optim.lr_reference_batch else 1.0
-        self.base_lr = cfg.optim.lr * scale
-        self.optimizer = build_optimizer(method.parameter_groups(), name=cfg.optim.name, lr=self.base_lr,
-                                         weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
-                                         betas=tuple(cfg.optim.betas))
-        self.schedule = LRSchedule(self.optimizer, base_lr=self.base_lr, total_steps=self.total_steps,
-                                   warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch),
-                                   schedule=cfg.optim.schedule, min_lr=cfg.optim.min_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
 
-        self.epoch = 0              # next epoch to run
+        self.epoch = 0              # next epoch to run (counted over all stages)
         self.global_step = 0
+        self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
+        self.stage_epoch = 0        # epochs done in the current stage
+        self.stage_start_step = 0   # global step at which the current stage began
+        self.stage_stopped = False  # the method ended the current stage early
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self._feature_cache: dict[tuple, torch.Tensor] = {}
+        self._resumed = False
+        self.model: torch.nn.Module = method
+        self._enter_stage(0)
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def stage(self) -> Stage:
+        return self.stages[min(self.stage_index, len(self.stages) - 1)]
+
+    def _enter_stage(self, index: int) -> None:
+        """Make stage `index` current: the method's mode, a fresh optimizer and lr schedule for the
+        stage's parameters (loaded over by a checkpoint when resuming), and the DDP wrapper."""
+        cfg = self.cfg
+        self.stage_index = index
+        stage = self.stage
+        self.method.enter_stage(stage.name)
+        self.total_steps = self.steps_per_epoch * stage.epochs   # steps of this stage
+        global_batch = cfg.train.batch_size_per_rank * self.dist.world_size
+        scale = global_batch / cfg.optim.lr_reference_batch if cfg.optim.lr_reference_batch else 1.0
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        self.base_lr = pick(stage.lr, cfg.optim.lr) * scale
+        self.optimizer = build_optimizer(self.method.parameter_groups(), name=pick(stage.optimizer, cfg.optim.name),
+                                         lr=self.base_lr, weight_decay=pick(stage.weight_decay, cfg.optim.weight_decay),
+                                         momentum=pick(stage.momentum, cfg.optim.momentum),
+                                         betas=tuple(cfg.optim.betas))
+        self.schedule = LRSchedule(self.optimizer, base_lr=self.base_lr, total_steps=self.total_steps,
+                                   warmup_steps=round(pick(stage.warmup_epochs, cfg.optim.warmup_epochs)
+                                                      * self.steps_per_epoch),
+                                   schedule=pick(stage.schedule, cfg.optim.schedule), min_lr=cfg.optim.min_lr)
+        # Buffers (BN statistics, pseudo-labels) are not broadcast each step: pseudo-labels are set
+        # identically on every rank by the EM loop, and BN statistics are averaged before evaluation.
+        # A new stage may train other parameters, so DDP is rebuilt for it.
+        if du.is_dist():
+            self.model = None  # the previous wrapper (and its gradient hooks) goes first
+            self.model = DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+    def _next_stage(self) -> None:
+        self.stage_epoch, self.stage_start_step, self.stage_stopped = 0, self.global_step, False
+        if self.stage_index + 1 < len(self.stages):
+            self._enter_stage(self.stage_index + 1)
+        else:
+            self.stage_index = len(self.stages)
+
+    def _start_stage(self) -> None:
+        """One-time start of the current stage: the method's set-up from the whole dataset."""
+        c = self.cfg.cluster
+        seed = self.cfg.run.seed + self.epoch
+
+        def cluster(features: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return cluster_features(features, num_clusters=num_clusters, metric=c.metric, n_init=c.n_init,
+                                    max_iter=c.max_iter, tol=c.tol, seed=seed)
+
+        log.info("stage %d/%d: %s (%d epochs, %s, base lr %.4g)", self.stage_index + 1, len(self.stages),
+                 self.stage.name, self.stage.epochs, type(self.optimizer).__name__, self.base_lr)
+        context = StageContext(features=lambda kind: self._features(self.train_data, kind), cluster=cluster,
+                               num_clusters=self.num_clusters(c.num_clusters))
+        self.method.start_stage(self.stage.name, context)
+
+    def _load_pretrained(self) -> None:
+        path = self.method.pretrained_checkpoint()
+        if not path or self._resumed or self.global_step > 0:
+            return
+        state = load_checkpoint(Path(path), map_location="cpu")
+        self.method.load_pretrained(state["model"])
+        self._feature_cache.clear()
+        log.info("loaded pretrained weights from %s (its run: epoch %d, step %d)", path, int(state["epoch"]),
+                 int(state["global_step"]))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FitResult:
         cfg = self.cfg
         start = time.perf_counter()
         epochs_done = 0
-        log.info("training %s for %d epochs x %d steps (global batch %d, base lr %.4g) on %s x %d",
-                 cfg.method.name, cfg.train.epochs, self.steps_per_epoch,
-                 cfg.train.batch_size_per_rank * self.dist.world_size, self.base_lr, self.device, self.dist.world_size)
-        while self.epoch < cfg.train.epochs:
-            epoch = self.epoch
-            if self.method.wants_pseudo_labels(epoch) and (
-                    epoch % cfg.cluster.every_epochs == 0 or not self._have_pseudo_labels()):
-                self.update_pseudo_labels()
-            train_stats = self.train_one_epoch(epoch)
-            self.epoch = epoch + 1
-            epochs_done += 1
-            minutes = (time.perf_counter() - start) / 60
-            out_of_time = bool(cfg.train.time_budget_minutes) and minutes >= cfg.train.time_budget_minutes
-            out_of_time = bool(du.broadcast_object(out_of_time))  # every rank stops at the same epoch
-            last = self.epoch == cfg.train.epochs or out_of_time
-            record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-            is_best = False
-            if self.epoch % cfg.eval.every_epochs == 0 or last:
-                self.last_metrics = self.evaluate()
-                record.update({f"eval/{k}": v for k, v in self.last_metrics.items()})
-                key = cfg.eval.best_metric
-                is_best = not self.best or self.last_metrics[key] > self.best[key]
-                if is_best:
-                    self.best = dict(self.last_metrics)
-                log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
-            if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
-                record["eval/knn_acc"] = self.knn_evaluate()
-                log.info("epoch %d: knn_acc %.4f", epoch, record["eval/knn_acc"])
-            if self.dist.is_main and self.writer is not None:  # rank 0 only
-                self.writer.write(record, step=self.global_step)
-            if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best:
-                self.save(best=is_best)
-            if out_of_time:
-                log.info("time budget of %.1f min reached after epoch %d", cfg.train.time_budget_minutes, epoch)
-                break
+        self._load_pretrained()
+        log.info("training %s: %s; %d steps per epoch (global batch %d) on %s x %d", cfg.method.name,
+                 ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
+                 cfg.train.batch_size_per_rank * self.dist.world_size, self.device, self.dist.world_size)
+        out_of_time = False
+        while self.stage_index < len(self.stages) and not out_of_time:
+            stage = self.stage
+            if self.stage_epoch == 0:
+                self._start_stage()
+            while self.stage_epoch < stage.epochs and not self.stage_stopped:
+                epoch = self.epoch
+                if self.method.wants_pseudo_labels(epoch) and (
+                        epoch % cfg.cluster.every_epochs == 0 or not self._have_pseudo_labels()):
+                    self.update_pseudo_labels()
+                train_stats = self.train_one_epoch(epoch)
+                self.epoch = epoch + 1
+                self.stage_epoch += 1
+                epochs_done += 1
+                minutes = (time.perf_counter() - start) / 60
+                out_of_time = bool(cfg.train.time_budget_minutes) and minutes >= cfg.train.time_budget_minutes
+                out_of_time = bool(du.broadcast_object(out_of_time))  # every rank stops at the same epoch
+                stage_done = self.stage_epoch == stage.epochs or self.stage_stopped
+                last = (stage_done and self.stage_index == len(self.stages) - 1) or out_of_time
+                record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
+                if len(self.stages) > 1:
+                    record["stage"] = stage.name
+                is_best = False
+                if self.epoch % cfg.eval.every_epochs == 0 or stage_done or last:
+                    self.last_metrics = self.evaluate()
+                    record.update({f"eval/{k}": v for k, v in self.last_metrics.items()})
+                    key = cfg.eval.best_metric
+                    is_best = not self.best or self.last_metrics[key] > self.best[key]
+                    if is_best:
+                        self.best = dict(self.last_metrics)
+                    log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
+                if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
+                    record["eval/knn_acc"] = self.knn_evaluate()
+                    log.info("epoch %d: knn_acc %.4f", epoch, record["eval/knn_acc"])
+                if self.dist.is_main and self.writer is not None:  # rank 0 only
+                    self.writer.write(record, step=self.global_step)
+                if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done:
+                    self.save(best=is_best)
+                if out_of_time:
+                    log.info("time budget of %.1f min reached after epoch %d", cfg.train.time_budget_minutes, epoch)
+                    break
+            if not out_of_time:
+                log.info("stage %s done after %d epochs (step %d)%s", stage.name, self.stage_epoch, self.global_step,
+                         ": the method asked to stop" if self.stage_stopped else "")
+                self._next_stage()
         return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
                          seconds=time.perf_counter() - start)
 
@@ -149,10 +231,17 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
                    disable=not (self.dist.is_main and cfg.logging.progress_bar))
+        steps = 0
         for step_in_epoch, batch in enumerate(self.loader):
             if step_in_epoch >= self.steps_per_epoch:
                 break
+            interval = self.method.refresh_every_steps
+            if interval and (self.global_step - self.stage_start_step) % interval == 0:
+                self.refresh(epoch)
+                if self.stage_stopped:
+                    break
             terms = self.train_step(batch.views, batch.indices, epoch)
+            steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             images += batch.indices.shape[0] * self.dist.world_size
@@ -164,7 +253,7 @@ class Trainer:
                                       step=self.global_step)
         bar.close()
         seconds = time.perf_counter() - start
-        stats = {k: v / max(1, self.steps_per_epoch) for k, v in sums.items()}
+        stats = {k: v / max(1, steps) for k, v in sums.items()}
         stats["images_per_s"] = images / max(seconds, 1e-9)
         stats["epoch_seconds"] = seconds
         return stats
@@ -172,7 +261,8 @@ class Trainer:
     def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimisation step; returns the method's named terms (local values) and the lr."""
         progress = Progress(epoch=epoch, global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
-                            total_steps=self.total_steps)
+                            total_steps=self.stage_start_step + self.total_steps, stage=self.stage.name,
+                            stage_step=self.global_step - self.stage_start_step)
         lr = self.schedule.apply()
         if self.cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -208,7 +298,8 @@ class Trainer:
             start = time.perf_counter()
             feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
                                      batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
-                                     amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers)
+                                     amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers,
+                                     normalize=self.cfg.augment.normalize)
             log.info("extracted %s features %s in %.2fs", kind, tuple(feats.shape), time.perf_counter() - start)
             self.model.train()
             self._feature_cache[key] = feats
@@ -216,6 +307,21 @@ class Trainer:
 
     def num_clusters(self, requested: int) -> int:
         return requested or self.train_data.num_classes
+
+    def refresh(self, epoch: int) -> None:
+        """The method's step-level refresh from the whole training set's features (gathered across
+        ranks, N rows), then NMI / ACC / ARI of the read-out, logged; may end the stage."""
+        start = time.perf_counter()
+        stats = self.method.refresh(self._features(self.train_data, self.method.refresh_feature_kind))
+        self.stage_stopped = bool(self.method.stop_requested())
+        metrics = self.evaluate()
+        record = {"epoch": epoch, "stage": self.stage.name, "stage_step": self.global_step - self.stage_start_step,
+                  **{f"refresh/{k}": v for k, v in stats.items()}, **{f"eval/{k}": v for k, v in metrics.items()}}
+        log.info("%s step %d: %s  (%.2fs)%s", self.stage.name, record["stage_step"],
+                 "  ".join(f"{k} {v:.4f}" for k, v in {**stats, **metrics}.items()), time.perf_counter() - start,
+                 "  -> stop" if self.stage_stopped else "")
+        if self.dist.is_main and self.writer is not None:  # rank 0 only
+            self.writer.write(record, step=self.global_step)
 
     def update_pseudo_labels(self) -> None:
         c = self.cfg.cluster
@@ -232,7 +338,10 @@ class Trainer:
         """NMI / ACC / ARI of the method's read-out on the evaluation set (same on every rank)."""
         from torch_clustering import evaluate_clustering
 
-        if self.method.has_head:
+        if self.method.has_head and self.method.head_feature_kind is not None:
+            predictions = self.method.predict_from_features(self._features(self.eval_data,
+                                                                           self.method.head_feature_kind))
+        elif self.method.has_head:
             predictions = self._head_predictions(self.eval_data)
         else:
             kind = self.cfg.eval.features or self.method.default_eval_features
@@ -281,23 +390,53 @@ class Trainer:
         self._probe_sets = (train, test)  # alive while cached: the feature cache is keyed by id(data)
         x_train, x_test = self._features(train, e.linear_features), self._features(test, e.linear_features)
         y_train, y_test = train.labels, test.labels
+        augmented = self._augmented_features(train, e.linear_features) if e.linear_augment else None
         start = time.perf_counter()
         acc = linear_probe(x_train[(y_train >= 0).to(x_train.device)], y_train[y_train >= 0],
                            x_test[(y_test >= 0).to(x_test.device)], y_test[y_test >= 0],
                            epochs=e.linear_epochs, lr=e.linear_lr, weight_decay=e.linear_weight_decay,
-                           batch_size=e.linear_batch_size, seed=self.cfg.run.seed, num_classes=train.num_classes)
+                           batch_size=e.linear_batch_size, seed=self.cfg.run.seed, num_classes=train.num_classes,
+                           augmented_train=augmented)
         acc = float(du.broadcast_object(acc))  # rank 0's number on every rank
         log.info("linear probe (%s, %s features): top-1 %.4f in %.2fs", protocol, e.linear_features, acc,
                  time.perf_counter() - start)
         return {"linear_acc": acc, "protocol": protocol, "features": e.linear_features,
-                "train_rows": len(train), "test_rows": len(test)}
+                "augment": e.linear_augment, "train_rows": len(train), "test_rows": len(test)}
+
+    def _augmented_features(self, data, kind: str):
+        """epoch -> (features, labels) of the labelled rows of `data` under the training augmentation
+        (`augment.*`, one view, a fresh draw each epoch), gathered from every rank; full batches of
+        `cluster.extract_batch_size` per rank, so a random remainder is left out of each epoch."""
+        from data.loaders import build_train_loader
+
+        batch = min(self.cfg.cluster.extract_batch_size, len(data) // self.dist.world_size)
+        loader = build_train_loader(data, self.cfg.augment, batch_size_per_rank=batch, num_views=1,
+                                    device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    seed=self.cfg.run.seed + 1, mode=self.cfg.data.loader,
+                                    num_workers=self.cfg.data.num_workers)
+        labels = data.labels.to(self.device)
+
+        @torch.no_grad()
+        def features_of_epoch(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            self.method.eval()
+            loader.set_epoch(epoch)
+            feats, rows = [], []
+            for b in loader:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    feats.append(self.method.eval_features(b.views[0], kind).float())
+                rows.append(b.indices)
+            feats, rows = du.all_gather_no_grad(torch.cat(feats)), du.all_gather_no_grad(torch.cat(rows))
+            known = labels[rows] >= 0
+            return feats[known], labels[rows][known]
+
+        return features_of_epoch
 
     def _head_predictions(self, data) -> torch.Tensor:
         self.method.eval()
         du.average_buffers(self.method)
         preds = extract_features(lambda x: self.method.head_predictions(x).unsqueeze(1).float(), data,
                                  batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
-                                 num_workers=self.cfg.data.num_workers)
+                                 num_workers=self.cfg.data.num_workers, normalize=self.cfg.augment.normalize)
         self.model.train()
         return preds.squeeze(1).long()
 
@@ -310,6 +449,11 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "stage": self.stage_index,
+            "stage_name": self.stage.name,
+            "stage_epoch": self.stage_epoch,
+            "stage_start_step": self.stage_start_step,
+            "stage_stopped": self.stage_stopped,
             "best": dict(self.best),
             "last_metrics": dict(self.last_metrics),
             "config": self.cfg.to_dict(),
@@ -329,6 +473,16 @@ class Trainer:
         """Resume: model, optimizer, schedule, scaler, position and this rank's RNG state."""
         state = load_checkpoint(path, map_location="cpu")
         self.method.load_state_dict(state["model"])
+        # Checkpoints of single-stage runs before stages existed: stage 0, its epochs are the run's.
+        stage = int(state.get("stage", 0))
+        names = [s.name for s in self.stages]
+        if "stage_name" in state and (stage >= len(names) or names[stage] != state["stage_name"]):
+            raise ValueError(f"{path}: written in stage {state['stage_name']!r} (index {stage}), but this "
+                             f"config's stages are {names}")
+        self._enter_stage(stage)
+        self.stage_epoch = int(state.get("stage_epoch", state["epoch"]))
+        self.stage_start_step = int(state.get("stage_start_step", 0))
+        self.stage_stopped = bool(state.get("stage_stopped", False))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -344,5 +498,7 @@ class Trainer:
                         len(rngs), self.dist.world_size)
             restore_rng_state(rngs[0])
         self._feature_cache.clear()
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+        self._resumed = True
+        log.info("resumed from %s at epoch %d (step %d, stage %s, its epoch %d)", path, self.epoch,
+                 self.global_step, self.stage.name, self.stage_epoch)
 
