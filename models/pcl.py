@@ -55,11 +55,12 @@ class PCLConfig(MoCoConfig):
         super().validate()
         if not self.num_clusters_per_level:
             raise ConfigError("method.num_clusters_per_level: expected at least one K, got []")
-        for k in self.num_clusters_per_level:
-            if k < 2:
-                raise ConfigError(f"method.num_clusters_per_level: every K must be >= 2, got {self.num_clusters_per_level}")
+        if min(self.num_clusters_per_level) < 2:
+            raise ConfigError(f"method.num_clusters_per_level: every K must be >= 2, "
+                              f"got {self.num_clusters_per_level}")
         if self.num_negative_prototypes < 0:
-            raise ConfigError(f"method.num_negative_prototypes: expected a value >= 0, got {self.num_negative_prototypes}")
+            raise ConfigError(f"method.num_negative_prototypes: expected a value >= 0, "
+                              f"got {self.num_negative_prototypes}")
         if self.proto_loss_weight < 0:
             raise ConfigError(f"method.proto_loss_weight: expected a value >= 0, got {self.proto_loss_weight}")
         if self.warmup_epochs < 0:

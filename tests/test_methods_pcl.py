@@ -125,7 +125,8 @@ def test_proto_nce_with_two_granularities_by_hand():
 def test_proto_nce_without_negatives_is_zero_and_reaches_only_the_queries():
     q = F.normalize(torch.randn(3, 4), dim=1).requires_grad_()
     prototypes = F.normalize(torch.randn(5, 4), dim=1)
-    loss = proto_nce_level(q, torch.tensor([0, 1, 1]), prototypes, torch.full((5,), 0.2), torch.tensor([], dtype=torch.long))
+    no_negatives = torch.tensor([], dtype=torch.long)
+    loss = proto_nce_level(q, torch.tensor([0, 1, 1]), prototypes, torch.full((5,), 0.2), no_negatives)
     assert float(loss.detach()) == 0.0
     loss = proto_nce_level(q, torch.tensor([0, 1, 1]), prototypes, torch.full((5,), 0.2), torch.tensor([2, 4]))
     loss.backward()
@@ -255,6 +256,7 @@ def test_pcl_resume_reproduces_the_next_epochs_losses(tmp_path):
     assert state["epoch"] == 1 and bool((state["model"]["pseudo_labels"] >= 0).all())
     assert state["model"]["prototypes_2"].shape == (16, 16)
     launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *small, "--resume", "auto"])
-    straight, resumed = step_losses(tmp_path / "straight", 1, "step/loss"), step_losses(tmp_path / "split", 1, "step/loss")
+    straight = step_losses(tmp_path / "straight", 1, "step/loss")
+    resumed = step_losses(tmp_path / "split", 1, "step/loss")
     assert len(straight) == 4 and len(step_losses(tmp_path / "straight", 1, "step/proto_nce")) == 4
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
