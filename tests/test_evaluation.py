@@ -161,6 +161,36 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         assert written["protocol"] == "train/test" and written["train_rows"] == written["test_rows"] == 640
 
 
+def test_linear_eval_with_augmentation_re_extracts(trained):
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    plain = json.loads((trained / "last.eval_linear.json").read_text()) if (trained / "last.eval_linear.json").exists() \
+        else launcher.main([str(DEMO), *SMALL, "eval.linear_epochs=20", "--eval", "linear", "--checkpoint",
+                            str(trained / "last.pt")])
+    augmented = launcher.main([str(DEMO), *SMALL, "eval.linear_epochs=20", "eval.linear_augment=true",
+                               "--eval", "linear", "--checkpoint", str(trained / "last.pt")])
+    assert plain["augment"] is False and augmented["augment"] is True
+    # Trained on other (augmented) rows: a different classifier, still far above chance on the clean test rows.
+    assert augmented["linear_acc"] != plain["linear_acc"] and 0.3 < augmented["linear_acc"] <= 1.0
+
+
+def test_best_checkpoint_can_follow_the_knn_monitor(tmp_path):
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+    from utils.checkpoint import load_checkpoint
+
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=knnbest", *SMALL, "train.epochs=3",
+                   "train.max_steps_per_epoch=2", "eval.every_epochs=3", "eval.knn_every_epochs=1",
+                   "eval.knn_k=20", "eval.best_metric=knn_acc"])
+    records = [json.loads(r) for r in (tmp_path / "knnbest" / "metrics.jsonl").read_text().splitlines()]
+    knn = {r["epoch"]: r["eval/knn_acc"] for r in records if "eval/knn_acc" in r}
+    assert sorted(knn) == [0, 1, 2]
+    best_epoch = max(knn, key=lambda e: (knn[e], -e))  # the first epoch that reached the maximum
+    best = load_checkpoint(tmp_path / "knnbest" / "best.pt", map_location="cpu")
+    assert best["epoch"] == best_epoch + 1 and best["best"]["knn_acc"] == pytest.approx(knn[best_epoch])
+
+
 def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
     import shutil
 
@@ -199,6 +229,7 @@ def test_eval_bad_input_is_a_one_line_error(args, message):
     ("eval.knn_k=0", r"^eval.knn_k: expected a value >= 1, got 0$"),
     ("eval.linear_features=head", r"^eval.linear_features: expected one of .* got 'head'$"),
     ("eval.knn_topk=5", r"^unknown key 'eval.knn_topk' \(did you mean 'knn_k'\?\)$"),
+    ("eval.best_metric=knn_acc", r"^eval.best_metric: knn_acc needs the kNN monitor on \(eval.knn_every_epochs > 0\)$"),
 ])
 def test_eval_config_is_validated(override, message):
     from tests.test_train import DEMO

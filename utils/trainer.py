@@ -193,17 +193,20 @@ class Trainer:
                 if len(self.stages) > 1:
                     record["stage"] = stage.name
                 is_best = False
+                epoch_metrics: dict[str, float] = {}
                 if self.epoch % cfg.eval.every_epochs == 0 or stage_done or last:
                     self.last_metrics = self.evaluate()
-                    record.update({f"eval/{k}": v for k, v in self.last_metrics.items()})
-                    key = cfg.eval.best_metric
-                    is_best = not self.best or self.last_metrics[key] > self.best[key]
-                    if is_best:
-                        self.best = dict(self.last_metrics)
+                    epoch_metrics.update(self.last_metrics)
                     log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
                 if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
-                    record["eval/knn_acc"] = self.knn_evaluate()
-                    log.info("epoch %d: knn_acc %.4f", epoch, record["eval/knn_acc"])
+                    epoch_metrics["knn_acc"] = self.knn_evaluate()
+                    log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
+                record.update({f"eval/{k}": v for k, v in epoch_metrics.items()})
+                key = cfg.eval.best_metric
+                if key in epoch_metrics:  # best.pt: the best `eval.best_metric` among the epochs that measured it
+                    is_best = key not in self.best or epoch_metrics[key] > self.best[key]
+                    if is_best:
+                        self.best = dict(epoch_metrics)
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write(record, step=self.global_step)
                 if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done:
