@@ -101,7 +101,7 @@ class DECConfig(MethodConfig):
 
 def label_change_fraction(new: torch.Tensor, old: torch.Tensor) -> float:
     """Fraction of the N points whose cluster differs: new, old (N,) int -> float in [0, 1]."""
-    return float((new != old).float().mean())
+    return int((new != old).sum()) / max(1, new.numel())   # counted exactly, not a float32 mean
 
 
 @register_method("dec")
