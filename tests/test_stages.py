@@ -81,3 +81,17 @@ def test_clustering_starts_from_an_earlier_runs_autoencoder(tmp_path):
         assert state["global_step"] == 10 and state["stage_name"] == "cluster"   # no pretraining steps
         changed = [k for k in ae if k.startswith("autoencoder.decoder") and not torch.equal(ae[k], state["model"][k])]
         assert bool(changed) == (name == "idec")                                  # DEC leaves the decoder alone
+
+
+def test_two_process_dec_run_through_both_stages(tmp_path):
+    from tests.torchrun_util import run_torchrun
+
+    proc = run_torchrun(REPO_ROOT / "main.py", str(DEC), f"run.output_dir={tmp_path}", "run.name=ddp", *SMALL,
+                        "train.batch_size_per_rank=32", "method.pretrain_epochs=1", "method.cluster_epochs=1",
+                        "method.update_interval=4", "method.tol=0", nproc=2)
+    assert proc.stdout.count("final (2 epochs") == 1          # rank 0 only
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert state["stage_name"] == "cluster" and state["global_step"] == 20 and len(state["rng"]) == 2
+    refreshes = [r for r in records(tmp_path / "ddp") if "refresh/label_change" in r]
+    assert [r["stage_step"] for r in refreshes] == [0, 4, 8]
+    assert state["model"]["target"].shape == (640, 10) and state["model"]["num_updates"] == 3
