@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/bench_dec")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="end-to-end Adam epochs of 70,000")
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-schedule", default="constant", choices=("constant", "cosine"))
     parser.add_argument("--dec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
     parser.add_argument("--idec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
     parser.add_argument("--update-interval", type=int, default=140, help="steps between target updates")
@@ -58,6 +59,7 @@ def main() -> None:
     out = Path(args.output_dir)
     common = [f"run.seed={args.seed}", f"run.threads_per_rank={args.threads}", f"data.limit={args.data_limit}",
               "method.pretrain=end_to_end", "method.pretrain_optimizer=adam", f"method.pretrain_lr={args.pretrain_lr}",
+              f"method.pretrain_schedule={args.pretrain_schedule}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
               "eval.every_epochs=1000", "train.save_every_epochs=2"]
     ae_name = f"ae_seed{args.seed}"

@@ -107,7 +107,7 @@ class Method(nn.Module):
     default_eval_features: ClassVar[str] = "backbone"
     pseudo_label_feature_kind: ClassVar[str] = "backbone"   # what the EM loop clusters (an eval_features kind)
     has_head: ClassVar[bool] = False                          # read out clusters from head_predictions()
-    head_feature_kind: ClassVar[str | None] = None            # set: read out predict_from_features(features of this kind)
+    head_feature_kind: ClassVar[str | None] = None            # set: read-out predict_from_features(these features)
     refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:

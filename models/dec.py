@@ -74,12 +74,14 @@ class DECConfig(MethodConfig):
         if self.pretrain_schedule not in SCHEDULES:
             fail("pretrain_schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.pretrain_schedule!r}")
         if not self.hidden_dims or min(self.hidden_dims) < 1 or self.embedding_dim < 1:
-            fail("hidden_dims", f"expected positive widths and embedding_dim, got {self.hidden_dims}, {self.embedding_dim}")
+            fail("hidden_dims", f"expected positive widths and embedding_dim, got {self.hidden_dims}, "
+                                f"{self.embedding_dim}")
         if not self.pretrained:
             if self.pretrain_epochs < 0 or self.layerwise_epochs < 0:
                 fail("pretrain_epochs", "expected epochs >= 0")
             if self.pretrain == "layerwise" and self.layerwise_epochs < 1:
-                fail("layerwise_epochs", f"layerwise pretraining needs >= 1 epoch per pair, got {self.layerwise_epochs}")
+                fail("layerwise_epochs",
+                     f"layerwise pretraining needs >= 1 epoch per pair, got {self.layerwise_epochs}")
             if self.pretrain == "end_to_end" and self.pretrain_epochs < 1:
                 fail("pretrain_epochs", f"expected >= 1 (or set method.pretrained), got {self.pretrain_epochs}")
         if not self.cluster and self.pretrained:
