@@ -90,3 +90,23 @@ def test_two_process_training_run(tmp_path):
     assert len(state["rng"]) == 2 and state["global_step"] == 20
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert any("eval/acc" in r for r in records(tmp_path / "ddp"))
+
+
+# Every other single-stage method through the launcher (MoCo, PCL and DEC/IDEC have their own resume
+# tests, next to their queues, prototypes and stages): stopped after one epoch and resumed, the second
+# epoch's step losses are those of the uninterrupted run.
+TINY = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=256",
+        "train.batch_size_per_rank=64", "train.epochs=2", "train.log_every_steps=1", "train.time_budget_minutes=0",
+        "eval.every_epochs=1", "eval.n_init=1", "cluster.n_init=1", "logging.progress_bar=false"]
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr", "cc"])
+def test_each_method_resumes_through_the_launcher(tmp_path, method):
+    config = str(REPO_ROOT / "config" / f"mnist_cnn_{method}.yml")
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=straight", *TINY])
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "train.time_budget_minutes=1e-6"])
+    assert step_losses(tmp_path / "split", 1) == []
+    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "--resume", "auto"])
+    straight, resumed = step_losses(tmp_path / "straight", 1), step_losses(tmp_path / "split", 1)
+    assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
