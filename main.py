@@ -95,7 +95,7 @@ def check_eval_args(args: argparse.Namespace) -> Path:
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
-    from utils.checkpoint import load_checkpoint
+    from utils.checkpoint import load_checkpoint, write_text_atomic
     from utils.logger import setup_logging
 
     try:
@@ -117,9 +117,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                "world_size": dist_info.world_size, **results}
     out = checkpoint.with_suffix(f".eval_{mode}.json")
     if dist_info.is_main:  # rank 0 only: the results file and the one-line summary
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
                            if k in results)
         print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {out}", flush=True)

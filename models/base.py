@@ -11,8 +11,8 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   the whole dataset's features named `pseudo_label_feature_kind`; by default that is one k-means
   and `set_pseudo_labels(labels, centroids)` (PCL overrides it to cluster at several granularities);
 - evaluation: `eval_features(images, kind)` for k-means read-outs; methods with a clustering head
-  set `has_head` and implement `head_predictions(images)`, or name `head_feature_kind` and implement
-  `predict_from_features(features)` so the read-out reuses a whole-dataset pass already made;
+  set `has_head`, name `head_feature_kind` and implement `predict_from_features(features)`, so the
+  read-out reuses the (cached) whole-dataset pass of those features;
 - stages (optional): `training_stages()` lists named stages, each with its own epochs and optimizer
   settings (e.g. DEC: layer-wise pretraining, fine-tuning, clustering); the trainer calls
   `enter_stage(name)` whenever a stage becomes current (fresh or resumed: which parameters train, what
@@ -106,8 +106,8 @@ class Method(nn.Module):
     num_views: ClassVar[int] = 2
     default_eval_features: ClassVar[str] = "backbone"
     pseudo_label_feature_kind: ClassVar[str] = "backbone"   # what the EM loop clusters (an eval_features kind)
-    has_head: ClassVar[bool] = False                          # read out clusters from head_predictions()
-    head_feature_kind: ClassVar[str | None] = None            # set: read-out predict_from_features(these features)
+    has_head: ClassVar[bool] = False                          # read out clusters from the head, not k-means
+    head_feature_kind: ClassVar[str | None] = None            # the features the head's read-out takes
     refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
@@ -180,7 +180,17 @@ class Method(nn.Module):
 
     def head_predictions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B,) cluster ids, for methods with `has_head`."""
-        raise NotImplementedError(f"{type(self).__name__} has no clustering head")
+        if self.head_feature_kind is None:
+            raise NotImplementedError(f"{type(self).__name__} has no clustering head")
+        return self.predict_from_features(self.eval_features(images, self.head_feature_kind))
+
+
+@torch.no_grad()
+def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """In place, pairwise: target <- momentum * target + (1 - momentum) * online (BYOL/ProPos targets,
+    MoCo's key encoder). Both lists hold matching tensors in the same order."""
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
 
 ClusterFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]

@@ -59,6 +59,7 @@ class CC(Method):
     config_class: ClassVar[type[MethodConfig]] = CCConfig
     default_eval_features: ClassVar[str] = "backbone"   # for k-means read-outs; evaluation uses the head
     has_head: ClassVar[bool] = True
+    head_feature_kind: ClassVar[str | None] = "cluster"
 
     def __init__(self, cfg: CCConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__()
@@ -90,8 +91,9 @@ class CC(Method):
         """(B, C, H, W) -> (B, K) soft assignments."""
         return F.softmax(self.cluster_head(self.backbone(images)), dim=1)
 
-    def head_predictions(self, images: torch.Tensor) -> torch.Tensor:
-        return self.cluster_probabilities(images).argmax(dim=1)
+    def predict_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, K) soft assignments (the "cluster" features) -> (N,) argmax cluster ids."""
+        return features.argmax(dim=1)
 
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "backbone":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from losses.moco import info_nce_loss
 from models.backbones import build_backbone, mlp
-from models.base import DataInfo, Method, MethodConfig, Progress, register_method
+from models.base import DataInfo, Method, MethodConfig, Progress, ema_update_, register_method
 from utils import distributed as du
 from utils.config import ConfigError
 
@@ -117,11 +117,8 @@ class MoCo(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> None:
-        m = self.cfg.momentum
-        online = list(self.backbone.parameters()) + list(self.projector.parameters())
-        key = list(self.key_parameters())
-        torch._foreach_mul_(key, m)
-        torch._foreach_add_(key, online, alpha=1.0 - m)
+        ema_update_(list(self.key_parameters()),
+                    list(self.backbone.parameters()) + list(self.projector.parameters()), self.cfg.momentum)
         if self._pending_keys is not None:
             self.enqueue(self._pending_keys)
             self._pending_keys = None

@@ -28,7 +28,7 @@ from torch import nn
 
 from losses.propos import byol_alignment_loss, prototype_scattering_loss
 from models.backbones import build_backbone, mlp
-from models.base import DataInfo, Method, MethodConfig, Progress, register_method
+from models.base import DataInfo, Method, MethodConfig, Progress, ema_update_, register_method
 from utils import distributed as du
 from utils.config import ConfigError
 
@@ -165,11 +165,8 @@ class ProPos(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: Progress) -> None:
-        m = self.momentum(progress)
-        online = list(self.backbone.parameters()) + list(self.projector.parameters())
-        target = list(self.target_parameters())
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, online, alpha=1.0 - m)
+        ema_update_(list(self.target_parameters()),
+                    list(self.backbone.parameters()) + list(self.projector.parameters()), self.momentum(progress))
 
     # ------------------------------------------------------------------ EM loop
     @property

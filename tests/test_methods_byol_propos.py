@@ -6,7 +6,7 @@ import torch
 from models import build_method
 from models.byol import BYOLConfig
 from models.propos import ProPosConfig
-from tests.test_methods_simclr_cc import INFO, fixed_batch, progress
+from tests.test_methods_simclr_cc import INFO, fixed_batch, train_on_fixed_batch
 
 CONFIGS = {
     "byol": lambda: BYOLConfig(projector_hidden_dim=64, feature_dim=32, predictor_hidden_dim=64,
@@ -26,16 +26,7 @@ def test_trains_on_a_fixed_batch(name):
         with torch.no_grad():
             feats = method.eval_features(views[0], "projector")
         method.set_pseudo_labels(labels, torch.stack([feats[labels == k].mean(0) for k in range(INFO.num_clusters)]))
-    opt = torch.optim.Adam(method.parameters(), lr=1e-3)
-    losses = []
-    for step in range(12):
-        terms = method.training_step(views, indices, progress(step))
-        assert all(torch.isfinite(v) for v in terms.values()), terms
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        method.after_optimizer_step(progress(step))
-        losses.append(terms["loss"].item())
+    losses, terms = train_on_fixed_batch(method, views, indices)
     if name == "propos":
         assert "psl" in terms  # the prototype scattering term ran
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses

@@ -28,14 +28,11 @@ def progress(step: int) -> Progress:
     return Progress(epoch=0, global_step=step, steps_per_epoch=10, total_steps=10)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_trains_on_a_fixed_batch(name):
-    torch.manual_seed(0)
-    method = build_method(CONFIGS[name](), backbone="small_cnn", norm="batch", data=INFO)
+def train_on_fixed_batch(method, views, indices, *, steps: int = 12) -> tuple[list[float], dict]:
+    """Adam steps on one batch, every term checked finite; returns the losses and the last terms."""
     opt = torch.optim.Adam(method.parameters(), lr=1e-3)
-    views, indices = fixed_batch()
     losses = []
-    for step in range(12):
+    for step in range(steps):
         terms = method.training_step(views, indices, progress(step))
         assert all(torch.isfinite(v) for v in terms.values()), terms
         opt.zero_grad()
@@ -43,6 +40,15 @@ def test_trains_on_a_fixed_batch(name):
         opt.step()
         method.after_optimizer_step(progress(step))
         losses.append(terms["loss"].item())
+    return losses, terms
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_trains_on_a_fixed_batch(name):
+    torch.manual_seed(0)
+    method = build_method(CONFIGS[name](), backbone="small_cnn", norm="batch", data=INFO)
+    views, indices = fixed_batch()
+    losses, _ = train_on_fixed_batch(method, views, indices)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
 
 

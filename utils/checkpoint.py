@@ -64,6 +64,14 @@ def gather_rng_states() -> list[dict[str, Any]]:
     return out
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (resolved config, evaluation results) atomically: a temporary file in
+    the same folder, then os.replace, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]

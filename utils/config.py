@@ -399,6 +399,6 @@ def _check_min(key: str, value: float, minimum: float) -> None:
 
 def save_resolved_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (after bases and overrides) as YAML, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    from utils.checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.base import Method, Progress, Stage, StageContext
+from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.checkpoint import gather_rng_states, load_checkpoint, restore_rng_state, save_checkpoint
 from utils.config import Config
@@ -65,6 +65,9 @@ class Trainer:
         if cfg.model.norm == "sync_batch" and du.is_dist():
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
+        if method.has_head and method.head_feature_kind is None:
+            raise TypeError(f"{type(method).__name__}: has_head needs head_feature_kind "
+                            "(the features predict_from_features takes)")
         self.stages = method.training_stages() or [Stage(name="train", epochs=cfg.train.epochs)]
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
@@ -91,7 +94,6 @@ class Trainer:
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self._feature_cache: dict[tuple, torch.Tensor] = {}
-        self._resumed = False
         self.model: torch.nn.Module = method
         self._enter_stage(0)
 
@@ -136,8 +138,8 @@ class Trainer:
         else:
             self.stage_index = len(self.stages)
 
-    def _start_stage(self) -> None:
-        """One-time start of the current stage: the method's set-up from the whole dataset."""
+    def _cluster_fn(self) -> ClusterFn:
+        """k-means as the `cluster` section sets it, seeded by the run's seed and the current epoch."""
         c = self.cfg.cluster
         seed = self.cfg.run.seed + self.epoch
 
@@ -145,15 +147,19 @@ class Trainer:
             return cluster_features(features, num_clusters=num_clusters, metric=c.metric, n_init=c.n_init,
                                     max_iter=c.max_iter, tol=c.tol, seed=seed)
 
+        return cluster
+
+    def _start_stage(self) -> None:
+        """One-time start of the current stage: the method's set-up from the whole dataset."""
         log.info("stage %d/%d: %s (%d epochs, %s, base lr %.4g)", self.stage_index + 1, len(self.stages),
                  self.stage.name, self.stage.epochs, type(self.optimizer).__name__, self.base_lr)
-        context = StageContext(features=lambda kind: self._features(self.train_data, kind), cluster=cluster,
-                               num_clusters=self.num_clusters(c.num_clusters))
+        context = StageContext(features=lambda kind: self._features(self.train_data, kind), cluster=self._cluster_fn(),
+                               num_clusters=self.num_clusters(self.cfg.cluster.num_clusters))
         self.method.start_stage(self.stage.name, context)
 
     def _load_pretrained(self) -> None:
         path = self.method.pretrained_checkpoint()
-        if not path or self._resumed or self.global_step > 0:
+        if not path or self.global_step > 0:  # a resumed run already holds (and has trained) these weights
             return
         state = load_checkpoint(Path(path), map_location="cpu")
         self.method.load_pretrained(state["model"])
@@ -327,25 +333,16 @@ class Trainer:
             self.writer.write(record, step=self.global_step)
 
     def update_pseudo_labels(self) -> None:
-        c = self.cfg.cluster
         feats = self._features(self.train_data, self.method.pseudo_label_feature_kind)
-        seed = self.cfg.run.seed + self.epoch
-
-        def cluster(features: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return cluster_features(features, num_clusters=num_clusters, metric=c.metric, n_init=c.n_init,
-                                    max_iter=c.max_iter, tol=c.tol, seed=seed)
-
-        self.method.update_from_features(feats, cluster, self.num_clusters(c.num_clusters))
+        self.method.update_from_features(feats, self._cluster_fn(), self.num_clusters(self.cfg.cluster.num_clusters))
 
     def evaluate(self) -> dict[str, float]:
         """NMI / ACC / ARI of the method's read-out on the evaluation set (same on every rank)."""
         from torch_clustering import evaluate_clustering
 
-        if self.method.has_head and self.method.head_feature_kind is not None:
+        if self.method.has_head:
             predictions = self.method.predict_from_features(self._features(self.eval_data,
                                                                            self.method.head_feature_kind))
-        elif self.method.has_head:
-            predictions = self._head_predictions(self.eval_data)
         else:
             kind = self.cfg.eval.features or self.method.default_eval_features
             feats = self._features(self.eval_data, kind)
@@ -434,15 +431,6 @@ class Trainer:
 
         return features_of_epoch
 
-    def _head_predictions(self, data) -> torch.Tensor:
-        self.method.eval()
-        du.average_buffers(self.method)
-        preds = extract_features(lambda x: self.method.head_predictions(x).unsqueeze(1).float(), data,
-                                 batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
-                                 num_workers=self.cfg.data.num_workers, normalize=self.cfg.augment.normalize)
-        self.model.train()
-        return preds.squeeze(1).long()
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -501,7 +489,6 @@ class Trainer:
                         len(rngs), self.dist.world_size)
             restore_rng_state(rngs[0])
         self._feature_cache.clear()
-        self._resumed = True
         log.info("resumed from %s at epoch %d (step %d, stage %s, its epoch %d)", path, self.epoch,
                  self.global_step, self.stage.name, self.stage_epoch)
 
