@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="end-to-end Adam epochs of 70,000")
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--pretrain-schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--input-scale", type=float, default=None,
+                        help="method.input_scale (default: the config's; 5.1 = DEC's pixels / 50)")
     parser.add_argument("--dec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
     parser.add_argument("--idec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
     parser.add_argument("--update-interval", type=int, default=140, help="steps between target updates")
@@ -62,6 +64,8 @@ def main() -> None:
               f"method.pretrain_schedule={args.pretrain_schedule}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
               "eval.every_epochs=1000", "train.save_every_epochs=2"]
+    if args.input_scale is not None:
+        common.append(f"method.input_scale={args.input_scale}")
     ae_name = f"ae_seed{args.seed}"
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()

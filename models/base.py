@@ -88,8 +88,10 @@ class Stage:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float | None = None
-    schedule: str | None = None         # cosine | constant
+    schedule: str | None = None         # cosine | constant | step
     warmup_epochs: float | None = None
+    lr_step_every: int = 0              # schedule "step": lr x lr_step_factor every this many iterations
+    lr_step_factor: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from utils.config import ConfigError
 
 PRETRAIN_CHOICES = ("layerwise", "end_to_end")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass(kw_only=True)
@@ -38,6 +38,10 @@ class DECConfig(MethodConfig):
     # the autoencoder (model.backbone names it: mlp_autoencoder | conv_autoencoder)
     hidden_dims: list[int] = field(default_factory=lambda: [500, 500, 2000])  # d-500-500-2000-10
     embedding_dim: int = 10
+    # Every input to the autoencoder is multiplied by this (reconstruction targets too). DEC's and
+    # IDEC's MNIST code feed pixels / 50, i.e. 5.1 x the [0, 1] pixels (DEC's rule: mean squared input
+    # of order 1); 1.0 keeps [0, 1].
+    input_scale: float = 1.0
     # ---- pretraining (skipped when `pretrained` is set)
     pretrain: str = "end_to_end"       # layerwise (the paper: greedy denoising pairs, then fine-tuning) | end_to_end
     pretrained: str = ""               # checkpoint of an earlier run (e.g. runs/mnist_mlp_ae/last.pt): its autoencoder
@@ -47,7 +51,9 @@ class DECConfig(MethodConfig):
     pretrain_optimizer: str = "adam"
     pretrain_lr: float = 1.0e-3
     pretrain_momentum: float = 0.9
-    pretrain_schedule: str = "constant"
+    pretrain_schedule: str = "constant"   # constant | cosine | step (the paper: lr / 10 every 20,000 iterations)
+    pretrain_lr_step_iters: int = 20000   # step schedule: iterations between two lr divisions (per stage)
+    pretrain_lr_step_factor: float = 0.1
     # ---- clustering
     cluster: bool = True               # false: pretraining only (a shared autoencoder for `pretrained`)
     cluster_epochs: int = 100          # at most; the tol rule usually stops earlier
@@ -73,6 +79,10 @@ class DECConfig(MethodConfig):
                 fail(key, f"expected one of {', '.join(OPTIMIZERS)}, got {getattr(self, key)!r}")
         if self.pretrain_schedule not in SCHEDULES:
             fail("pretrain_schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.pretrain_schedule!r}")
+        if self.pretrain_schedule == "step" and self.pretrain_lr_step_iters < 1:
+            fail("pretrain_lr_step_iters", f"expected >= 1 iteration, got {self.pretrain_lr_step_iters}")
+        if not 0.0 < self.pretrain_lr_step_factor <= 1.0:
+            fail("pretrain_lr_step_factor", f"expected a factor in (0, 1], got {self.pretrain_lr_step_factor}")
         if not self.hidden_dims or min(self.hidden_dims) < 1 or self.embedding_dim < 1:
             fail("hidden_dims", f"expected positive widths and embedding_dim, got {self.hidden_dims}, "
                                 f"{self.embedding_dim}")
@@ -90,6 +100,8 @@ class DECConfig(MethodConfig):
             fail("cluster_epochs", f"expected >= 1, got {self.cluster_epochs}")
         if not 0.0 <= self.layerwise_dropout < 1.0:
             fail("layerwise_dropout", f"expected a probability in [0, 1), got {self.layerwise_dropout}")
+        if not self.input_scale > 0:
+            fail("input_scale", f"expected a value > 0, got {self.input_scale}")
         if self.alpha <= 0:
             fail("alpha", f"expected a value > 0, got {self.alpha}")
         if self.update_interval < 1:
@@ -142,7 +154,8 @@ class DEC(Method):
         stages: list[Stage] = []
         if not c.pretrained:
             pretrain = dict(optimizer=c.pretrain_optimizer, lr=c.pretrain_lr, momentum=c.pretrain_momentum,
-                            weight_decay=0.0, schedule=c.pretrain_schedule, warmup_epochs=0.0)
+                            weight_decay=0.0, schedule=c.pretrain_schedule, warmup_epochs=0.0,
+                            lr_step_every=c.pretrain_lr_step_iters, lr_step_factor=c.pretrain_lr_step_factor)
             if c.pretrain == "layerwise":
                 stages += [Stage(name=f"layer{k + 1}", epochs=c.layerwise_epochs, **pretrain)
                            for k in range(self.autoencoder.num_pairs)]
@@ -226,7 +239,7 @@ class DEC(Method):
     # ---- training
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
-        (x,) = views
+        x = self.scale_inputs(views[0])
         if self.stage.startswith("layer"):
             loss = self.autoencoder.layerwise_loss(x, int(self.stage[len("layer"):]) - 1,
                                                    dropout=self.cfg.layerwise_dropout)
@@ -241,10 +254,14 @@ class DEC(Method):
         loss = kl_clustering_loss(self.target[indices], q)
         return {"loss": loss, "kl": loss.detach()}
 
+    def scale_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's input (and reconstruction target): images (B, ...) x `input_scale`."""
+        return images if self.cfg.input_scale == 1.0 else images * self.cfg.input_scale
+
     # ---- read-outs
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         if kind in ("embedding", "backbone"):
-            return self.autoencoder.encode(images)
+            return self.autoencoder.encode(self.scale_inputs(images))
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {DECConfig.eval_feature_choices()}")
 
     @torch.no_grad()

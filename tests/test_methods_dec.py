@@ -143,11 +143,40 @@ def test_idec_trains_the_decoder_and_dec_config_is_validated():
     torch.testing.assert_close(terms["loss"].detach(), terms["reconstruction"] + 0.1 * terms["clustering"])
     terms["loss"].backward()
     assert method.autoencoder.decoder[0].weight.grad.abs().sum() > 0 and method.centroids.grad.abs().sum() > 0
-    for key, value in (("tol", 1.5), ("alpha", 0.0), ("update_interval", 0), ("pretrain", "greedy")):
+    for key, value in (("tol", 1.5), ("alpha", 0.0), ("update_interval", 0), ("pretrain", "greedy"),
+                       ("input_scale", 0.0), ("pretrain_schedule", "linear"), ("pretrain_lr_step_factor", 0.0)):
         with pytest.raises(ConfigError, match=f"method.{key}"):
             DECConfig(**{key: value}).validate()
     with pytest.raises(ConfigError, match="method.gamma"):
         IDECConfig(gamma=-1.0).validate()
+
+
+def test_input_scale_multiplies_every_autoencoder_input_and_reconstruction_target():
+    """DEC's MNIST scaling (pixels / 50 = 5.1 x [0, 1]) against the autoencoder called by hand."""
+    plain, scaled = build_dec(8), build_dec(8, input_scale=5.1)  # same seed: the same weights
+    x = torch.rand(8, 1, 28, 28)
+    ae = plain.autoencoder
+    torch.testing.assert_close(scaled.eval_features(x, "embedding"), ae.encode(x * 5.1))
+    progress = Progress(epoch=0, global_step=0, steps_per_epoch=1, total_steps=1)
+    for method in (plain, scaled):
+        method.enter_stage("pretrain")
+    expected = (ae.decode(ae.encode(x * 5.1)) - x * 5.1).square().mean()
+    torch.testing.assert_close(scaled.training_step([x], torch.arange(8), progress)["loss"], expected)
+    assert not torch.allclose(plain.training_step([x], torch.arange(8), progress)["loss"], expected)
+    scaled.enter_stage("layer1")   # layer-wise: the clean input of pair 1 is the scaled pixels
+    torch.manual_seed(5)
+    got = scaled.training_step([x], torch.arange(8), progress)["loss"]
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, ae.layerwise_loss(x * 5.1, 0, dropout=scaled.cfg.layerwise_dropout))
+
+
+def test_step_schedule_stages_carry_the_papers_lr_divisions():
+    method = build_dec(8, pretrain="layerwise", layerwise_epochs=2, pretrain_epochs=1, pretrain_schedule="step",
+                       pretrain_lr_step_iters=7, pretrain_lr_step_factor=0.1)
+    stages = method.training_stages()
+    assert [s.name for s in stages] == ["layer1", "layer2", "layer3", "layer4", "finetune", "cluster"]
+    assert {(s.schedule, s.lr_step_every, s.lr_step_factor) for s in stages[:-1]} == {("step", 7, 0.1)}
+    assert stages[-1].schedule == "constant"
 
 
 # ------------------------------------------------------------------------ 2 gloo ranks vs 1 process

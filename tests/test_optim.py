@@ -22,3 +22,20 @@ def test_warmup_cosine_and_fixed_groups_by_hand():
     expected = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
     assert [s[0] for s in seen] == pytest.approx(expected)
     assert [s[1] for s in seen] == pytest.approx([0.2] * 12)
+
+
+def test_step_schedule_divides_the_lr_every_step_every_iterations_after_warmup():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer([{"params": [param]}], name="sgd", lr=0.1, weight_decay=0.0, momentum=0.9,
+                          betas=(0.9, 0.999))
+    schedule = LRSchedule(opt, base_lr=0.1, total_steps=10, warmup_steps=1, schedule="step", step_every=3,
+                          step_factor=0.5)
+    seen = []
+    for _ in range(10):
+        schedule.apply()
+        seen.append(opt.param_groups[0]["lr"])
+        schedule.advance()
+    # warm-up 0.1 * 1/1, then 3 steps at 0.1, 3 at 0.05, 3 at 0.025
+    assert seen == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025])
+    with pytest.raises(ValueError, match="step_every"):
+        LRSchedule(opt, base_lr=0.1, total_steps=10, warmup_steps=0, schedule="step")

@@ -28,20 +28,25 @@ def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: f
 
 
 class LRSchedule:
-    """Linear warm-up from 0 over `warmup_steps`, then cosine from `base_lr` to `min_lr` (or constant).
+    """Linear warm-up from 0 over `warmup_steps`, then cosine from `base_lr` to `min_lr`, constant, or
+    step (multiplied by `step_factor` every `step_every` steps after the warm-up: DEC's pretraining).
 
     Set per iteration; each optimizer group gets lr * its `lr_scale`, except groups marked `fixed_lr`
     (SimSiam's predictor), which keep base_lr * lr_scale throughout.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
-                 schedule: str = "cosine", min_lr: float = 0.0):
+                 schedule: str = "cosine", min_lr: float = 0.0, step_every: int = 0, step_factor: float = 0.1):
+        if schedule == "step" and step_every < 1:
+            raise ValueError(f"the step lr schedule needs step_every >= 1 iteration, got {step_every}")
         self.optimizer = optimizer
         self.base_lr = base_lr
         self.total_steps = max(1, total_steps)
         self.warmup_steps = warmup_steps
         self.schedule = schedule
         self.min_lr = min_lr
+        self.step_every = step_every
+        self.step_factor = step_factor
         self.step_count = 0
 
     def lr_at(self, step: int) -> float:
@@ -49,6 +54,8 @@ class LRSchedule:
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return self.base_lr
+        if self.schedule == "step":
+            return self.base_lr * self.step_factor ** ((step - self.warmup_steps) // self.step_every)
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, progress)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

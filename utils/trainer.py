@@ -121,7 +121,8 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, base_lr=self.base_lr, total_steps=self.total_steps,
                                    warmup_steps=round(pick(stage.warmup_epochs, cfg.optim.warmup_epochs)
                                                       * self.steps_per_epoch),
-                                   schedule=pick(stage.schedule, cfg.optim.schedule), min_lr=cfg.optim.min_lr)
+                                   schedule=pick(stage.schedule, cfg.optim.schedule), min_lr=cfg.optim.min_lr,
+                                   step_every=stage.lr_step_every, step_factor=stage.lr_step_factor)
         # Buffers (BN statistics, pseudo-labels) are not broadcast each step: pseudo-labels are set
         # identically on every rank by the EM loop, and BN statistics are averaged before evaluation.
         # A new stage may train other parameters, so DDP is rebuilt for it.
