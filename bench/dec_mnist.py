@@ -4,7 +4,8 @@
     python bench/dec_mnist.py --seed 1 --threads 1     # e.g. two seeds side by side on 2 cores
 
 Three runs of the launcher, each with its checkpoints and logs under --output-dir:
-  1. ae_seedS:   config/mnist70k_mlp_dec.yml with method.cluster=false (end-to-end Adam pretraining);
+  1. ae_seedS:   config/mnist70k_mlp_dec.yml with method.cluster=false (end-to-end Adam pretraining by
+                 default; --pretrain layerwise for the papers' greedy denoising pairs + fine-tuning);
   2. dec_seedS:  config/mnist70k_mlp_dec.yml  with method.pretrained=ae_seedS/last.pt;
   3. idec_seedS: config/mnist70k_mlp_idec.yml with method.pretrained=ae_seedS/last.pt.
 A run whose directory already holds checkpoints is resumed (--resume auto), so an interrupted
@@ -46,22 +47,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/bench_dec")
-    parser.add_argument("--pretrain-epochs", type=int, default=20, help="end-to-end Adam epochs of 70,000")
+    parser.add_argument("--pretrain", default="end_to_end", choices=("end_to_end", "layerwise"),
+                        help="layerwise: the papers' greedy denoising pairs first, then --pretrain-epochs of "
+                             "end-to-end fine-tuning")
+    parser.add_argument("--layerwise-epochs", type=int, default=10, help="epochs per encoder/decoder pair")
+    parser.add_argument("--pretrain-epochs", type=int, default=35, help="end-to-end epochs of 70,000")
+    parser.add_argument("--pretrain-optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
-    parser.add_argument("--pretrain-schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--pretrain-schedule", default="constant", choices=("constant", "cosine", "step"))
+    parser.add_argument("--pretrain-lr-step-iters", type=int, default=20000,
+                        help="step schedule: iterations between two lr divisions by 10")
     parser.add_argument("--input-scale", type=float, default=None,
                         help="method.input_scale (default: the config's; 5.1 = DEC's pixels / 50)")
-    parser.add_argument("--dec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
-    parser.add_argument("--idec-epochs", type=int, default=12, help="at most; the tol rule may stop earlier")
-    parser.add_argument("--update-interval", type=int, default=140, help="steps between target updates")
+    parser.add_argument("--dec-epochs", type=int, default=15, help="at most; the tol rule may stop earlier")
+    parser.add_argument("--idec-epochs", type=int, default=73,
+                        help="at most (73 = IDEC's 20,000 iterations); the tol rule may stop earlier")
+    parser.add_argument("--update-interval", type=int, default=140,
+                        help="steps between target updates, DEC and IDEC (IDEC's MNIST value; DEC's paper: 20)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--data-limit", type=int, default=0, help="debugging: the first N images only")
     args = parser.parse_args()
 
     out = Path(args.output_dir)
     common = [f"run.seed={args.seed}", f"run.threads_per_rank={args.threads}", f"data.limit={args.data_limit}",
-              "method.pretrain=end_to_end", "method.pretrain_optimizer=adam", f"method.pretrain_lr={args.pretrain_lr}",
+              f"method.pretrain={args.pretrain}", f"method.layerwise_epochs={args.layerwise_epochs}",
+              f"method.pretrain_optimizer={args.pretrain_optimizer}", f"method.pretrain_lr={args.pretrain_lr}",
               f"method.pretrain_schedule={args.pretrain_schedule}",
+              f"method.pretrain_lr_step_iters={args.pretrain_lr_step_iters}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
               "eval.every_epochs=1000", "train.save_every_epochs=2"]
     if args.input_scale is not None:
