@@ -57,8 +57,10 @@ def main() -> None:
     parser.add_argument("--pretrain-schedule", default="constant", choices=("constant", "cosine", "step"))
     parser.add_argument("--pretrain-lr-step-iters", type=int, default=20000,
                         help="step schedule: iterations between two lr divisions by 10")
-    parser.add_argument("--input-scale", type=float, default=None,
-                        help="method.input_scale (default: the config's; 5.1 = DEC's pixels / 50)")
+    parser.add_argument("--input-scale", type=float, default=1.0,
+                        help="method.input_scale: 1.0 = pixels in [0, 1] (measured better here: k-means ACC of "
+                             "the autoencoder 0.825 / 0.890 on seeds 0 / 1 against 0.805 / 0.777 for 5.1); "
+                             "5.1 = the papers' pixels / 50, the config's value")
     parser.add_argument("--dec-epochs", type=int, default=15, help="at most; the tol rule may stop earlier")
     parser.add_argument("--idec-epochs", type=int, default=73,
                         help="at most (73 = IDEC's 20,000 iterations); the tol rule may stop earlier")
@@ -76,8 +78,7 @@ def main() -> None:
               f"method.pretrain_lr_step_iters={args.pretrain_lr_step_iters}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
               "eval.every_epochs=1000", "train.save_every_epochs=2"]
-    if args.input_scale is not None:
-        common.append(f"method.input_scale={args.input_scale}")
+    common.append(f"method.input_scale={args.input_scale}")
     ae_name = f"ae_seed{args.seed}"
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()

@@ -168,21 +168,6 @@ def run_lib(lib: str, x, k, args):
     raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
 
 
-def one_pass_seconds(x: torch.Tensor, centroids: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds of labelling every point once with our assignment (the memory-bound floor of
-    one Lloyd iteration on all points)."""
-    km = KMeans(centroids.shape[0])
-    km.centroids = centroids.to(x)
-    times = []
-    for _ in range(repeats):
-        sync(x.device)
-        t = time.perf_counter()
-        km.predict(x)
-        sync(x.device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def bench_case(case: str, args, device: torch.device) -> None:
     n, d, k, normalise, source = CASES[case]
     x = make_data(case, device)
@@ -191,8 +176,6 @@ def bench_case(case: str, args, device: torch.device) -> None:
           f"device {device}, torch threads {torch.get_num_threads()}, seeds {seeds} ===", flush=True)
     libs = args.libs.split(",")
     rows = []   # (lib, mean seconds, mean inertia, per-seed inertias)
-    sklearn_iters = []
-    last_centroids = None
     for lib in libs:
         if lib in ("sklearn", "faiss", "faiss-full") and device.type != "cpu":
             continue
@@ -207,9 +190,6 @@ def bench_case(case: str, args, device: torch.device) -> None:
                 secs, cent, note = run_lib(lib, x, k, args)
                 times.append(secs)
                 inertias.append(inertia_f64(x, cent))
-                last_centroids = cent
-                if lib == "sklearn":
-                    sklearn_iters.append(int(note.split()[1]))
                 print(f"  {lib:15s} seed {seed}: {secs:8.2f} s  inertia {inertias[-1]:.8g}  ({note})", flush=True)
         except ImportError as e:
             print(f"  {lib}: skipped ({e})")
@@ -228,13 +208,6 @@ def bench_case(case: str, args, device: torch.device) -> None:
         r_fa = f"{secs / t_fa:8.2f}" if t_fa else f"{'-':>8s}"
         spread = ("   " + " ".join(f"{100 * (i / best - 1):+.3f}%" for i in per_seed)) if len(seeds) > 1 else ""
         print(f"  {lib:15s} {secs:14.2f} {r_sk} {r_fa} {inertia:27.8g} {100 * (inertia / best - 1):+8.3f}%{spread}")
-    if sklearn_iters and last_centroids is not None:
-        # Why a full-data fit cannot be cheaper than this: every Lloyd iteration on all points reads x at
-        # least once; the best solution took this many iterations from k-means++ in scikit-learn.
-        one = one_pass_seconds(x, last_centroids)
-        iters = sum(sklearn_iters) / len(sklearn_iters)
-        print(f"  floor: one labelling pass over all {n} points takes {one * 1000:.1f} ms (ours); scikit-learn's "
-              f"kept restart needed {iters:.0f} iterations on average -> {one * iters:.2f} s of passes alone")
     print("  settings:")
     for lib, *_ in rows:
         print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, tol=args.tol))
