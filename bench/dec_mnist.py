@@ -77,8 +77,7 @@ def main() -> None:
               f"method.pretrain_schedule={args.pretrain_schedule}",
               f"method.pretrain_lr_step_iters={args.pretrain_lr_step_iters}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
-              "eval.every_epochs=1000", "train.save_every_epochs=2"]
-    common.append(f"method.input_scale={args.input_scale}")
+              f"method.input_scale={args.input_scale}", "eval.every_epochs=1000", "train.save_every_epochs=2"]
     ae_name = f"ae_seed{args.seed}"
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()

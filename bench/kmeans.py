@@ -101,8 +101,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(x, k, args, subsample: int | None, refine_iter: int = 0):
-    km = KMeans(k, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, seed=args.seed,
+def run_ours(x, k, args, seed: int, subsample: int | None, refine_iter: int = 0):
+    km = KMeans(k, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, seed=seed,
                 max_points_per_centroid=subsample, refine_iter=refine_iter)
     sync(x.device)
     t = time.perf_counter()
@@ -114,22 +114,22 @@ def run_ours(x, k, args, subsample: int | None, refine_iter: int = 0):
     return secs, res.centroids, note
 
 
-def run_sklearn(x, k, args):
+def run_sklearn(x, k, args, seed: int):
     from sklearn.cluster import KMeans as SkKMeans
     xn = x.cpu().numpy()
     km = SkKMeans(k, init="k-means++", n_init=args.n_init, max_iter=args.max_iter, tol=args.tol,
-                  algorithm="lloyd", random_state=args.seed)
+                  algorithm="lloyd", random_state=seed)
     t = time.perf_counter()
     km.fit(xn)
     secs = time.perf_counter() - t
     return secs, torch.from_numpy(km.cluster_centers_), f"n_iter {km.n_iter_} (best restart)"
 
 
-def run_faiss(x, k, args, max_points_per_centroid: int | None):
+def run_faiss(x, k, args, seed: int, max_points_per_centroid: int | None):
     import faiss
     xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
     kw = {} if max_points_per_centroid is None else {"max_points_per_centroid": max_points_per_centroid}
-    km = faiss.Kmeans(xn.shape[1], k, niter=args.max_iter, nredo=args.n_init, seed=args.seed,
+    km = faiss.Kmeans(xn.shape[1], k, niter=args.max_iter, nredo=args.n_init, seed=seed,
                       verbose=False, **kw)
     t = time.perf_counter()
     km.train(xn)
@@ -152,19 +152,19 @@ SETTINGS = {
 }
 
 
-def run_lib(lib: str, x, k, args):
+def run_lib(lib: str, x, k, args, seed: int):
     if lib == "ours":
-        return run_ours(x, k, args, None)
+        return run_ours(x, k, args, seed, None)
     if lib == "ours-sub":
-        return run_ours(x, k, args, 256)
+        return run_ours(x, k, args, seed, 256)
     if lib == "ours-sub-refine":
-        return run_ours(x, k, args, 256, refine_iter=args.max_iter)
+        return run_ours(x, k, args, seed, 256, refine_iter=args.max_iter)
     if lib == "sklearn":
-        return run_sklearn(x, k, args)
+        return run_sklearn(x, k, args, seed)
     if lib == "faiss":
-        return run_faiss(x, k, args, None)
+        return run_faiss(x, k, args, seed, None)
     if lib == "faiss-full":
-        return run_faiss(x, k, args, x.shape[0])
+        return run_faiss(x, k, args, seed, x.shape[0])
     raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
 
 
@@ -186,8 +186,7 @@ def bench_case(case: str, args, device: torch.device) -> None:
         times, inertias = [], []
         try:
             for seed in seeds:
-                args.seed = seed
-                secs, cent, note = run_lib(lib, x, k, args)
+                secs, cent, note = run_lib(lib, x, k, args, seed)
                 times.append(secs)
                 inertias.append(inertia_f64(x, cent))
                 print(f"  {lib:15s} seed {seed}: {secs:8.2f} s  inertia {inertias[-1]:.8g}  ({note})", flush=True)

@@ -26,10 +26,10 @@ from losses.dec import kl_clustering_loss, reconstruction_loss, soft_assignment,
 from models.autoencoder import AUTOENCODERS, build_autoencoder
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from utils.config import ConfigError
+from utils.optim import LR_SCHEDULES
 
 PRETRAIN_CHOICES = ("layerwise", "end_to_end")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass(kw_only=True)
@@ -77,8 +77,8 @@ class DECConfig(MethodConfig):
         for key in ("pretrain_optimizer", "cluster_optimizer"):
             if getattr(self, key) not in OPTIMIZERS:
                 fail(key, f"expected one of {', '.join(OPTIMIZERS)}, got {getattr(self, key)!r}")
-        if self.pretrain_schedule not in SCHEDULES:
-            fail("pretrain_schedule", f"expected one of {', '.join(SCHEDULES)}, got {self.pretrain_schedule!r}")
+        if self.pretrain_schedule not in LR_SCHEDULES:
+            fail("pretrain_schedule", f"expected one of {', '.join(LR_SCHEDULES)}, got {self.pretrain_schedule!r}")
         if self.pretrain_schedule == "step" and self.pretrain_lr_step_iters < 1:
             fail("pretrain_lr_step_iters", f"expected >= 1 iteration, got {self.pretrain_lr_step_iters}")
         if not 0.0 < self.pretrain_lr_step_factor <= 1.0:

@@ -27,6 +27,9 @@ def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: f
     raise ValueError(f"optim.name: unknown optimizer {name!r}; expected sgd, adamw or adam")
 
 
+LR_SCHEDULES = ("cosine", "constant", "step")
+
+
 class LRSchedule:
     """Linear warm-up from 0 over `warmup_steps`, then cosine from `base_lr` to `min_lr`, constant, or
     step (multiplied by `step_factor` every `step_every` steps after the warm-up: DEC's pretraining).
@@ -37,6 +40,8 @@ class LRSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
                  schedule: str = "cosine", min_lr: float = 0.0, step_every: int = 0, step_factor: float = 0.1):
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         if schedule == "step" and step_every < 1:
             raise ValueError(f"the step lr schedule needs step_every >= 1 iteration, got {step_every}")
         self.optimizer = optimizer
