@@ -61,6 +61,8 @@ def main() -> None:
                         help="method.input_scale: 1.0 = pixels in [0, 1] (measured better here: k-means ACC of "
                              "the autoencoder 0.825 / 0.890 on seeds 0 / 1 against 0.805 / 0.777 for 5.1); "
                              "5.1 = the papers' pixels / 50, the config's value")
+    parser.add_argument("--pretrain-input-dropout", type=float, default=0.0,
+                        help="method.pretrain_input_dropout: dropout on the end-to-end stage's input (denoising)")
     parser.add_argument("--dec-epochs", type=int, default=15, help="at most; the tol rule may stop earlier")
     parser.add_argument("--idec-epochs", type=int, default=73,
                         help="at most (73 = IDEC's 20,000 iterations); the tol rule may stop earlier")
@@ -77,7 +79,8 @@ def main() -> None:
               f"method.pretrain_schedule={args.pretrain_schedule}",
               f"method.pretrain_lr_step_iters={args.pretrain_lr_step_iters}",
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
-              f"method.input_scale={args.input_scale}", "eval.every_epochs=1000", "train.save_every_epochs=2"]
+              f"method.input_scale={args.input_scale}", f"method.pretrain_input_dropout={args.pretrain_input_dropout}",
+              "eval.every_epochs=1000", "train.save_every_epochs=2"]
     ae_name = f"ae_seed{args.seed}"
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from losses.dec import kl_clustering_loss, reconstruction_loss, soft_assignment, target_distribution
 from models.autoencoder import AUTOENCODERS, build_autoencoder
@@ -48,6 +49,9 @@ class DECConfig(MethodConfig):
     layerwise_epochs: int = 0          # per encoder/decoder pair (layerwise only)
     layerwise_dropout: float = 0.2     # on each pair's input and code (layerwise only)
     pretrain_epochs: int = 50          # end-to-end: the whole pretraining; layerwise: the fine-tuning after the pairs
+    # Dropout on the input of the end-to-end stage (a denoising autoencoder: the clean input is the
+    # target). 0 is the papers' fine-tuning; > 0 carries the pairs' denoising into the whole network.
+    pretrain_input_dropout: float = 0.0
     pretrain_optimizer: str = "adam"
     pretrain_lr: float = 1.0e-3
     pretrain_momentum: float = 0.9
@@ -98,8 +102,9 @@ class DECConfig(MethodConfig):
             fail("cluster", "false with method.pretrained set leaves nothing to train")
         if self.cluster and self.cluster_epochs < 1:
             fail("cluster_epochs", f"expected >= 1, got {self.cluster_epochs}")
-        if not 0.0 <= self.layerwise_dropout < 1.0:
-            fail("layerwise_dropout", f"expected a probability in [0, 1), got {self.layerwise_dropout}")
+        for key in ("layerwise_dropout", "pretrain_input_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                fail(key, f"expected a probability in [0, 1), got {getattr(self, key)}")
         if not self.input_scale > 0:
             fail("input_scale", f"expected a value > 0, got {self.input_scale}")
         if self.alpha <= 0:
@@ -246,7 +251,9 @@ class DEC(Method):
             return {"loss": loss, "reconstruction": loss.detach()}
         if self.stage == self.CLUSTER:
             return self.clustering_step(x, indices)
-        loss = reconstruction_loss(self.autoencoder.decode(self.autoencoder.encode(x)), x)
+        dropout = self.cfg.pretrain_input_dropout
+        corrupted = F.dropout(x, dropout, self.training) if dropout > 0 else x
+        loss = reconstruction_loss(self.autoencoder.decode(self.autoencoder.encode(corrupted)), x)
         return {"loss": loss, "reconstruction": loss.detach()}
 
     def clustering_step(self, x: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -170,6 +170,27 @@ def test_input_scale_multiplies_every_autoencoder_input_and_reconstruction_targe
     torch.testing.assert_close(got, ae.layerwise_loss(x * 5.1, 0, dropout=scaled.cfg.layerwise_dropout))
 
 
+def test_pretrain_input_dropout_corrupts_the_input_not_the_target():
+    """Denoising end-to-end pretraining: dropped-out pixels in, the clean pixels as the target."""
+    method = build_dec(8, pretrain_input_dropout=0.3)
+    method.train()
+    method.enter_stage("pretrain")
+    ae, x = method.autoencoder, torch.rand(8, 1, 28, 28)
+    progress = Progress(epoch=0, global_step=0, steps_per_epoch=1, total_steps=1)
+    torch.manual_seed(3)
+    got = method.training_step([x], torch.arange(8), progress)["loss"]
+    torch.manual_seed(3)
+    corrupted = F.dropout(x, 0.3, True)
+    assert (corrupted == 0).float().mean() > 0.2         # the mask really drops pixels
+    torch.testing.assert_close(got, (ae.decode(ae.encode(corrupted)) - x).square().mean())
+    assert not torch.allclose(got, (ae.decode(ae.encode(corrupted)) - corrupted).square().mean())
+    method.eval()                                        # evaluation sees the clean input
+    torch.testing.assert_close(method.training_step([x], torch.arange(8), progress)["loss"],
+                               (ae.decode(ae.encode(x)) - x).square().mean())
+    with pytest.raises(ConfigError, match="method.pretrain_input_dropout"):
+        DECConfig(pretrain_input_dropout=1.0).validate()
+
+
 def test_step_schedule_stages_carry_the_papers_lr_divisions():
     method = build_dec(8, pretrain="layerwise", layerwise_epochs=2, pretrain_epochs=1, pretrain_schedule="step",
                        pretrain_lr_step_iters=7, pretrain_lr_step_factor=0.1)
