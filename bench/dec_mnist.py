@@ -2,12 +2,14 @@
 
     python bench/dec_mnist.py --seed 0                 # the CPU schedule (defaults below)
     python bench/dec_mnist.py --seed 1 --threads 1     # e.g. two seeds side by side on 2 cores
+    python bench/dec_mnist.py --dataset cifar10 --pretrain-epochs 30   # raw CIFAR-10 pixels (DAC's protocol)
 
 Three runs of the launcher, each with its checkpoints and logs under --output-dir:
   1. ae_seedS:   config/mnist70k_mlp_dec.yml with method.cluster=false (end-to-end Adam pretraining by
                  default; --pretrain layerwise for the papers' greedy denoising pairs + fine-tuning);
   2. dec_seedS:  config/mnist70k_mlp_dec.yml  with method.pretrained=ae_seedS/last.pt;
-  3. idec_seedS: config/mnist70k_mlp_idec.yml with method.pretrained=ae_seedS/last.pt.
+  3. idec_seedS: config/mnist70k_mlp_idec.yml with method.pretrained=ae_seedS/last.pt
+(--dataset cifar10 | stl10: config/<dataset>_mlp_dec.yml and _idec.yml, under runs/bench_dec_<dataset>).
 A run whose directory already holds checkpoints is resumed (--resume auto), so an interrupted
 benchmark continues where it stopped. Prints the seconds of each stage, NMI / ACC / ARI of the
 autoencoder (k-means of z), DEC and IDEC, and the machine's load (uptime) before and after.
@@ -46,7 +48,9 @@ def run(config: str, name: str, output_dir: Path, overrides: list[str]) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="runs/bench_dec")
+    parser.add_argument("--dataset", default="mnist70k", choices=("mnist70k", "cifar10", "stl10"),
+                        help="config/<dataset>_mlp_dec.yml and _idec.yml")
+    parser.add_argument("--output-dir", default="", help="default runs/bench_dec (MNIST), runs/bench_dec_<dataset>")
     parser.add_argument("--pretrain", default="end_to_end", choices=("end_to_end", "layerwise"),
                         help="layerwise: the papers' greedy denoising pairs first, then --pretrain-epochs of "
                              "end-to-end fine-tuning")
@@ -72,7 +76,7 @@ def main() -> None:
     parser.add_argument("--data-limit", type=int, default=0, help="debugging: the first N images only")
     args = parser.parse_args()
 
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or ("runs/bench_dec" if args.dataset == "mnist70k" else f"runs/bench_dec_{args.dataset}"))
     common = [f"run.seed={args.seed}", f"run.threads_per_rank={args.threads}", f"data.limit={args.data_limit}",
               f"method.pretrain={args.pretrain}", f"method.layerwise_epochs={args.layerwise_epochs}",
               f"method.pretrain_optimizer={args.pretrain_optimizer}", f"method.pretrain_lr={args.pretrain_lr}",
@@ -85,15 +89,15 @@ def main() -> None:
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()
     rows = []
-    metrics, seconds = run("mnist70k_mlp_dec.yml", ae_name, out, [*common, "method.cluster=false"])
+    metrics, seconds = run(f"{args.dataset}_mlp_dec.yml", ae_name, out, [*common, "method.cluster=false"])
     rows.append(("autoencoder + k-means", seconds, metrics))
-    for method, config, epochs in (("DEC", "mnist70k_mlp_dec.yml", args.dec_epochs),
-                                   ("IDEC", "mnist70k_mlp_idec.yml", args.idec_epochs)):
+    for method, config, epochs in (("DEC", f"{args.dataset}_mlp_dec.yml", args.dec_epochs),
+                                   ("IDEC", f"{args.dataset}_mlp_idec.yml", args.idec_epochs)):
         metrics, seconds = run(config, f"{method.lower()}_seed{args.seed}", out,
                                [*common, f"method.pretrained={pretrained}", f"method.cluster_epochs={epochs}"])
         rows.append((method, seconds, metrics))
     load_after = load_average()
-    print(f"\nfull MNIST (70,000), seed {args.seed}, {os.cpu_count()} CPU cores, load before {load_before}, "
+    print(f"\n{args.dataset} (data.limit={args.data_limit or 'all'}), seed {args.seed}, {os.cpu_count()} CPU cores, load before {load_before}, "
           f"after {load_after}")
     print(f"{'stage':<24}{'seconds':>9}{'NMI':>8}{'ACC':>8}{'ARI':>8}")
     for label, seconds, m in rows:
