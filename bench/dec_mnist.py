@@ -45,6 +45,19 @@ def run(config: str, name: str, output_dir: Path, overrides: list[str]) -> tuple
     return metrics, time.perf_counter() - start
 
 
+def cluster_start(run_dir: Path) -> dict | None:
+    """NMI / ACC / ARI of the k-means initialisation (n_init restarts on z, argmax q before any
+    clustering step): the first target update the run logged, or None if it logged none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("stage") == "cluster" and record.get("stage_step") == 0 and "eval/acc" in record:
+            return {key: record[f"eval/{key}"] for key in ("nmi", "acc", "ari")}
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,8 +106,12 @@ def main() -> None:
     rows.append(("autoencoder + k-means", seconds, metrics))
     for method, config, epochs in (("DEC", f"{args.dataset}_mlp_dec.yml", args.dec_epochs),
                                    ("IDEC", f"{args.dataset}_mlp_idec.yml", args.idec_epochs)):
-        metrics, seconds = run(config, f"{method.lower()}_seed{args.seed}", out,
+        name = f"{method.lower()}_seed{args.seed}"
+        metrics, seconds = run(config, name, out,
                                [*common, f"method.pretrained={pretrained}", f"method.cluster_epochs={epochs}"])
+        start = cluster_start(out / name)
+        if method == "DEC" and start is not None:   # the same k-means start for IDEC (same z, same seed)
+            rows.append(("k-means start (DEC's)", 0.0, start))
         rows.append((method, seconds, metrics))
     load_after = load_average()
     print(f"\n{args.dataset} (data.limit={args.data_limit or 'all'}), seed {args.seed}, {os.cpu_count()} CPU cores, load before {load_before}, "
