@@ -56,15 +56,28 @@ def prepare_run_dir(cfg, resume: str) -> Path:
     return run_dir
 
 
-def build_trainer(cfg, dist_info, run_dir: Path, writer, checkpoint_model: dict | None = None):
-    """Datasets, method (optionally with a checkpoint's weights) and the Trainer, from the config."""
+def build_datasets(cfg):
+    """(train_data, eval_data) from the config; a missing or malformed dataset is a one-line error.
+
+    Called before the run directory is created, so that bad data never leaves a run directory behind."""
     from data.datasets import build_eval_dataset, build_train_dataset
+
+    try:
+        train_data = build_train_dataset(cfg.data)
+        same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
+        eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+        raise SystemExit(f"error: data: {exc}") from None
+    return train_data, eval_data
+
+
+def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets, checkpoint_model: dict | None = None):
+    """Method (optionally with a checkpoint's weights) and the Trainer, from the config and
+    `datasets` = build_datasets(cfg)."""
     from models import DataInfo, build_method
     from utils.trainer import Trainer
 
-    train_data = build_train_dataset(cfg.data)
-    same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
-    eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
+    train_data, eval_data = datasets
     num_clusters = cfg.cluster.num_clusters or train_data.num_classes
     method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                           data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
@@ -105,7 +118,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
-    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, checkpoint_model=state["model"])
+    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, build_datasets(cfg),
+                            checkpoint_model=state["model"])
     if mode == "cluster":
         results = trainer.evaluate()
     elif mode == "knn":
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return run_evaluation(cfg, args.eval, checkpoint)
     dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     run_dir = prepare_run_dir(cfg, args.resume)
+    datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     if dist_info.is_main:  # rank 0 only: create the run directory and write the resolved config
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run_dir / "config.yml")
@@ -156,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if dist_info.is_main:  # rank 0 only: metrics file and wandb
         writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                               wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
-    trainer = build_trainer(cfg, dist_info, run_dir, writer)
+    trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
     if args.resume:
         path = find_latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
         if path is not None:

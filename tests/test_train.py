@@ -73,6 +73,16 @@ def test_config_errors_exit_with_one_line(tmp_path):
     assert not (tmp_path / "mnist_cnn_propos").exists()
 
 
+def test_missing_dataset_exits_with_one_line_and_leaves_no_run_directory(tmp_path):
+    missing = tmp_path / "nowhere.npz"
+    with pytest.raises(SystemExit) as exc:
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=nodata", *SMALL,
+                       f"data.root={missing}"])
+    message = str(exc.value)
+    assert message.startswith("error: data: mnist: ") and str(missing) in message and "\n" not in message
+    assert not (tmp_path / "runs").exists()
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "bad"
     run_dir.mkdir()
