@@ -43,8 +43,9 @@ def sklearn_lloyd(x, init, max_iter, tol=0.0):
 
 # -- against scikit-learn's Lloyd from the same initial centroids -----------------------------------
 
-# (K, dtype, chunk_size, max_iter, tol): K=8 is one centroid group; K=100 and K=300 use group lower
-# bounds, K=300 also the exact-distance tightening; a chunk size of 97 splits every pass into blocks.
+# (K, dtype, chunk_size, max_iter, tol): K=8 is one centroid group; K=100 (20 groups of 5) and K=300
+# (32 groups of 10, the last padded) use group lower bounds, K=300 also the exact-distance tightening;
+# a chunk size of 97 splits every pass into blocks.
 LLOYD_CASES = [
     (8, np.float64, None, 1, 0.0),
     (8, np.float64, None, 5, 0.0),

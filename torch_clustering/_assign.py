@@ -19,13 +19,18 @@ import torch
 # * Each point keeps one lower bound per group (Yinyang k-means, Ding et al., ICML
 #   2015), which prunes far more than a single bound when K is large.  G is capped, so
 #   bounds take O(N G) = O(N) memory, never O(N K).
+# Sizes measured with bench/kmeans.py (2-core CPU, MNIST projections): at K=100, 20
+# groups of 5 run ~10 % faster than 4 of 25 (fewer candidates per pass, for fit and for
+# the subsample + refine option); at K=1000, 64 groups are ~4 % slower than 32; at K=10,
+# a second group gains nothing (one bound is Hamerly's algorithm).
 _MAX_GROUPS = 32
-_MIN_GROUP = 25
+_MIN_GROUP = 5
+_GROUPED_FROM_K = 20
 
 
 def group_layout(k: int) -> tuple[int, int]:
     """(G, B): number of centroid groups and columns per group (G * B >= K)."""
-    g = min(_MAX_GROUPS, max(1, k // _MIN_GROUP))
+    g = 1 if k < _GROUPED_FROM_K else min(_MAX_GROUPS, k // _MIN_GROUP)
     return g, -(-k // g)
 
 
