@@ -15,6 +15,7 @@ import logging
 import random
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,8 +57,15 @@ def prepare_run_dir(cfg, resume: str) -> Path:
     return run_dir
 
 
-def build_datasets(cfg):
-    """(train_data, eval_data) from the config; a missing or malformed dataset is a one-line error.
+class Datasets(NamedTuple):
+    """The run's datasets: `train` feeds training and the EM loop, `eval` the NMI / ACC / ARI
+    (the same object when the configured splits give the same rows)."""
+    train: Any
+    eval: Any
+
+
+def build_datasets(cfg) -> Datasets:
+    """The train and eval datasets from the config; a missing or malformed dataset is a one-line error.
 
     Called before the run directory is created, so that bad data never leaves a run directory behind."""
     from data.datasets import build_eval_dataset, build_train_dataset
@@ -68,16 +76,17 @@ def build_datasets(cfg):
         eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
         raise SystemExit(f"error: data: {exc}") from None
-    return train_data, eval_data
+    return Datasets(train=train_data, eval=eval_data)
 
 
-def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets, checkpoint_model: dict | None = None):
+def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets,
+                  checkpoint_model: dict | None = None):
     """Method (optionally with a checkpoint's weights) and the Trainer, from the config and
     `datasets` = build_datasets(cfg)."""
     from models import DataInfo, build_method
     from utils.trainer import Trainer
 
-    train_data, eval_data = datasets
+    train_data, eval_data = datasets.train, datasets.eval
     num_clusters = cfg.cluster.num_clusters or train_data.num_classes
     method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                           data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
