@@ -30,25 +30,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from data.datasets import build_train_dataset  # noqa: E402
-from models import DataInfo, build_method  # noqa: E402
+import main as launcher  # noqa: E402
 from utils import distributed as du  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 
 def build_trainer(config: str, overrides: list[str], loader: str, run_dir: Path) -> Trainer:
+    """The launcher's own method and Trainer for the config, fed by `loader`, pseudo-labels ready."""
     cfg = load_config(config, [*overrides, f"data.loader={loader}", "method.warmup_epochs=0",
                                "logging.progress_bar=false"])
     dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     torch.manual_seed(cfg.run.seed)
-    data = build_train_dataset(cfg.data)
-    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
-                          data=DataInfo(in_channels=data.channels, image_size=data.image_size,
-                                        num_classes=data.num_classes, num_samples=len(data),
-                                        num_clusters=cfg.cluster.num_clusters or data.num_classes))
-    trainer = Trainer(cfg, method, data, data, dist_info=dist_info, run_dir=run_dir, writer=None)
-    if method.wants_pseudo_labels(0):
+    trainer = launcher.build_trainer(cfg, dist_info, run_dir, None, launcher.build_datasets(cfg))
+    if trainer.method.wants_pseudo_labels(0):
         trainer.update_pseudo_labels()
     return trainer
 
