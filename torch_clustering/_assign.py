@@ -20,9 +20,10 @@ import torch
 #   2015), which prunes far more than a single bound when K is large.  G is capped, so
 #   bounds take O(N G) = O(N) memory, never O(N K).
 # Sizes measured with bench/kmeans.py (2-core CPU, MNIST projections): at K=100, 20
-# groups of 5 run ~10 % faster than 4 of 25 (fewer candidates per pass, for fit and for
-# the subsample + refine option); at K=1000, 64 groups are ~4 % slower than 32; at K=10,
-# a second group gains nothing (one bound is Hamerly's algorithm).
+# groups of 5 run 10-15 % faster than 4 of 25 (fewer candidates per pass, for fit and
+# for the subsample + refine option); at K=1000, 64 groups are ~4 % slower than 32; at
+# K=10, 2, 5 or 10 groups (10 = Elkan's per-centroid bounds) gain nothing over one
+# (Hamerly's algorithm): 10-20 % of the points stay candidates either way.
 _MAX_GROUPS = 32
 _MIN_GROUP = 5
 _GROUPED_FROM_K = 20
