@@ -84,10 +84,10 @@ def main() -> None:
     parser.add_argument("--idec-epochs", type=int, default=73,
                         help="at most (73 = IDEC's 20,000 iterations); the tol rule may stop earlier")
     parser.add_argument("--idec-gamma", type=float, default=None,
-                        help="IDEC's weight on the clustering term. Default for MNIST: the paper's balance, gamma 0.1 "
-                             "against pixels / 50, carried to --input-scale: 0.1 * (input_scale / 5.1)^2, i.e. 0.00384 "
-                             "for pixels in [0, 1] (whose squared reconstruction error is 26x smaller); the config's "
-                             "0.1 for cifar10 / stl10")
+                        help="IDEC's weight on the clustering term. Default: the IDEC config's gamma carried from "
+                             "its input_scale to --input-scale, gamma * (input_scale / config's input_scale)^2, so "
+                             "that it keeps the same weight against the reconstruction error: 0.1 against MNIST's "
+                             "pixels / 50 becomes 0.00384 for pixels in [0, 1]; 0.1 unchanged for cifar10 / stl10")
     parser.add_argument("--update-interval", type=int, default=140,
                         help="steps between target updates, DEC and IDEC (IDEC's MNIST value; DEC's paper: 20)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
@@ -103,10 +103,12 @@ def main() -> None:
               f"method.pretrain_epochs={args.pretrain_epochs}", f"method.update_interval={args.update_interval}",
               f"method.input_scale={args.input_scale}", f"method.pretrain_input_dropout={args.pretrain_input_dropout}",
               "eval.every_epochs=1000", "train.save_every_epochs=2"]
+    from utils.config import load_config
+
     idec_gamma = args.idec_gamma
-    if idec_gamma is None and args.dataset == "mnist70k":
-        idec_gamma = round(0.1 * (args.input_scale / 5.1) ** 2, 5)
-    idec_extra = [] if idec_gamma is None else [f"method.gamma={idec_gamma}"]
+    if idec_gamma is None:
+        idec_method = load_config(str(REPO / "config" / f"{args.dataset}_mlp_idec.yml"), []).method
+        idec_gamma = round(idec_method.gamma * (args.input_scale / idec_method.input_scale) ** 2, 5)
     ae_name = f"ae_seed{args.seed}"
     pretrained = out / ae_name / "last.pt"
     load_before = load_average()
@@ -114,7 +116,8 @@ def main() -> None:
     metrics, seconds = run(f"{args.dataset}_mlp_dec.yml", ae_name, out, [*common, "method.cluster=false"])
     rows.append(("autoencoder + k-means", seconds, metrics))
     for method, config, epochs, extra in (("DEC", f"{args.dataset}_mlp_dec.yml", args.dec_epochs, []),
-                                          ("IDEC", f"{args.dataset}_mlp_idec.yml", args.idec_epochs, idec_extra)):
+                                          ("IDEC", f"{args.dataset}_mlp_idec.yml", args.idec_epochs,
+                                           [f"method.gamma={idec_gamma}"])):
         name = f"{method.lower()}_seed{args.seed}"
         metrics, seconds = run(config, name, out, [*common, f"method.pretrained={pretrained}",
                                                    f"method.cluster_epochs={epochs}", *extra])
@@ -124,7 +127,7 @@ def main() -> None:
         rows.append((method, seconds, metrics))
     load_after = load_average()
     print(f"\n{args.dataset} (data.limit={args.data_limit or 'all'}), seed {args.seed}, {os.cpu_count()} CPU cores, load before {load_before}, "
-          f"after {load_after}, IDEC gamma {idec_gamma if idec_gamma is not None else 'from the config'}")
+          f"after {load_after}, IDEC gamma {idec_gamma}")
     print(f"{'stage':<24}{'seconds':>9}{'NMI':>8}{'ACC':>8}{'ARI':>8}")
     for label, seconds, m in rows:
         print(f"{label:<24}{seconds:>9.0f}{m['nmi']:>8.4f}{m['acc']:>8.4f}{m['ari']:>8.4f}")
