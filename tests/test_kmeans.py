@@ -76,6 +76,24 @@ def test_lloyd_matches_sklearn_from_same_init(k, dtype, chunk, max_iter, tol):
     assert (np.diff(hist) <= 1e-6 * hist[0]).all()
 
 
+@pytest.mark.parametrize("offset,dtype", [(0.0, torch.float32), (1e4, torch.float32),
+                                          (-30.0, torch.float16), (1e6, torch.float64)])
+def test_tolerance_and_norms_match_numpy(offset, dtype):
+    """The tolerance (tol times the mean per-feature variance, as sklearn) and the squared row
+    norms come from one chunked pass; with a large offset a plain float32 E[x^2] - E[x]^2 would
+    lose the variance to cancellation."""
+    from torch_clustering._dist import Comm
+    from torch_clustering.kmeans import _prepare
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(5000, 37)) * rng.uniform(0.5, 2, size=37) + offset).to(dtype)
+    ref = x.numpy().astype(np.float64)
+    data = _prepare(x, 5000, 1e-4, Comm(False), 128, False)
+    rel = 1e-10 if dtype == torch.float64 else 1e-4
+    assert data.tol_abs == pytest.approx(1e-4 * ref.var(0).mean(), rel=rel)
+    assert data.sq_total == pytest.approx((ref ** 2).sum(), rel=1e-6 if dtype != torch.float64 else 1e-12)
+    np.testing.assert_allclose(data.x_sq.numpy(), (ref ** 2).sum(1), rtol=1e-6 if dtype != torch.float64 else 1e-12)
+
+
 def test_labels_are_nearest_centroids_and_inertia_is_theirs():
     x, c0 = overlapping_blobs(3000, 6, 40, seed=1)
     res = KMeans(40, init=torch.from_numpy(c0), max_iter=7, tol=0.0).fit(torch.from_numpy(x))
@@ -389,3 +407,10 @@ def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
         assert torch.equal(r["replicated"]["labels"], one_rep.labels)
         assert r["replicated"]["inertia"] == pytest.approx(one_rep.inertia, rel=1e-10)
         assert r["replicated"]["restart"] == one_rep.restart
+
+    # Sharded statistics: sklearn's tolerance (tol * mean per-feature variance) and the sum of
+    # squared norms of all rows, from float64 numpy on the whole offset data.
+    whole = (x + 1e4).float().numpy().astype(np.float64)
+    for r in ranks:
+        assert r["prepare"]["tol_abs"] == pytest.approx(1e-4 * whole.var(0).mean(), rel=1e-4)
+        assert r["prepare"]["sq_total"] == pytest.approx((whole ** 2).sum(), rel=1e-6)

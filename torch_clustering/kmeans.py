@@ -96,6 +96,9 @@ _INITS = ("k-means++", "random")
 # float64 copies of x are made this many elements at a time: small enough to stay in
 # cache (a 245 MB float64 copy of a chunk is ~10x slower than 2 MB pieces).
 _F64_ELEMS = 1 << 18
+# Elements per chunk of the statistics pass in `_prepare` (4 MB of float32; 4x smaller
+# or larger chunks were slower, measured on 60,000 x 512).
+_STATS_ELEMS = 1 << 20
 # Below this K, tightening a bound (a gather and a D-long difference) settles too few
 # points to pay for itself against the nearest-centroid search (measured on MNIST
 # features: it settles ~30% of the candidates).
@@ -674,26 +677,45 @@ def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _prepare(x: torch.Tensor, n_total: int, tol: float, comm: Comm, search_chunk: int,
              cosine: bool) -> _Data:
-    """Squared norms (once per fit) and the absolute tolerance from the global variance."""
+    """Squared norms (once per fit) and the absolute tolerance from the global variance.
+
+    One pass over x in the compute dtype, in cache-sized chunks with a reused buffer: row
+    norms, a dot product and a column sum per chunk (60,000 x 512 float32: ~11 ms, against
+    ~90 ms with a float64 copy of every chunk).  The variance needs no per-feature
+    squares: the mean per-feature variance is ``sum_i |x_i - mean|^2 / (N D)``.  Sums are
+    taken of x minus its first row, a shift that keeps the float32 sums free of
+    cancellation, and accumulated in float64; shards are combined about the global mean.
+    """
     cdtype = compute_dtype_for(x.dtype)
-    d = x.shape[1]
-    x_sq = torch.empty(x.shape[0], dtype=cdtype, device=x.device)
-    # One pass, in float64: per-feature sums and sums of squares, and row norms.
-    stats = torch.zeros(2 * d + 1, dtype=torch.float64, device=x.device)
-    chunk = _f64_rows(x)
-    for s in range(0, x.shape[0], chunk):
-        xc = x[s:s + chunk].to(torch.float64)
-        sq = xc * xc
-        stats[:d] += xc.sum(0)
-        stats[d:2 * d] += sq.sum(0)
-        rows = sq.sum(1)
-        stats[2 * d] += rows.sum()
-        x_sq[s:s + chunk] = rows.to(cdtype)
+    n, d = x.shape
+    dev = x.device
+    x_sq = torch.empty(n, dtype=cdtype, device=dev)
+    local_mean = torch.zeros(d, dtype=torch.float64, device=dev)
+    spread = torch.zeros((), dtype=torch.float64, device=dev)      # sum of |x - local mean|^2
+    if n:
+        chunk = min(n, max(1, _STATS_ELEMS // d))
+        shift = x[0].to(cdtype)
+        centred = torch.empty((chunk, d), dtype=cdtype, device=dev)
+        s1 = torch.zeros(d, dtype=torch.float64, device=dev)    # sum of (x - shift)
+        s2 = torch.zeros((), dtype=torch.float64, device=dev)   # sum of |x - shift|^2
+        for s in range(0, n, chunk):
+            xc = x[s:s + chunk].to(cdtype)
+            m = xc.shape[0]
+            torch.linalg.vector_norm(xc, dim=1, out=x_sq[s:s + m])
+            cen = torch.sub(xc, shift, out=centred[:m]).view(-1)
+            s2 += torch.dot(cen, cen)
+            s1 += cen.view(m, d).sum(0)
+        x_sq.square_()
+        local_mean = shift.to(torch.float64) + s1 / n
+        spread = (s2 - (s1 * s1).sum() / n).clamp_(min=0)
+    # Two small reductions over ranks, so that shards combine without cancellation: the
+    # global mean first, then each shard's spread about it.
+    mean = comm.sum_(local_mean * n) / n_total
+    stats = torch.stack([spread + n * ((local_mean - mean) ** 2).sum(), x_sq.sum(dtype=torch.float64)])
     comm.sum_(stats)
-    mean = stats[:d] / n_total
-    var = (stats[d:2 * d] / n_total - mean * mean).clamp(min=0)
-    return _Data(x=x, x_sq=x_sq, sq_total=float(stats[2 * d].item()), n_total=n_total,
-                 tol_abs=tol * float(var.mean().item()), comm=comm, chunk=search_chunk, cosine=cosine)
+    var_mean = float(stats[0].item()) / (n_total * d)
+    return _Data(x=x, x_sq=x_sq, sq_total=float(stats[1].item()), n_total=n_total,
+                 tol_abs=tol * var_mean, comm=comm, chunk=search_chunk, cosine=cosine)
 
 
 def _gather_sample(x: torch.Tensor, n_total: int, counts: list[int], size: int, comm: Comm,

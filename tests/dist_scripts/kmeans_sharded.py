@@ -9,6 +9,9 @@ Every rank builds the same data (`make_data`) and then sees only what its mode g
   sample of at most SAMPLE rows.
 * "replicated": every rank gets all rows and the three restarts are split over the ranks.
 
+It also records the absolute tolerance and the sum of squared norms that the sharded fit derives
+from the two shards' statistics (of the data offset by 1e4, in float32).
+
 Each rank saves what it got to OUT_DIR/rank{r}.pt, together with the largest number of rows any
 `all_gather_rows` call gathered on it (the k-means++ sample must stay bounded).
 
@@ -22,6 +25,7 @@ import torch.distributed as dist
 
 from torch_clustering import KMeans
 from torch_clustering._dist import Comm
+from torch_clustering.kmeans import _prepare
 
 N, D, K = 1501, 8, 12
 SPLIT = (0, 600, N)           # rank 0 holds 600 rows, rank 1 holds 901
@@ -73,6 +77,11 @@ def main(out_dir: str) -> None:
     out["kpp_largest_gather"] = largest_gather[0]
     res = KMeans(K, n_init=3, seed=5, max_iter=100, distributed="replicated").fit(x)
     out["replicated"] = res
+    # The tolerance and the sum of squared norms combine the two shards' statistics (each shard
+    # shifted by its own first row): they must be those of all the data.  Offset data make any
+    # cancellation visible.
+    prep = _prepare((x[lo:hi] + 1e4).float(), N, 1e-4, Comm(True), 128, False)
+    out["prepare"] = {"tol_abs": prep.tol_abs, "sq_total": prep.sq_total}
     torch.save({name: (vars(r) if hasattr(r, "centroids") else r) for name, r in out.items()},
                Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
