@@ -119,7 +119,10 @@ class EvalConfig:
     every_epochs: int = 1              # NMI / ACC / ARI every this many epochs (and after the last)
     features: str = ""                 # which features k-means clusters; "" = the method's default
     num_clusters: int = 0              # 0 = the dataset's number of classes
-    n_init: int = 3
+    # k-means++ restarts of the read-out. 10, not the E-step's 3: the reported score must not hinge on
+    # one unlucky draw (the demo's final features: 3 restarts with seed 0 all merged two digits,
+    # inertia 710 and ACC 0.833, where 10 restarts found inertia 639 and ACC 0.972 for seeds 0, 1, 2).
+    n_init: int = 10
     max_iter: int = 300
     best_metric: str = "acc"           # which metric picks best.pt: acc | nmi | ari | knn_acc (needs knn_every_epochs)
     # kNN monitor: weighted kNN top-1 (cosine, exp(sim / T) votes) of the eval set against the training
