@@ -11,6 +11,8 @@ from sklearn.datasets import make_blobs
 
 from tests.torchrun_util import REPO_ROOT, run_torchrun
 from torch_clustering import KMeans, KMeansResult
+from torch_clustering._dist import Comm
+from torch_clustering.kmeans import _prepare
 
 SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
 
@@ -82,8 +84,6 @@ def test_tolerance_and_norms_match_numpy(offset, dtype):
     """The tolerance (tol times the mean per-feature variance, as sklearn) and the squared row
     norms come from one chunked pass; with a large offset a plain float32 E[x^2] - E[x]^2 would
     lose the variance to cancellation."""
-    from torch_clustering._dist import Comm
-    from torch_clustering.kmeans import _prepare
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(5000, 37)) * rng.uniform(0.5, 2, size=37) + offset).to(dtype)
     ref = x.numpy().astype(np.float64)
