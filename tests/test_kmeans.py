@@ -10,6 +10,7 @@ from sklearn.cluster import KMeans as SkKMeans
 from sklearn.datasets import make_blobs
 
 from tests.torchrun_util import REPO_ROOT, run_torchrun
+import torch_clustering._assign as assign_module
 from torch_clustering import KMeans, KMeansResult
 from torch_clustering._dist import Comm
 from torch_clustering.kmeans import _prepare
@@ -56,6 +57,7 @@ LLOYD_CASES = [
     (100, np.float64, None, 300, 1e-4),   # stops on sklearn's tolerance rule
     (300, np.float64, 97, 4, 0.0),
     (300, np.float32, None, 300, 0.0),
+    (8, np.float32, None, 300, 0.0),      # float32 with few centroids: oneDNN products on the CPU
 ]
 
 
@@ -129,6 +131,47 @@ def test_kmeans_plusplus_restarts_within_one_percent_of_sklearn_on_mnist(shared_
     res = KMeans(k, n_init=3, max_iter=100, seed=0).fit(torch.from_numpy(x))
     assert res.inertia <= 1.01 * sk.inertia_
     assert res.inertia == pytest.approx(inertia_np(x, res.centroids.numpy(), res.labels.numpy()), rel=1e-5)
+
+
+@pytest.mark.parametrize("k,d", [(10, 64), (10, 512), (100, 256)])
+def test_linear_matches_float64_products_on_both_paths(monkeypatch, k, d):
+    """bias + x @ w.T through oneDNN (where this build has it) and through addmm, against numpy
+    in float64; a +inf bias (padding columns) stays +inf."""
+    rng = np.random.default_rng(k + d)
+    x, w, b = (rng.normal(size=s).astype(np.float32) for s in ((700, d), (k, d), (k,)))
+    b[-1] = np.inf
+    ref = b.astype(np.float64) + x.astype(np.float64) @ w.astype(np.float64).T
+    paths = [False] + ([True] if assign_module._onednn_linear_works() else [])
+    for use in paths:
+        monkeypatch.setattr(assign_module, "USE_ONEDNN", use)
+        wt = torch.from_numpy(w)
+        assert assign_module.uses_onednn(wt) == use
+        out = torch.empty(700, k)
+        y = assign_module.linear(torch.from_numpy(x), wt, torch.from_numpy(b), out=out)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-4 * np.abs(ref[:, :-1]).max())
+        assert np.isposinf(y.numpy()[:, -1]).all()
+
+
+@pytest.mark.parametrize("k,d", [(10, 512), (100, 256)])
+def test_fit_with_onednn_products_equals_fit_with_addmm(shared_data, monkeypatch, k, d):
+    """The same k-means++ restarts and Lloyd iterations on MNIST features whichever kernel
+    computes the distance products (they differ only in float rounding)."""
+    if not assign_module._onednn_linear_works():
+        pytest.skip("this torch build has no working oneDNN linear op")
+    with np.load(shared_data / "mnist.npz", allow_pickle=False) as z:
+        pixels = z["x_train"][:6000].reshape(6000, -1).astype(np.float32) / 255
+    proj = np.random.default_rng(1).normal(size=(784, d)).astype(np.float32) / np.sqrt(d)
+    x = torch.from_numpy((pixels - pixels.mean(0)) @ proj)
+    fits = []
+    for use in (True, False):
+        monkeypatch.setattr(assign_module, "USE_ONEDNN", use)
+        assert assign_module.uses_onednn(torch.empty(k, d)) == use
+        fits.append(KMeans(k, n_init=2, max_iter=40, tol=0.0, seed=0).fit(x))
+    fast, plain = fits
+    assert fast.n_iter == plain.n_iter and fast.restart == plain.restart
+    np.testing.assert_array_equal(fast.labels.numpy(), plain.labels.numpy())
+    np.testing.assert_allclose(fast.centroids.numpy(), plain.centroids.numpy(), rtol=0, atol=1e-5)
+    assert fast.inertia == pytest.approx(plain.inertia, rel=1e-6)
 
 
 def test_more_restarts_keep_the_best():

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ._assign import linear
+
 
 def restart_generator(seed: int, restart: int, stream: int = 0) -> torch.Generator:
     """CPU generator for one restart.  Random draws are made on the CPU and moved to the
@@ -60,9 +62,8 @@ def kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, n_clusters: int,
 
     def scores(ids: torch.Tensor, s: int, e: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """(e - s, len(ids)) squared distances from x[s:e] to x[ids], not clamped at 0."""
-        cand = x.index_select(0, ids).to(cdtype)
-        d = torch.addmm(x_sq.index_select(0, ids), x[s:e].to(cdtype), cand.T, beta=1, alpha=-2,
-                        out=out)
+        cand = x.index_select(0, ids).to(cdtype).mul_(-2)   # exact, like addmm's alpha=-2
+        d = linear(x[s:e].to(cdtype), cand, x_sq.index_select(0, ids), out=out)
         return d.add_(x_sq[s:e, None])
 
     first = torch.stack([torch.randint(n, (1,), generator=g)[0] for g in generators])
@@ -84,8 +85,8 @@ def kmeans_plusplus(x: torch.Tensor, x_sq: torch.Tensor, n_clusters: int,
         for s in range(0, n, rows):
             e = min(n, s + rows)
             block = mins[s:e]                                              # (rows, R, trials)
-            scores(ids, s, e, out=block.view(e - s, m))
-            torch.minimum(block, closest[s:e, :, None], out=block)
+            d = scores(ids, s, e, out=block.view(e - s, m))
+            torch.minimum(d.view_as(block), closest[s:e, :, None], out=block)
             # float32 column sums (cascade summation inside torch) are accurate enough to
             # rank candidates and 10x faster than a float64 reduction of a skinny matrix.
             pots += block.view(e - s, m).sum(0).to(torch.float64)
