@@ -174,26 +174,34 @@ def bench_case(case: str, args, device: torch.device) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     print(f"\n=== case {case}: {n} x {d} ({source}{', L2-normalised' if normalise else ''}), K={k}, "
           f"device {device}, torch threads {torch.get_num_threads()}, seeds {seeds} ===", flush=True)
-    libs = args.libs.split(",")
-    rows = []   # (lib, mean seconds, mean inertia, per-seed inertias)
-    for lib in libs:
+    libs = []
+    for lib in args.libs.split(","):
+        if lib not in SETTINGS:
+            raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
         if lib in ("sklearn", "faiss", "faiss-full") and device.type != "cpu":
             continue
         if lib == "faiss-full" and n <= k * 256:
             continue   # faiss trains on all points by default here: identical to "faiss"
         if lib.startswith("ours-sub") and n <= k * 256:
             continue
-        times, inertias = [], []
-        try:
-            for seed in seeds:
+        libs.append(lib)
+    # Seeds outside, libraries inside: on a shared machine whose speed drifts over minutes,
+    # every library then meets the same slow and fast phases.
+    times = {lib: [] for lib in libs}
+    inertias = {lib: [] for lib in libs}
+    for seed in seeds:
+        for lib in list(libs):
+            try:
                 secs, cent, note = run_lib(lib, x, k, args, seed)
-                times.append(secs)
-                inertias.append(inertia_f64(x, cent))
-                print(f"  {lib:15s} seed {seed}: {secs:8.2f} s  inertia {inertias[-1]:.8g}  ({note})", flush=True)
-        except ImportError as e:
-            print(f"  {lib}: skipped ({e})")
-            continue
-        rows.append((lib, sum(times) / len(times), sum(inertias) / len(inertias), inertias))
+            except ImportError as e:
+                print(f"  {lib}: skipped ({e})")
+                libs.remove(lib)
+                continue
+            times[lib].append(secs)
+            inertias[lib].append(inertia_f64(x, cent))
+            print(f"  {lib:15s} seed {seed}: {secs:8.2f} s  inertia {inertias[lib][-1]:.8g}  ({note})", flush=True)
+    rows = [(lib, sum(times[lib]) / len(times[lib]), sum(inertias[lib]) / len(inertias[lib]), inertias[lib])
+            for lib in libs]   # (lib, mean seconds, mean inertia, per-seed inertias)
     if not rows:
         return
     t_sk = next((r[1] for r in rows if r[0] == "sklearn"), None)
