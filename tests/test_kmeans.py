@@ -11,6 +11,7 @@ from sklearn.datasets import make_blobs
 
 from tests.torchrun_util import REPO_ROOT, run_torchrun
 import torch_clustering._assign as assign_module
+import torch_clustering.kmeans as kmeans_module
 from torch_clustering import KMeans, KMeansResult
 from torch_clustering._dist import Comm
 from torch_clustering.kmeans import _prepare
@@ -35,6 +36,14 @@ def inertia_np(x, centroids, labels):
 def nearest_np(x, centroids):
     x, c = np.asarray(x, np.float64), np.asarray(centroids, np.float64)
     return ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+
+
+@pytest.fixture(params=["bounds", "dense"])
+def lloyd_path(request, monkeypatch):
+    """Runs a test twice: Lloyd with its pruning bounds, and the dense path that small fits take
+    (every distance recomputed each iteration)."""
+    monkeypatch.setattr(kmeans_module, "_DENSE_MAX_WORK", 0 if request.param == "bounds" else 1 << 62)
+    return request.param
 
 
 def sklearn_lloyd(x, init, max_iter, tol=0.0):
@@ -62,7 +71,7 @@ LLOYD_CASES = [
 
 
 @pytest.mark.parametrize("k,dtype,chunk,max_iter,tol", LLOYD_CASES)
-def test_lloyd_matches_sklearn_from_same_init(k, dtype, chunk, max_iter, tol):
+def test_lloyd_matches_sklearn_from_same_init(k, dtype, chunk, max_iter, tol, lloyd_path):
     x, c0 = overlapping_blobs(4000, 12, k, seed=k + max_iter)
     x, c0 = x.astype(dtype), c0.astype(dtype)
     sk = sklearn_lloyd(x, c0, max_iter, tol)
@@ -96,7 +105,7 @@ def test_tolerance_and_norms_match_numpy(offset, dtype):
     np.testing.assert_allclose(data.x_sq.numpy(), (ref ** 2).sum(1), rtol=1e-6 if dtype != torch.float64 else 1e-12)
 
 
-def test_labels_are_nearest_centroids_and_inertia_is_theirs():
+def test_labels_are_nearest_centroids_and_inertia_is_theirs(lloyd_path):
     x, c0 = overlapping_blobs(3000, 6, 40, seed=1)
     res = KMeans(40, init=torch.from_numpy(c0), max_iter=7, tol=0.0).fit(torch.from_numpy(x))
     np.testing.assert_array_equal(res.labels.numpy(), nearest_np(x, res.centroids.numpy()))
@@ -210,7 +219,7 @@ def spherical_kmeans_reference(x, c0, max_iter):
 
 
 @pytest.mark.parametrize("k,max_iter", [(6, 1), (6, 3), (6, 50), (60, 4), (60, 50)])
-def test_cosine_matches_hand_written_spherical_kmeans(k, max_iter):
+def test_cosine_matches_hand_written_spherical_kmeans(k, max_iter, lloyd_path):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(600, 5)) + np.array([1.0, 0.5, 0, 0, 0])
     x *= rng.uniform(0.1, 10, size=(600, 1))          # norms must not matter
@@ -226,7 +235,7 @@ def test_cosine_matches_hand_written_spherical_kmeans(k, max_iter):
 
 # -- empty clusters ------------------------------------------------------------------------------------
 
-def test_empty_cluster_takes_the_farthest_point_like_sklearn():
+def test_empty_cluster_takes_the_farthest_point_like_sklearn(lloyd_path):
     # After the first assignment cluster 2 (centroid 1000) is empty; the point farthest from its own
     # centroid is 50 (distance 40 from centroid 10), which becomes centroid 2 exactly.
     x = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [50.0]])
@@ -240,7 +249,7 @@ def test_empty_cluster_takes_the_farthest_point_like_sklearn():
     np.testing.assert_array_equal(full.labels.numpy(), sk.labels_)
 
 
-def test_several_empty_clusters_take_the_farthest_points_in_order():
+def test_several_empty_clusters_take_the_farthest_points_in_order(lloyd_path):
     # Clusters 2 and 3 start empty; the farthest point (50) goes to the lower index (2), the next
     # farthest (0.2, distance 0.2 from centroid 0) to cluster 3.
     x = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [50.0]])
@@ -250,7 +259,7 @@ def test_several_empty_clusters_take_the_farthest_points_in_order():
     np.testing.assert_array_equal(res.labels.numpy(), [0, 0, 3, 1, 1, 2])
 
 
-def test_empty_cluster_never_takes_the_last_point_of_a_cluster():
+def test_empty_cluster_never_takes_the_last_point_of_a_cluster(lloyd_path):
     # 100 is the farthest point from its centroid (110) but the only point of cluster 1: taking it
     # would only move the hole, so cluster 2 gets 1.5, the farthest point of cluster 0.
     x = np.array([[0.0], [1.5], [100.0]])
@@ -262,7 +271,7 @@ def test_empty_cluster_never_takes_the_last_point_of_a_cluster():
 
 
 
-def test_empty_clusters_do_not_drain_a_cluster_between_them():
+def test_empty_clusters_do_not_drain_a_cluster_between_them(lloyd_path):
     # Clusters 2 and 3 start empty.  The two points farthest from their centroid (105, then 100)
     # are the only two of cluster 1: the first goes to cluster 2, the second would leave cluster 1
     # empty, so cluster 3 gets the next farthest point, 2.5 from cluster 0.
@@ -328,7 +337,7 @@ def test_subsample_option_labels_every_point():
     assert sub.inertia <= 1.01 * full.inertia
 
 
-def test_refinement_after_subsample_is_lloyd_on_all_points_from_the_subsample_centroids():
+def test_refinement_after_subsample_is_lloyd_on_all_points_from_the_subsample_centroids(lloyd_path):
     x = torch.from_numpy(overlapping_blobs(5000, 6, 10, seed=8)[0])
     sub = KMeans(10, n_init=2, seed=1, max_points_per_centroid=50).fit(x)
     refined = KMeans(10, n_init=2, seed=1, max_points_per_centroid=50, refine_iter=6, tol=0.0).fit(x)
@@ -422,6 +431,13 @@ def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
     for row, cluster in zip(script.OUTLIERS[::-1], script.FAR):
         assert int(one.labels[row]) == cluster and int((one.labels == cluster).sum()) == 1
         assert torch.equal(one.centroids[cluster], x[row])
+
+    # The same fit with rank 0 on the dense path and rank 1 on the bounded one.
+    for r in ranks:
+        torch.testing.assert_close(r["mixed"]["centroids"], one.centroids, rtol=0, atol=1e-10)
+        assert r["mixed"]["inertia"] == pytest.approx(one.inertia, rel=1e-10)
+        assert r["mixed"]["n_iter"] == one.n_iter
+    assert torch.equal(torch.cat([r["mixed"]["labels"] for r in ranks]), one.labels)
 
     # Sharded, many clusters (grouped bounds, tightening), a fixed number of iterations.
     many = KMeans(script.K_MANY, init=x[:script.K_MANY], max_iter=8, tol=0.0).fit(x)

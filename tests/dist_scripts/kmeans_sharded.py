@@ -6,7 +6,8 @@ Every rank builds the same data (`make_data`) and then sees only what its mode g
   shards differ in size.  Three fits: from explicit initial centroids, two of them far from every point
   (two clusters are empty after the first assignment and are re-seeded with planted outliers, one on
   each rank), from the first K_MANY rows as initial centroids, and with k-means++ initialised on a
-  sample of at most SAMPLE rows.
+  sample of at most SAMPLE rows; these keep Lloyd's pruning bounds on both ranks.  A fourth fit
+  repeats the first with rank 0 on the dense path (no bounds) and rank 1 on the bounded one.
 * "replicated": every rank gets all rows and the three restarts are split over the ranks.
 
 It also records the absolute tolerance and the sum of squared norms that the sharded fit derives
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import torch_clustering.kmeans as kmeans_module
 from torch_clustering import KMeans
 from torch_clustering._dist import Comm
 from torch_clustering.kmeans import _prepare
@@ -68,6 +70,9 @@ def main(out_dir: str) -> None:
     x, init, blobs = make_data()
     lo, hi = SPLIT[rank], SPLIT[rank + 1]
     out = {}
+    # Shards this small would take Lloyd's dense path; these fits are about the pruning bounds
+    # (grouped bounds, tightening, bounds reset after a re-seeding), so keep them.
+    kmeans_module._DENSE_MAX_WORK = 0
     res = KMeans(K, init=init, max_iter=30, tol=0.0, distributed=True).fit(x[lo:hi])
     out["init"] = res
     res = KMeans(K_MANY, init=x[:K_MANY], max_iter=8, tol=0.0, distributed=True).fit(x[lo:hi])
@@ -77,6 +82,10 @@ def main(out_dir: str) -> None:
     out["kpp_largest_gather"] = largest_gather[0]
     res = KMeans(K, n_init=3, seed=5, max_iter=100, distributed="replicated").fit(x)
     out["replicated"] = res
+    # Rank 0 recomputes every distance (as a small shard does), rank 1 keeps bounds: the paths
+    # share their collectives, so the fit must still equal one process's.
+    kmeans_module._DENSE_MAX_WORK = (1 << 62) if rank == 0 else 0
+    out["mixed"] = KMeans(K, init=init, max_iter=30, tol=0.0, distributed=True).fit(x[lo:hi])
     # The tolerance and the sum of squared norms combine the two shards' statistics (each shard
     # shifted by its own first row): they must be those of all the data.  Offset data make any
     # cancellation visible.
