@@ -337,6 +337,20 @@ def test_subsample_option_labels_every_point():
     assert sub.inertia <= 1.01 * full.inertia
 
 
+def test_subsample_option_cosine_labels_and_inertia_of_every_point():
+    """Labelling after a subsample fit sums each point's 1 - cos to its centroid (a zero row has
+    cosine 0 to every centroid)."""
+    x = make_blobs(3000, 6, centers=5, cluster_std=1.0, random_state=2)[0]
+    x[17] = 0.0
+    res = KMeans(5, metric="cosine", seed=0, max_points_per_centroid=60).fit(torch.from_numpy(x))
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.where(norms > 0, x / np.maximum(norms, 1e-300), 0.0)
+    cos = unit @ res.centroids.numpy().T
+    others = np.arange(3000) != 17                  # the zero row ties with every centroid
+    np.testing.assert_array_equal(res.labels.numpy()[others], cos.argmax(1)[others])
+    assert res.inertia == pytest.approx(float((1 - cos[np.arange(3000), res.labels.numpy()]).sum()), rel=1e-9)
+
+
 def test_refinement_after_subsample_is_lloyd_on_all_points_from_the_subsample_centroids(lloyd_path):
     x = torch.from_numpy(overlapping_blobs(5000, 6, 10, seed=8)[0])
     sub = KMeans(10, n_init=2, seed=1, max_points_per_centroid=50).fit(x)
@@ -431,6 +445,14 @@ def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
     for row, cluster in zip(script.OUTLIERS[::-1], script.FAR):
         assert int(one.labels[row]) == cluster and int((one.labels == cluster).sum()) == 1
         assert torch.equal(one.centroids[cluster], x[row])
+
+    # Sharded, fitted on a subsample drawn from both shards, then every row of each shard labelled;
+    # the inertia is that of all rows.
+    sub = [r["subsample"] for r in ranks]
+    assert torch.equal(sub[0]["centroids"], sub[1]["centroids"]) and sub[0]["inertia"] == sub[1]["inertia"]
+    labels = torch.cat([r["labels"] for r in sub])
+    np.testing.assert_array_equal(labels.numpy(), nearest_np(x.numpy(), sub[0]["centroids"].numpy()))
+    assert sub[0]["inertia"] == pytest.approx(inertia_np(x, sub[0]["centroids"], labels.numpy()), rel=1e-10)
 
     # The same fit with rank 0 on the dense path and rank 1 on the bounded one.
     for r in ranks:

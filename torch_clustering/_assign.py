@@ -120,12 +120,12 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_sq_norms(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """(N,) squared L2 norms of the rows of x (N, D), computed in `dtype` chunk by chunk."""
+    """(N,) squared L2 norms of the rows of x (N, D), computed in `dtype` chunk by chunk
+    (the same formula as the statistics pass of a fit, with no (chunk, D) temporary)."""
     out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
     for s in range(0, x.shape[0], chunk_size):
-        xc = x[s:s + chunk_size].to(dtype)
-        out[s:s + chunk_size] = (xc * xc).sum(1)
-    return out
+        torch.linalg.vector_norm(x[s:s + chunk_size].to(dtype), dim=1, out=out[s:s + chunk_size])
+    return out.square_()
 
 
 class Assigner:

@@ -534,13 +534,14 @@ class KMeans:
 
         if x_train is not x:
             # Fitted on a subsample: refine on (or just label) every point, full inertia.
-            full = _prepare(x, n_total, self.tol, lloyd_comm, chunk, self.metric == "cosine")
             if self.refine_iter:
+                full = _prepare(x, n_total, self.tol, lloyd_comm, chunk, self.metric == "cosine")
                 restart = best.restart
                 best = _Lloyd(full, best.centroids).run(self.refine_iter)
                 best.restart = restart
             else:
-                best.labels, best.inertia = _label_all(full, best.centroids)
+                best.labels, best.inertia = _label_all(x, best.centroids, lloyd_comm, chunk,
+                                                       self.metric == "cosine")
         best.centroids = best.centroids.to(x.dtype)
         self.centroids = best.centroids
         self.result = best
@@ -758,9 +759,22 @@ def _gather_sample(x: torch.Tensor, n_total: int, counts: list[int], size: int, 
     return comm.all_gather_rows(x.index_select(0, idx))
 
 
-def _label_all(data: _Data, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Labels of every row of data.x and the (global) inertia they give."""
-    run = _Lloyd(data, centroids)
-    run._first_pass()
-    sums, counts, _ = run._reduce()
-    return run.outputs()[1], run._inertia(sums, counts)
+def _label_all(x: torch.Tensor, centroids: torch.Tensor, comm: Comm, chunk: int,
+               cosine: bool) -> tuple[torch.Tensor, float]:
+    """Labels (N,) of every row of x (N, D) against centroids (K, D, compute dtype), and
+    the (global) inertia they give.
+
+    One pass for the row norms and one search, summing each point's own distance: no
+    statistics, bounds or per-cluster sums, which a fit needs and labelling does not.
+    """
+    x_sq = row_sq_norms(x, chunk, centroids.dtype)
+    assigner = Assigner(x, x_sq, chunk)
+    assigner.set_centroids(centroids)
+    labels, d1, _ = assigner.nearest(None, second=False)
+    if cosine:
+        # 1 - x.c, with x.c = (|x|^2 + |c|^2 - |x - c|^2) / 2 (x unit or zero, c unit).
+        c_sq = (centroids * centroids).sum(1)
+        d1 = 1 - (x_sq + c_sq.index_select(0, labels) - d1) / 2
+    total = d1.sum(dtype=torch.float64).reshape(1)
+    comm.sum_(total)
+    return labels, max(float(total.item()), 0.0)

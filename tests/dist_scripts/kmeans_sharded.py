@@ -7,7 +7,8 @@ Every rank builds the same data (`make_data`) and then sees only what its mode g
   (two clusters are empty after the first assignment and are re-seeded with planted outliers, one on
   each rank), from the first K_MANY rows as initial centroids, and with k-means++ initialised on a
   sample of at most SAMPLE rows; these keep Lloyd's pruning bounds on both ranks.  A fourth fit
-  repeats the first with rank 0 on the dense path (no bounds) and rank 1 on the bounded one.
+  repeats the first with rank 0 on the dense path (no bounds) and rank 1 on the bounded one; a
+  fifth fits a subsample of K * 50 rows drawn from both shards and labels every row.
 * "replicated": every rank gets all rows and the three restarts are split over the ranks.
 
 It also records the absolute tolerance and the sum of squared norms that the sharded fit derives
@@ -82,6 +83,7 @@ def main(out_dir: str) -> None:
     out["kpp_largest_gather"] = largest_gather[0]
     res = KMeans(K, n_init=3, seed=5, max_iter=100, distributed="replicated").fit(x)
     out["replicated"] = res
+    out["subsample"] = KMeans(K, n_init=2, seed=1, max_points_per_centroid=50, distributed=True).fit(x[lo:hi])
     # Rank 0 recomputes every distance (as a small shard does), rank 1 keeps bounds: the paths
     # share their collectives, so the fit must still equal one process's.
     kmeans_module._DENSE_MAX_WORK = (1 << 62) if rank == 0 else 0
