@@ -119,6 +119,12 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Gathered rows (the candidates of a bounded pass) are searched this many elements at a
+# time, so that the copy is still in cache when the product reads it: 15,000 random rows
+# of 60,000 x 512 took 5.8 ms in blocks of 4,096 rows against 8.1 ms in one block.
+_GATHER_ELEMS = 1 << 21
+
+
 def row_sq_norms(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """(N,) squared L2 norms of the rows of x (N, D), computed in `dtype` chunk by chunk
     (the same formula as the statistics pass of a fit, with no (chunk, D) temporary)."""
@@ -141,6 +147,7 @@ class Assigner:
         self.x = x
         self.x_sq = x_sq
         self.chunk_size = chunk_size
+        self.gather_chunk = min(chunk_size, max(256, _GATHER_ELEMS // max(1, x.shape[1])))
         self.cdtype = x_sq.dtype
         # The CPU has no fast half-precision GEMM: upcast each chunk instead.  On a GPU
         # the product runs in x's own dtype (tensor cores) and is upcast afterwards.
@@ -148,10 +155,11 @@ class Assigner:
         self._buf: torch.Tensor | None = None
         # Gathered rows land in a reused buffer: fresh multi-MB allocations cost page
         # faults that are as slow as the arithmetic.
-        self._rows = torch.empty((min(chunk_size, x.shape[0]), x.shape[1]), dtype=x.dtype, device=x.device)
+        self._rows = torch.empty((min(self.gather_chunk, x.shape[0]), x.shape[1]), dtype=x.dtype,
+                                 device=x.device)
 
     def gather(self, r: torch.Tensor) -> torch.Tensor:
-        """x[r] for at most chunk_size indices r, in the reused row buffer."""
+        """x[r] for at most gather_chunk indices r, in the reused row buffer."""
         out = self._rows[: r.shape[0]]
         return torch.index_select(self.x, 0, r, out=out)
 
@@ -236,8 +244,9 @@ class Assigner:
         labels = torch.empty(n, dtype=torch.int64, device=dev)
         d1 = torch.empty(n, dtype=self.cdtype, device=dev)
         d2 = torch.empty((n, self.groups), dtype=self.cdtype, device=dev) if second else None
-        for s in range(0, n, self.chunk_size):
-            e = min(n, s + self.chunk_size)
+        step = self.chunk_size if rows is None else self.gather_chunk
+        for s in range(0, n, step):
+            e = min(n, s + step)
             if rows is None:
                 xc, xs = self.x[s:e], self.x_sq[s:e]
             else:
@@ -259,7 +268,7 @@ def exact_sq_dist(assigner: Assigner, c: torch.Tensor, labels: torch.Tensor,
     to pick the points farthest from their centroids.  Works in place in the assigner's
     row buffer (a version with fresh temporaries was 5x slower on the CPU).
     """
-    x, chunk = assigner.x, assigner.chunk_size
+    x, chunk = assigner.x, assigner.gather_chunk
     n = x.shape[0] if rows is None else rows.shape[0]
     out = torch.empty(n, dtype=c.dtype, device=x.device)
     for s in range(0, n, chunk):
