@@ -119,9 +119,10 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Gathered rows (the candidates of a bounded pass) are searched this many elements at a
-# time, so that the copy is still in cache when the product reads it: 15,000 random rows
-# of 60,000 x 512 took 5.8 ms in blocks of 4,096 rows against 8.1 ms in one block.
+# On the CPU, gathered rows (the candidates of a bounded pass) are searched this many
+# elements at a time, so that the copy is still in cache when the product reads it: 15,000
+# random rows of 60,000 x 512 took 5.8 ms in blocks of 4,096 rows against 8.1 ms in one
+# block.  A GPU keeps the large blocks it needs to be busy.
 _GATHER_ELEMS = 1 << 21
 
 
@@ -147,7 +148,9 @@ class Assigner:
         self.x = x
         self.x_sq = x_sq
         self.chunk_size = chunk_size
-        self.gather_chunk = min(chunk_size, max(256, _GATHER_ELEMS // max(1, x.shape[1])))
+        self.gather_chunk = chunk_size
+        if x.device.type == "cpu":
+            self.gather_chunk = min(chunk_size, max(256, _GATHER_ELEMS // max(1, x.shape[1])))
         self.cdtype = x_sq.dtype
         # The CPU has no fast half-precision GEMM: upcast each chunk instead.  On a GPU
         # the product runs in x's own dtype (tensor cores) and is upcast afterwards.
