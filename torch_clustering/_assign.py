@@ -9,6 +9,7 @@ O(chunk_size x K) for the distance block, never O(N x K).
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -78,7 +79,8 @@ _ONEDNN_MAX_K_SMALL_D = 16
 
 @functools.lru_cache(maxsize=None)
 def _onednn_linear_works() -> bool:
-    if not torch.backends.mkldnn.is_available():
+    # Measured on x86-64 only (other CPUs keep the BLAS they were measured with).
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
