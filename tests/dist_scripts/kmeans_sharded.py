@@ -6,9 +6,9 @@ Every rank builds the same data (`make_data`) and then sees only what its mode g
   shards differ in size.  Three fits: from explicit initial centroids, two of them far from every point
   (two clusters are empty after the first assignment and are re-seeded with planted outliers, one on
   each rank), from the first K_MANY rows as initial centroids, and with k-means++ initialised on a
-  sample of at most SAMPLE rows; these keep Lloyd's pruning bounds on both ranks.  A fourth fit
-  repeats the first with rank 0 on the dense path (no bounds) and rank 1 on the bounded one; a
-  fifth fits a subsample of K * 50 rows drawn from both shards and labels every row.
+  sample of at most SAMPLE rows; these keep Lloyd's pruning bounds on both ranks.  Then a fit on a
+  subsample of K * 50 rows drawn from both shards that labels every row, and the first fit again
+  with rank 0 on the dense path (no bounds) and rank 1 on the bounded one.
 * "replicated": every rank gets all rows and the three restarts are split over the ranks.
 
 It also records the absolute tolerance and the sum of squared norms that the sharded fit derives
