@@ -177,6 +177,9 @@ def test_fit_with_onednn_products_equals_fit_with_addmm(shared_data, monkeypatch
         assert assign_module.uses_onednn(torch.empty(k, d)) == use
         fits.append(KMeans(k, n_init=2, max_iter=40, tol=0.0, seed=0).fit(x))
     fast, plain = fits
+    monkeypatch.setattr(assign_module, "USE_ONEDNN", True)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)   # torch's own switch counts too
+    assert not assign_module.uses_onednn(torch.empty(k, d))
     assert fast.n_iter == plain.n_iter and fast.restart == plain.restart
     np.testing.assert_array_equal(fast.labels.numpy(), plain.labels.numpy())
     np.testing.assert_allclose(fast.centroids.numpy(), plain.centroids.numpy(), rtol=0, atol=1e-5)

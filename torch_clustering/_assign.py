@@ -70,8 +70,8 @@ def group_order(c: torch.Tensor, n_groups: int, size: int) -> torch.Tensor:
 # K=100 36/24; D=128: K=10 6.7/5.8, K=24 8.4/8.5, K=48 12.6/13.2, and inside k-means++
 # at K=1000 (24 columns) oneDNN was 20 % slower.  So it is used where it wins: D >= 256,
 # or at most 16 columns.  The op is private (torch.compile emits it), so it is used only
-# for float32 and after a probe shows that it exists and agrees with addmm; set this to
-# False to always use addmm.
+# for float32 and after a probe shows that it exists and agrees with addmm; set this (or
+# torch.backends.mkldnn.enabled) to False to always use addmm.
 USE_ONEDNN = True
 _ONEDNN_MIN_D = 256
 _ONEDNN_MAX_K_SMALL_D = 16
@@ -94,7 +94,8 @@ def _onednn_linear_works() -> bool:
 def uses_onednn(weight: torch.Tensor) -> bool:
     """Whether `linear` computes products against weight (K, D) with oneDNN."""
     k, d = weight.shape
-    return (USE_ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return (USE_ONEDNN and torch.backends.mkldnn.enabled and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
             and (d >= _ONEDNN_MIN_D or k <= _ONEDNN_MAX_K_SMALL_D) and _onednn_linear_works())
 
 
