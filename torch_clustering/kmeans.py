@@ -195,38 +195,36 @@ class _Lloyd:
 
     def _bounded_pass(self) -> None:
         """Assignment that recomputes distances only where the bounds cannot rule out a
-        label change."""
+        label change (everywhere, in one contiguous pass, for a dense restart)."""
         x, c, ch = self.d.x, self.c, self.d.chunk
+        labels = self.labels
         self.n_changed = 0
-        if self.dense:
-            self.assigner.set_centroids(c)
-            new = self.assigner.nearest(None, second=False)[0]
-            rows = (new != self.labels).nonzero().squeeze(1)
-            if rows.numel():
-                self._move(rows, self.labels[rows], new[rows])
-                self.n_changed = rows.numel()
-            return
-        labels, upper, lower = self.labels, self.upper, self.lower
-        bound = torch.maximum(half_min_center_dist(c, ch).index_select(0, labels), lower.amin(1))
-        cand = (upper > bound).nonzero().squeeze(1)
-        if cand.numel() and self.k >= _TIGHTEN_MIN_K:
-            # Tighten the (loose) upper bound with the exact distance: O(D) per point,
-            # and it settles many candidates without the O(K D) search.  For small K the
-            # search costs about the same as this gather, so it is skipped there.
-            exact = exact_sq_dist(self.assigner, c, labels, cand).sqrt_()
-            upper[cand] = exact
-            cand = cand[exact > bound[cand]]
-        if not cand.numel():
-            return
-        self.assigner.set_centroids(c)
-        # Gathering rows costs a copy; past some fraction a contiguous pass over all rows
-        # is cheaper (and leaves every bound tight).
         n = x.shape[0]
-        if cand.numel() > n * (_FULL_PASS_SMALL_K if self.k < _MEMORY_BOUND_K else _FULL_PASS_LARGE_K):
-            new, d1, d2 = self.assigner.nearest(None)
-            self.upper, self.lower = d1.sqrt_(), d2.sqrt_()
-            moved = new != labels
-            rows = moved.nonzero().squeeze(1)
+        if self.dense:
+            cand = None
+        else:
+            upper, lower = self.upper, self.lower
+            bound = torch.maximum(half_min_center_dist(c, ch).index_select(0, labels), lower.amin(1))
+            cand = (upper > bound).nonzero().squeeze(1)
+            if cand.numel() and self.k >= _TIGHTEN_MIN_K:
+                # Tighten the (loose) upper bound with the exact distance: O(D) per point,
+                # and it settles many candidates without the O(K D) search.  For small K the
+                # search costs about the same as this gather, so it is skipped there.
+                exact = exact_sq_dist(self.assigner, c, labels, cand).sqrt_()
+                upper[cand] = exact
+                cand = cand[exact > bound[cand]]
+            if not cand.numel():
+                return
+            # Gathering rows costs a copy; past some fraction a contiguous pass over all
+            # rows is cheaper (and leaves every bound tight).
+            if cand.numel() > n * (_FULL_PASS_SMALL_K if self.k < _MEMORY_BOUND_K else _FULL_PASS_LARGE_K):
+                cand = None
+        self.assigner.set_centroids(c)
+        if cand is None:
+            new, d1, d2 = self.assigner.nearest(None, second=not self.dense)
+            if not self.dense:
+                self.upper, self.lower = d1.sqrt_(), d2.sqrt_()
+            rows = (new != labels).nonzero().squeeze(1)
             new = new[rows]
         else:
             new, d1, d2 = self.assigner.nearest(cand)
@@ -500,7 +498,6 @@ class KMeans:
         x, counts_per_rank = self._check_fit_input(x, comm, mode)
         if self.metric == "cosine":
             x = _normalize_rows(x)
-        cdtype = compute_dtype_for(x.dtype)
         k = self.n_clusters
         chunk = self.chunk_size or default_chunk_size(k, x.device)
         lloyd_comm = comm if mode == "sharded" else Comm(False)
@@ -560,11 +557,9 @@ class KMeans:
             raise ValueError(f"x must have shape (M, {self.centroids.shape[1]}), got {tuple(x.shape)}")
         if self.metric == "cosine":
             x = _normalize_rows(x)
-        cdtype = compute_dtype_for(x.dtype)
         chunk = self.chunk_size or default_chunk_size(self.n_clusters, x.device)
-        assigner = Assigner(x, row_sq_norms(x, chunk, cdtype), chunk)
-        assigner.set_centroids(self.centroids.to(device=x.device, dtype=cdtype))
-        return assigner.nearest(None, second=False)[0]
+        centroids = self.centroids.to(device=x.device, dtype=compute_dtype_for(x.dtype))
+        return _nearest_all(x, centroids, chunk)[0]
 
     def fit_predict(self, x: torch.Tensor) -> torch.Tensor:
         """Fit on x and return its (N,) labels."""
@@ -759,18 +754,26 @@ def _gather_sample(x: torch.Tensor, n_total: int, counts: list[int], size: int, 
     return comm.all_gather_rows(x.index_select(0, idx))
 
 
+def _nearest_all(x: torch.Tensor, centroids: torch.Tensor,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest of centroids (K, D, compute dtype) for every row of x (N, D): labels (N,),
+    squared distances (N,) and squared row norms (N,), from one norms pass and one search."""
+    x_sq = row_sq_norms(x, chunk, centroids.dtype)
+    assigner = Assigner(x, x_sq, chunk)
+    assigner.set_centroids(centroids)
+    labels, d1, _ = assigner.nearest(None, second=False)
+    return labels, d1, x_sq
+
+
 def _label_all(x: torch.Tensor, centroids: torch.Tensor, comm: Comm, chunk: int,
                cosine: bool) -> tuple[torch.Tensor, float]:
     """Labels (N,) of every row of x (N, D) against centroids (K, D, compute dtype), and
     the (global) inertia they give.
 
-    One pass for the row norms and one search, summing each point's own distance: no
-    statistics, bounds or per-cluster sums, which a fit needs and labelling does not.
+    Sums each point's own distance from the search: no statistics, bounds or per-cluster
+    sums, which a fit needs and labelling does not.
     """
-    x_sq = row_sq_norms(x, chunk, centroids.dtype)
-    assigner = Assigner(x, x_sq, chunk)
-    assigner.set_centroids(centroids)
-    labels, d1, _ = assigner.nearest(None, second=False)
+    labels, d1, x_sq = _nearest_all(x, centroids, chunk)
     if cosine:
         # 1 - x.c, with x.c = (|x|^2 + |c|^2 - |x - c|^2) / 2 (x unit or zero, c unit).
         c_sq = (centroids * centroids).sum(1)
