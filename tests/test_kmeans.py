@@ -151,6 +151,7 @@ def test_linear_matches_float64_products_on_both_paths(monkeypatch, k, d):
     b[-1] = np.inf
     ref = b.astype(np.float64) + x.astype(np.float64) @ w.astype(np.float64).T
     paths = [False] + ([True] if assign_module._onednn_linear_works() else [])
+    monkeypatch.setattr(assign_module, "_onednn_wins_here", lambda: True)   # any x86-64 CPU
     for use in paths:
         monkeypatch.setattr(assign_module, "USE_ONEDNN", use)
         wt = torch.from_numpy(w)
@@ -161,12 +162,23 @@ def test_linear_matches_float64_products_on_both_paths(monkeypatch, k, d):
         assert np.isposinf(y.numpy()[:, -1]).all()
 
 
+def test_onednn_is_used_only_on_cpus_where_it_was_measured_faster(monkeypatch):
+    """AVX-512 CPUs get oneDNN's products (where this build has the op); an AVX2-only CPU,
+    where the two kernels measured even, keeps addmm."""
+    w = torch.empty(10, 512)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not assign_module.uses_onednn(w)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert assign_module.uses_onednn(w) == assign_module._onednn_linear_works()
+
+
 @pytest.mark.parametrize("k,d", [(10, 512), (100, 256)])
 def test_fit_with_onednn_products_equals_fit_with_addmm(shared_data, monkeypatch, k, d):
     """The same k-means++ restarts and Lloyd iterations on MNIST features whichever kernel
     computes the distance products (they differ only in float rounding)."""
     if not assign_module._onednn_linear_works():
         pytest.skip("this torch build has no working oneDNN linear op")
+    monkeypatch.setattr(assign_module, "_onednn_wins_here", lambda: True)   # any x86-64 CPU
     with np.load(shared_data / "mnist.npz", allow_pickle=False) as z:
         pixels = z["x_train"][:6000].reshape(6000, -1).astype(np.float32) / 255
     proj = np.random.default_rng(1).normal(size=(784, d)).astype(np.float32) / np.sqrt(d)

@@ -69,9 +69,11 @@ def group_order(c: torch.Tensor, n_groups: int, size: int) -> torch.Tensor:
 # oneDNN ms: D=512: K=10 21.5/9.4, K=100 73/46, K=1000 465/409; D=256: K=10 12.1/7.8,
 # K=100 36/24; D=128: K=10 6.7/5.8, K=24 8.4/8.5, K=48 12.6/13.2, and inside k-means++
 # at K=1000 (24 columns) oneDNN was 20 % slower.  So it is used where it wins: D >= 256,
-# or at most 16 columns.  The op is private (torch.compile emits it), so it is used only
-# for float32 and after a probe shows that it exists and agrees with addmm; set this (or
-# torch.backends.mkldnn.enabled) to False to always use addmm.
+# or at most 16 columns.  That CPU had AVX-512; on a 2-core EPYC with AVX2 only the two
+# kernels were even (oneDNN / MKL 0.93-1.11 over the same sizes: D=512 K=10 0.96, D=256
+# K=10 1.11), so there addmm is kept.  The op is private (torch.compile emits it), so it is
+# used only for float32 and after a probe shows that it exists and agrees with addmm; set
+# this (or torch.backends.mkldnn.enabled) to False to always use addmm.
 USE_ONEDNN = True
 _ONEDNN_MIN_D = 256
 _ONEDNN_MAX_K_SMALL_D = 16
@@ -91,12 +93,18 @@ def _onednn_linear_works() -> bool:
         return False
 
 
+def _onednn_wins_here() -> bool:
+    """Whether this CPU is of the kind where oneDNN's products were measured faster."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def uses_onednn(weight: torch.Tensor) -> bool:
     """Whether `linear` computes products against weight (K, D) with oneDNN."""
     k, d = weight.shape
     return (USE_ONEDNN and torch.backends.mkldnn.enabled and weight.device.type == "cpu"
             and weight.dtype == torch.float32
-            and (d >= _ONEDNN_MIN_D or k <= _ONEDNN_MAX_K_SMALL_D) and _onednn_linear_works())
+            and (d >= _ONEDNN_MIN_D or k <= _ONEDNN_MAX_K_SMALL_D) and _onednn_wins_here()
+            and _onednn_linear_works())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
