@@ -125,3 +125,65 @@ def test_bad_input_raises_value_error_at_fit(make, x, match):
 def test_predict_before_fit_raises():
     with pytest.raises(RuntimeError, match="before fit"):
         GaussianMixture(2).predict(X)
+
+
+def test_distributed_options():
+    with pytest.raises(ValueError, match="'replicated' does not apply to GaussianMixture"):
+        GaussianMixture(3, distributed="replicated")
+    with pytest.raises(ValueError, match="distributed must be False, True or 'sharded', got 1"):
+        GaussianMixture(3, distributed=1)
+    with pytest.raises(RuntimeError, match="torch.distributed to be initialised"):
+        GaussianMixture(3, distributed=True).fit(X)
+
+
+def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node=2` (gloo): each rank fits on its own, unequal shard; every fit
+    equals one process's on the concatenated data (parameters, lower bounds, score, posteriors)."""
+    import importlib.util
+
+    import torch_clustering.gmm as gmm_module
+    from tests.torchrun_util import REPO_ROOT, run_torchrun
+
+    path = REPO_ROOT / "tests" / "dist_scripts" / "gmm_sharded.py"
+    spec = importlib.util.spec_from_file_location("gmm_sharded", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_torchrun(path, tmp_path, nproc=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    x, init = script.make_data()
+    monkeypatch.setattr(gmm_module, "_RANDOM_BLOCK", script.RANDOM_BLOCK)
+
+    def compare(name, one):
+        for r in ranks:
+            got = r[name]
+            assert got["n_iter"] == one.n_iter and got["converged"] == one.converged
+            np.testing.assert_allclose(got["history"], one.lower_bound_history, rtol=1e-10)
+            for key in ("weights", "means", "variances"):
+                torch.testing.assert_close(got[key], getattr(one, key), rtol=1e-9, atol=1e-10)
+            assert got["score"] == pytest.approx(one.score(x), rel=1e-10)
+        assert torch.equal(ranks[0][name]["means"], ranks[1][name]["means"])
+        proba = torch.cat([r[name]["proba"] for r in ranks])
+        torch.testing.assert_close(proba, one.predict_proba(x), rtol=1e-9, atol=1e-10)
+
+    compare("given", GaussianMixture(script.K, covariance_type="diag", max_iter=10, tol=0.0,
+                                     init=init).fit(x))
+    compare("random", GaussianMixture(script.K, covariance_type="spherical", max_iter=10, tol=0.0,
+                                      init="random", seed=script.SEED).fit(x))
+    compare("empty", GaussianMixture(script.K, covariance_type="diag", max_iter=5, tol=0.0,
+                                     init="random", seed=script.SEED).fit(x))
+
+    # k-means initialisation: rebuild it in numpy from the sharded KMeans labels of all rows.
+    labels = torch.cat([r["kmeans"]["init_labels"] for r in ranks]).numpy()
+    assert labels.shape == (script.N,) and len(np.unique(labels)) == script.K
+    xn = x.numpy()
+    nk = np.bincount(labels, minlength=script.K).astype(np.float64)
+    means = np.stack([xn[labels == j].mean(0) for j in range(script.K)])
+    variances = np.stack([xn[labels == j].var(0) for j in range(script.K)]) + 1e-6
+    one = GaussianMixture(script.K, covariance_type="diag",
+                          init={"weights": nk / nk.sum(), "means": means, "variances": variances}).fit(x)
+    assert one.converged
+    compare("kmeans", one)
+
+    # A NaN on rank 1 only: both ranks raise instead of one waiting for the other.
+    assert "x contains NaN or inf (on ranks [1])" in ranks[1]["nan_error"]
+    assert ranks[0]["nan_error"] == "x is invalid on ranks [1] (their errors say why)"

@@ -23,7 +23,8 @@ What is where:
   docstring for the exact semantics (convergence, empty clusters, precision,
   distributed modes).
 * `GaussianMixture` (`torch_clustering.gmm`): EM for diagonal or spherical covariances,
-  initialised from k-means like scikit-learn.
+  initialised from k-means like scikit-learn; one process or sharded data across ranks
+  (``distributed=True``: the EM statistics are all-reduced, see that module).
 * `evaluate_clustering` (`torch_clustering.metrics`): NMI, ACC (Hungarian matching) and
   ARI as python floats.
 

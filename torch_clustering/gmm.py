@@ -6,6 +6,18 @@ log-likelihood is that iteration's lower bound), then an M-step; it stops when t
 bound changes by less than `tol`.  A variance floor `reg_covar` is added to every
 variance.  One pass over x per iteration computes the responsibilities chunk by chunk
 (memory O(chunk_size x K)) and accumulates the M-step statistics in float64 at once.
+
+Sharded data (``distributed=True``): torch.distributed is initialised and every rank
+passes its own shard of x (shards may differ in size, even be empty).  Each EM step
+all-reduces the M-step statistics and the log-likelihood sum (one float64 buffer of
+2 + K + 2 K D values), so every rank holds the same parameters and no rank ever holds
+the whole data; `lower_bound` and `score` are those of all the data, `predict` and
+`predict_proba` answer for the rows they are given.  Initialisation: "k-means" runs
+`KMeans(distributed=True)` on the shards (k-means++ on a bounded sample gathered from
+all shards); "random" draws each row's responsibilities from a stream of (seed, global
+row block), so it equals one process's draw on the concatenated shards (in rank order);
+a dict of parameters is taken from rank 0.  There is no replicated mode: a fit is one EM
+run, so ranks holding the same x just fit with ``distributed=False`` and agree.
 """
 from __future__ import annotations
 
@@ -15,11 +27,17 @@ import math
 import torch
 
 from ._assign import compute_dtype_for
-from .kmeans import KMeans, _as_float_tensor
+from ._dist import Comm
+from ._init import restart_generator
+from .kmeans import KMeans, _all_finite, _as_float_tensor
 
 logger = logging.getLogger(__name__)
 
 _COV_TYPES = ("diag", "spherical")
+# Random initial responsibilities are drawn per block of this many global rows, each block
+# from its own generator, so a row's draw does not depend on which shard holds it.
+_RANDOM_BLOCK = 4096
+_RANDOM_STREAM = 4          # restart_generator stream for them (KMeans uses 0, 2 and 3)
 
 
 class GaussianMixture:
@@ -38,6 +56,8 @@ class GaussianMixture:
             or (K,) for "spherical"}.
         reg_covar: added to every variance (keeps them positive).
         chunk_size: rows per block of the E-step (default: ~16 MiB of float32 per block).
+        distributed: False (one process, x is all the data) or True / "sharded" (every
+            rank passes its shard; see the module docstring).
 
     After `fit`: `weights` (K,), `means` (K, D), `variances` ((K, D) or (K,)),
     `lower_bound`, `lower_bound_history` (one per iteration), `n_iter`, `converged`.
@@ -45,7 +65,8 @@ class GaussianMixture:
 
     def __init__(self, n_components: int, *, covariance_type: str = "diag", max_iter: int = 100,
                  tol: float = 1e-3, seed: int = 0, init: str | dict = "k-means",
-                 reg_covar: float = 1e-6, chunk_size: int | None = None) -> None:
+                 reg_covar: float = 1e-6, chunk_size: int | None = None,
+                 distributed: bool | str = False) -> None:
         if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
             raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
         if covariance_type not in _COV_TYPES:
@@ -69,6 +90,11 @@ class GaussianMixture:
             raise ValueError(f"init must be 'k-means', 'random' or a dict, got {type(init).__name__}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size!r}")
+        if distributed == "replicated":
+            raise ValueError("distributed='replicated' does not apply to GaussianMixture: a fit is one EM "
+                             "run, so ranks holding the same x get the same fit with distributed=False")
+        if not (distributed is False or distributed is True or distributed == "sharded"):
+            raise ValueError(f"distributed must be False, True or 'sharded', got {distributed!r}")
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.max_iter = max_iter
@@ -77,6 +103,7 @@ class GaussianMixture:
         self.init = init
         self.reg_covar = float(reg_covar)
         self.chunk_size = chunk_size
+        self.distributed = distributed
         self.weights = self.means = self.variances = None
         self.lower_bound = -math.inf
         self.lower_bound_history: list[float] = []
@@ -86,19 +113,21 @@ class GaussianMixture:
     # -- public API -------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> "GaussianMixture":
-        """Fit on x (N, D), any floating dtype and device; returns self."""
-        x = self._check_x(x, fitting=True)
-        k = self.n_components
-        if x.shape[0] < k:
-            raise ValueError(f"n_samples={x.shape[0]} should be >= n_components={k}")
+        """Fit on x (N, D), any floating dtype and device (the rank's shard when
+        distributed); returns self."""
+        comm = self._comm()
+        x, counts = self._check_x(x, comm, fitting=True)
+        k, n_total = self.n_components, sum(counts)
+        if n_total < k:
+            raise ValueError(f"n_samples={n_total} should be >= n_components={k}")
         cdtype = compute_dtype_for(x.dtype)
-        self._set_initial_parameters(x, cdtype)
+        self._set_initial_parameters(x, cdtype, comm, n_total, offset=sum(counts[:comm.rank]))
         history = []
         self.converged = False
         prev = -math.inf
         for it in range(1, self.max_iter + 1):
-            lower_bound, stats = self._e_step(x, accumulate=True)
-            self._m_step(*stats, n=x.shape[0])
+            lower_bound, stats = self._e_step(x, comm, accumulate=True)
+            self._m_step(*stats, n=n_total)
             history.append(lower_bound)
             if abs(lower_bound - prev) < self.tol:
                 self.converged = True
@@ -114,7 +143,7 @@ class GaussianMixture:
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """(N, K) posterior probabilities of the components, in x's dtype."""
-        x = self._check_x(x)
+        x = self._check_x(x, Comm(False))[0]
         out = torch.empty((x.shape[0], self.n_components), dtype=self.means.dtype, device=x.device)
         for s, e, lp in self._chunks_log_prob(x):
             out[s:e] = (lp - torch.logsumexp(lp, dim=1, keepdim=True)).exp()
@@ -123,7 +152,7 @@ class GaussianMixture:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) int64 most probable component of every row."""
-        x = self._check_x(x)
+        x = self._check_x(x, Comm(False))[0]
         out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         for s, e, lp in self._chunks_log_prob(x):
             out[s:e] = lp.argmax(1)
@@ -131,10 +160,15 @@ class GaussianMixture:
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> float:
-        """Mean log-likelihood of the rows of x."""
-        return self._e_step(self._check_x(x), accumulate=False)[0]
+        """Mean log-likelihood of the rows of x (of all ranks' rows when distributed: then
+        every rank must call it)."""
+        comm = self._comm()
+        return self._e_step(self._check_x(x, comm)[0], comm, accumulate=False)[0]
 
     # -- EM -------------------------------------------------------------------------------------
+    def _comm(self) -> Comm:
+        return Comm(self.distributed is not False)
+
     def _chunk(self) -> int:
         return self.chunk_size or max(256, (1 << 22) // self.n_components)
 
@@ -162,19 +196,29 @@ class GaussianMixture:
                 lp = torch.addmm(const, xc, lin) - 0.5 * (xc * xc).sum(1, keepdim=True) * prec
             yield s, s + xc.shape[0], lp
 
-    def _e_step(self, x: torch.Tensor, *, accumulate: bool):
-        """Mean log-likelihood and, if asked, the M-step statistics (float64):
-        nk (K,), sum_i r_ik x_i (K, D), sum_i r_ik x_i^2 (K, D)."""
+    def _e_step(self, x: torch.Tensor, comm: Comm, *, accumulate: bool):
+        """Mean log-likelihood over all ranks' rows and, if asked, the M-step statistics
+        summed over all ranks (float64): nk (K,), sum_i r_ik x_i (K, D), sum_i r_ik x_i^2
+        (K, D)."""
         k, d = self.means.shape
-        f64 = dict(dtype=torch.float64, device=x.device)
-        total = torch.zeros((), **f64)
-        nk, sx, sxx = torch.zeros(k, **f64), torch.zeros((k, d), **f64), torch.zeros((k, d), **f64)
+        # One buffer for one all-reduce: [log-likelihood sum, rows, nk, sx, sxx].
+        buf = torch.zeros(2 + (k + 2 * k * d if accumulate else 0), dtype=torch.float64, device=x.device)
+        buf[1] = x.shape[0]
+        nk, sx, sxx = self._stat_views(buf, k, d)
         for s, e, lp in self._chunks_log_prob(x):
             norm = torch.logsumexp(lp, dim=1, keepdim=True)
-            total += norm.sum(dtype=torch.float64)
+            buf[0] += norm.sum(dtype=torch.float64)
             if accumulate:
                 self._accumulate(x[s:e].to(lp.dtype), (lp - norm).exp(), nk, sx, sxx)
-        return float(total.item()) / x.shape[0], (nk, sx, sxx)
+        comm.sum_(buf)
+        return float(buf[0].item()) / float(buf[1].item()), (nk, sx, sxx)
+
+    @staticmethod
+    def _stat_views(buf: torch.Tensor, k: int, d: int):
+        """Views nk (K,), sx (K, D), sxx (K, D) into buf[2:] (None if buf holds no statistics)."""
+        if buf.numel() == 2:
+            return None, None, None
+        return buf[2:2 + k], buf[2 + k:2 + k + k * d].view(k, d), buf[2 + k + k * d:].view(k, d)
 
     @staticmethod
     def _accumulate(xc, resp, nk, sx, sxx) -> None:
@@ -194,48 +238,92 @@ class GaussianMixture:
         self.means = means.to(cdtype)
         self.variances = var.to(cdtype)
 
-    def _set_initial_parameters(self, x: torch.Tensor, cdtype: torch.dtype) -> None:
+    def _set_initial_parameters(self, x: torch.Tensor, cdtype: torch.dtype, comm: Comm, n_total: int,
+                                offset: int) -> None:
+        """Initial weights, means, variances from `init`; x is this rank's shard, whose
+        first row is row `offset` of all the data."""
         k, (n, d) = self.n_components, x.shape
         self._cdtype = cdtype
         if isinstance(self.init, dict):
-            w, mu, var = (torch.as_tensor(self.init[key]).to(device=x.device, dtype=cdtype)
-                          for key in ("weights", "means", "variances"))
-            var_shape = (k, d) if self.covariance_type == "diag" else (k,)
-            if w.shape != (k,) or mu.shape != (k, d) or var.shape != var_shape:
-                raise ValueError(f"initial parameters must have shapes weights {(k,)}, means {(k, d)}, "
-                                 f"variances {var_shape}; got {tuple(w.shape)}, {tuple(mu.shape)}, "
-                                 f"{tuple(var.shape)}")
-            if not (bool((var > 0).all()) and bool((w > 0).all())):
-                raise ValueError("initial weights and variances must be positive")
-            self.weights, self.means, self.variances = w / w.sum(), mu, var
+            self._set_given_parameters(x, cdtype, comm)
             return
-        f64 = dict(dtype=torch.float64, device=x.device)
-        nk, sx, sxx = torch.zeros(k, **f64), torch.zeros((k, d), **f64), torch.zeros((k, d), **f64)
+        buf = torch.zeros(2 + k + 2 * k * d, dtype=torch.float64, device=x.device)
+        nk, sx, sxx = self._stat_views(buf, k, d)
         chunk = self._chunk()
         if self.init == "k-means":
-            labels = KMeans(k, n_init=1, seed=self.seed, chunk_size=self.chunk_size).fit(x).labels
+            labels = KMeans(k, n_init=1, seed=self.seed, chunk_size=self.chunk_size,
+                            distributed=comm.active).fit(x).labels
             for s in range(0, n, chunk):
                 xc = x[s:s + chunk].to(cdtype)
                 resp = torch.nn.functional.one_hot(labels[s:s + chunk], k).to(cdtype)
                 self._accumulate(xc, resp, nk, sx, sxx)
         else:
-            g = torch.Generator().manual_seed(self.seed)
-            for s in range(0, n, chunk):
-                xc = x[s:s + chunk].to(cdtype)
-                resp = torch.rand((xc.shape[0], k), generator=g, dtype=torch.float64).to(x.device, cdtype)
-                self._accumulate(xc, resp / resp.sum(1, keepdim=True), nk, sx, sxx)
+            for lo, resp in self._random_responsibilities(offset, n):
+                xc = x[lo:lo + resp.shape[0]].to(cdtype)
+                self._accumulate(xc, resp.to(x.device, cdtype), nk, sx, sxx)
+        comm.sum_(buf)
         self.means = None
-        self._m_step(nk, sx, sxx, n=n)
+        self._m_step(nk, sx, sxx, n=n_total)
 
-    def _check_x(self, x, *, fitting: bool = False) -> torch.Tensor:
+    def _random_responsibilities(self, offset: int, n: int):
+        """Yield (local start row, (m, K) float64 random responsibilities) for global rows
+        [offset, offset + n): block b of _RANDOM_BLOCK global rows is always drawn whole
+        from its own generator, so the draws do not depend on the sharding."""
+        k, size = self.n_components, _RANDOM_BLOCK
+        for b in range(offset // size, -(-(offset + n) // size)):
+            g = restart_generator(self.seed, b, stream=_RANDOM_STREAM)
+            block = torch.rand((size, k), generator=g, dtype=torch.float64)
+            lo, hi = max(b * size, offset), min((b + 1) * size, offset + n)
+            resp = block[lo - b * size:hi - b * size]
+            yield lo - offset, resp / resp.sum(1, keepdim=True)
+
+    def _set_given_parameters(self, x: torch.Tensor, cdtype: torch.dtype, comm: Comm) -> None:
+        """Parameters from the init dict (rank 0's when sharded), checked on every rank."""
+        k, d = self.n_components, x.shape[1]
+        w, mu, var = (torch.as_tensor(self.init[key]).to(device=x.device, dtype=cdtype)
+                      for key in ("weights", "means", "variances"))
+        var_shape = (k, d) if self.covariance_type == "diag" else (k,)
+        error = None
+        if w.shape != (k,) or mu.shape != (k, d) or var.shape != var_shape:
+            error = (f"initial parameters must have shapes weights {(k,)}, means {(k, d)}, "
+                     f"variances {var_shape}; got {tuple(w.shape)}, {tuple(mu.shape)}, {tuple(var.shape)}")
+        elif not (_all_finite(w) and _all_finite(mu) and _all_finite(var)):
+            error = "initial parameters contain NaN or inf"
+        elif not (bool((var > 0).all()) and bool((w > 0).all())):
+            error = "initial weights and variances must be positive"
+        _raise_together(comm, error, x.device, "init")
+        for t in (w, mu, var):
+            comm.broadcast_(t, src=0)
+        self.weights, self.means, self.variances = w / w.sum(), mu, var
+
+    def _check_x(self, x, comm: Comm, *, fitting: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """x as a detached float tensor and every rank's row count; every rank raises
+        the same error together (one rank alone would leave the others waiting)."""
         x = _as_float_tensor(x).detach()
+        error = None
         if x.dim() != 2:
-            raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if not fitting:
-            if self.means is None:
-                raise RuntimeError("GaussianMixture used before fit")
-            if x.shape[1] != self.means.shape[1]:
-                raise ValueError(f"x must have {self.means.shape[1]} features, got {x.shape[1]}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
-        return x
+            error = f"x must be 2-D (N, D), got shape {tuple(x.shape)}"
+        elif not fitting and self.means is not None and x.shape[1] != self.means.shape[1]:
+            error = f"x must have {self.means.shape[1]} features, got {x.shape[1]}"
+        elif not _all_finite(x):
+            error = "x contains NaN or inf"
+        if not fitting and self.means is None:
+            raise RuntimeError("GaussianMixture used before fit")
+        n, d = (x.shape[0], x.shape[1]) if x.dim() == 2 else (0, -1)
+        info = torch.tensor([n, d], dtype=torch.int64, device=x.device)
+        rows = [t.tolist() for t in comm.all_gather(info)]
+        _raise_together(comm, error, x.device, "x")
+        if len({r[1] for r in rows}) > 1:
+            raise ValueError(f"x has a different number of features on different ranks: {[r[1] for r in rows]}")
+        return x, [r[0] for r in rows]
+
+
+def _raise_together(comm: Comm, error: str | None, device: torch.device, what: str) -> None:
+    """Raise ValueError on every rank if any rank found an error in `what`: a rank's own
+    message where it has one, else which ranks did."""
+    flag = torch.tensor([error is not None], dtype=torch.int64, device=device)
+    bad = [i for i, t in enumerate(comm.all_gather(flag)) if t.item()]
+    if error is not None:
+        raise ValueError(error + (f" (on ranks {bad})" if comm.active else ""))
+    if bad:
+        raise ValueError(f"{what} is invalid on ranks {bad} (their errors say why)")
