@@ -187,3 +187,27 @@ def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path, monkeypatch):
     # A NaN on rank 1 only: both ranks raise instead of one waiting for the other.
     assert "x contains NaN or inf (on ranks [1])" in ranks[1]["nan_error"]
     assert ranks[0]["nan_error"] == "x is invalid on ranks [1] (their errors say why)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_posteriors_of_far_components_match_exact_softmax(dtype):
+    """The E-step's one-exp normalisation (which raises shifted log-densities that would underflow
+    to just above the underflow point, for speed) against float64 logsumexp / softmax, on rows whose
+    components lie 0 to 1e5 below the best one."""
+    from torch_clustering.gmm import _normalize_log_prob_
+
+    rng = np.random.default_rng(0)
+    lp = np.stack([np.array([0.0, -50.0, -86.0, -90.0, -700.0, -720.0, -1e3, -1e5]) + 3.0 * i
+                   for i in range(6)])
+    lp = np.concatenate([lp, rng.normal(scale=300.0, size=(50, 8)), np.full((1, 8), -4.0)])
+    exact = torch.from_numpy(lp).to(dtype).double()        # the rounded inputs, in float64
+    norm, post = _normalize_log_prob_(exact.to(dtype).clone())   # it overwrites its input
+    # float32 rounding of the shift (values up to ~1e3) moves exp's argument by up to ~3e-5.
+    tol = 5e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(norm.squeeze(1).double().numpy(), torch.logsumexp(exact, 1).numpy(),
+                               rtol=tol)
+    # Relative accuracy where a posterior is a normal float; an underflowing one may only become
+    # the smallest normal floats (~1e-38 / ~1e-308), not anything a sum could notice.
+    tiny = 1e-37 if dtype == torch.float32 else 1e-306
+    np.testing.assert_allclose(post.double().numpy(), torch.softmax(exact, 1).numpy(), rtol=tol, atol=tiny)
+    np.testing.assert_allclose(post.double().sum(1).numpy(), 1.0, rtol=tol)
