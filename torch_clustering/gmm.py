@@ -174,8 +174,8 @@ class GaussianMixture:
 
     def _chunks_log_prob(self, x: torch.Tensor):
         """Yield (start, end, (m, K) weighted log-densities log w_k + log N(x | k), and the
-        (m, 2 D) block [x, x * x] of those rows in the compute dtype).  Both are reused
-        buffers or fresh per chunk: use them before asking for the next chunk."""
+        (m, 2 D) block [x, x * x] of those rows in the compute dtype).  The block is a reused
+        buffer: use it before asking for the next chunk."""
         mu, var = self.means, self.variances
         cdtype = mu.dtype
         log2pi = math.log(2 * math.pi)
