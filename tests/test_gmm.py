@@ -132,7 +132,8 @@ def test_distributed_options():
         GaussianMixture(3, distributed="replicated")
     with pytest.raises(ValueError, match="distributed must be False, True or 'sharded', got 1"):
         GaussianMixture(3, distributed=1)
-    with pytest.raises(RuntimeError, match="torch.distributed to be initialised"):
+    with pytest.raises(RuntimeError, match=r"a distributed fit \(KMeans or GaussianMixture with "
+                                           r"distributed set\) needs torch.distributed to be initialised"):
         GaussianMixture(3, distributed=True).fit(X)
 
 

@@ -21,8 +21,9 @@ class Comm:
         if enabled:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(
-                    "distributed k-means needs torch.distributed to be initialised "
-                    "(call torch.distributed.init_process_group first, e.g. under torchrun)")
+                    "a distributed fit (KMeans or GaussianMixture with distributed set) needs "
+                    "torch.distributed to be initialised (call torch.distributed.init_process_group "
+                    "first, e.g. under torchrun)")
             self.world_size = dist.get_world_size()
             self.rank = dist.get_rank()
         else:
