@@ -195,17 +195,18 @@ class GaussianMixture:
             weight = (mu * prec[:, None]).T                           # (D, K)
         return const + w.log(), weight, prec
 
-    def _log_density(self, xx: torch.Tensor, terms, cols=None) -> torch.Tensor:
-        """(m, K) weighted log-densities (or only the columns `cols`) of rows xx = [x, x^2]."""
+    def _log_density(self, xx: torch.Tensor, x_sq: torch.Tensor | None, terms, cols=None) -> torch.Tensor:
+        """(m, K) weighted log-densities (or only the columns `cols`) of rows xx = [x, x^2]
+        with squared norms x_sq (m, 1) (needed for "spherical" only)."""
         const, weight, prec = terms
         d = xx.shape[1] // 2
         if cols is not None:
             const, weight = const[cols], weight[:, cols]
-            prec = prec[cols]
         if self.covariance_type == "diag":
             return torch.addmm(const, xx, weight)
+        prec = prec if cols is None else prec[cols]
         lp = torch.addmm(const, xx[:, :d], weight)
-        return lp.addcmul_(xx[:, d:].sum(1, keepdim=True), prec, value=-0.5)
+        return lp.addcmul_(x_sq.to(lp.dtype), prec, value=-0.5)
 
     def _chunks_log_prob(self, x: torch.Tensor):
         """Yield (start, end, (m, K) weighted log-densities log w_k + log N(x | k), the
@@ -222,24 +223,30 @@ class GaussianMixture:
         cdtype = self.means.dtype
         d = self.means.shape[1]
         terms = self._log_density_terms(cdtype)
-        if cdtype != torch.float64:
-            terms64 = self._log_density_terms(torch.float64)
-            prec64 = terms64[2]
-            scale = prec64.amax(1) if prec64.dim() == 2 else prec64                 # (K,)
+        check = cdtype != torch.float64
+        terms64 = None                     # float64 terms, built only if some column needs them
+        if check:
+            prec = terms[2].to(torch.float64)
+            scale = prec.amax(1) if prec.dim() == 2 else prec                      # (K,)
             mu_sq = (self.means.to(torch.float64) ** 2).sum(1)
             risk_per_sq = 0.5 * torch.finfo(cdtype).eps * math.sqrt(d) * scale     # nats per unit of |x|^2
         chunk = self._chunk()
         xx_buf = torch.empty((min(chunk, x.shape[0]), 2 * d), dtype=cdtype, device=x.device)
         for s in range(0, x.shape[0], chunk):
             xx = _with_squares(x[s:s + chunk], xx_buf)
-            lp = self._log_density(xx, terms)
+            # Row norms serve the spherical densities and the rounding check alike.
+            x_sq = xx[:, d:].sum(1, keepdim=True) if check or self.covariance_type == "spherical" else None
+            lp = self._log_density(xx, x_sq, terms)
             exact = None
-            if cdtype != torch.float64 and xx.shape[0]:
-                x_sq_max = xx[:, d:].sum(1).max().to(torch.float64)
+            if check and xx.shape[0]:
+                x_sq_max = x_sq.max().to(torch.float64)
                 cols = (risk_per_sq * (x_sq_max + mu_sq) > _MAX_ROUNDING_NATS).nonzero().squeeze(1)
                 if cols.numel():
+                    if terms64 is None:
+                        terms64 = self._log_density_terms(torch.float64)
                     xx64 = xx.to(torch.float64)
-                    lp[:, cols] = self._log_density(xx64, terms64, cols).to(cdtype)
+                    lp[:, cols] = self._log_density(xx64, xx64[:, d:].sum(1, keepdim=True), terms64,
+                                                    cols).to(cdtype)
                     exact = (cols, xx64)
             yield s, s + xx.shape[0], lp, xx, exact
 
