@@ -3,6 +3,7 @@
     python bench/kmeans.py                       # the three CPU cases, all libraries
     python bench/kmeans.py --case k100 --libs ours,faiss
     python bench/kmeans.py --case imagenet --device cuda --libs ours
+    python bench/kmeans.py --case k10 --libs ours-sub-refine,faiss --refine-iter 2   # cap the refinement
     python bench/kmeans.py --seeds 0,1,2         # means over seeds: inertia differences of a few 0.01 %
                                                  # between libraries are often one seed's luck
 
@@ -144,8 +145,8 @@ def run_faiss(x, k, args, seed: int, max_points_per_centroid: int | None):
 SETTINGS = {
     "ours": "torch_clustering: greedy k-means++, n_init={n}, max_iter={it}, tol={tol} (sklearn rule), all points",
     "ours-sub": "torch_clustering, max_points_per_centroid=256: as above on a K*256 uniform subsample, then labels all points",
-    "ours-sub-refine": "torch_clustering, max_points_per_centroid=256, refine_iter={it}: as ours-sub, then Lloyd on all "
-                       "points from those centroids until tol or {it} iterations",
+    "ours-sub-refine": "torch_clustering, max_points_per_centroid=256, refine_iter={rit}: as ours-sub, then Lloyd on all "
+                       "points from those centroids until tol or {rit} iterations",
     "sklearn": "scikit-learn KMeans(algorithm='lloyd'): greedy k-means++, n_init={n}, max_iter={it}, tol={tol}",
     "faiss": "faiss Kmeans defaults: random init, nredo={n}, niter={it} (no tolerance), max_points_per_centroid=256",
     "faiss-full": "faiss Kmeans: as above with max_points_per_centroid large enough to train on all points",
@@ -158,7 +159,7 @@ def run_lib(lib: str, x, k, args, seed: int):
     if lib == "ours-sub":
         return run_ours(x, k, args, seed, 256)
     if lib == "ours-sub-refine":
-        return run_ours(x, k, args, seed, 256, refine_iter=args.max_iter)
+        return run_ours(x, k, args, seed, 256, refine_iter=args.refine_iter)
     if lib == "sklearn":
         return run_sklearn(x, k, args, seed)
     if lib == "faiss":
@@ -217,7 +218,7 @@ def bench_case(case: str, args, device: torch.device) -> None:
         print(f"  {lib:15s} {secs:14.2f} {r_sk} {r_fa} {inertia:27.8g} {100 * (inertia / best - 1):+8.3f}%{spread}")
     print("  settings:")
     for lib, *_ in rows:
-        print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, tol=args.tol))
+        print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, rit=args.refine_iter, tol=args.tol))
 
 
 def main() -> None:
@@ -231,9 +232,16 @@ def main() -> None:
     p.add_argument("--n-init", type=int, default=3)
     p.add_argument("--max-iter", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--refine-iter", type=int, default=None,
+                   help="Lloyd iterations on all points for ours-sub-refine (default: --max-iter); a few "
+                   "values trace its time/inertia tradeoff")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; figures are means over them "
                    "(k-means++ and faiss's random init differ per seed)")
     args = p.parse_args()
+    if args.refine_iter is None:
+        args.refine_iter = args.max_iter
+    if args.refine_iter < 1:
+        raise SystemExit(f"--refine-iter must be >= 1, got {args.refine_iter} (ours-sub is the row without refinement)")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
