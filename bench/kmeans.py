@@ -216,6 +216,7 @@ def bench_case(case: str, args, device: torch.device) -> None:
         r_fa = f"{secs / t_fa:8.2f}" if t_fa else f"{'-':>8s}"
         spread = ("   " + " ".join(f"{100 * (i / best - 1):+.3f}%" for i in per_seed)) if len(seeds) > 1 else ""
         print(f"  {lib:15s} {secs:14.2f} {r_sk} {r_fa} {inertia:27.8g} {100 * (inertia / best - 1):+8.3f}%{spread}")
+    print("  vs best: against the lowest mean inertia of the rows above (only the libraries run here)")
     print("  settings:")
     for lib, *_ in rows:
         print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, rit=args.refine_iter, tol=args.tol))
@@ -234,7 +235,8 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--refine-iter", type=int, default=None,
                    help="Lloyd iterations on all points for ours-sub-refine (default: --max-iter); a few "
-                   "values trace its time/inertia tradeoff")
+                   "values trace its time/inertia tradeoff (include sklearn in --libs: 'vs best' compares "
+                   "only the rows run)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; figures are means over them "
                    "(k-means++ and faiss's random init differ per seed)")
     args = p.parse_args()
