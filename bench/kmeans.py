@@ -3,6 +3,7 @@
     python bench/kmeans.py                       # the three CPU cases, all libraries
     python bench/kmeans.py --case k100 --libs ours,faiss
     python bench/kmeans.py --case imagenet --device cuda --libs ours
+    python bench/kmeans.py --case imagenet --libs ours --points 20000 --n-init 1   # CPU smoke run
     python bench/kmeans.py --case k10 --libs ours-sub-refine,faiss --refine-iter 2   # cap the refinement
     python bench/kmeans.py --seeds 0,1,2         # means over seeds: inertia differences of a few 0.01 %
                                                  # between libraries are often one seed's luck
@@ -62,8 +63,11 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-def make_data(case: str, device: torch.device) -> torch.Tensor:
+def make_data(case: str, device: torch.device, points: int | None = None) -> torch.Tensor:
+    """The (N, D) float32 data of `case` on `device`; `points` caps N (the first `points`
+    MNIST digits, or only `points` synthetic points: not a prefix of the full case's rows)."""
     n, d, k, normalise, source = CASES[case]
+    n = n if points is None else min(n, points)
     g = torch.Generator().manual_seed(0)
     if source == "mnist":
         with np.load(shared_data_dir() / "mnist.npz", allow_pickle=False) as z:
@@ -170,10 +174,14 @@ def run_lib(lib: str, x, k, args, seed: int):
 
 
 def bench_case(case: str, args, device: torch.device) -> None:
-    n, d, k, normalise, source = CASES[case]
-    x = make_data(case, device)
+    _, d, k, normalise, source = CASES[case]
+    x = make_data(case, device, args.points)
+    n = x.shape[0]
     seeds = [int(s) for s in str(args.seeds).split(",")]
-    print(f"\n=== case {case}: {n} x {d} ({source}{', L2-normalised' if normalise else ''}), K={k}, "
+    if n < k:
+        raise SystemExit(f"--points {args.points} is below case {case}'s K={k}: k-means needs at least K points")
+    what = source + (", --points" if args.points else "") + (", L2-normalised" if normalise else "")
+    print(f"\n=== case {case}: {n} x {d} ({what}), K={k}, "
           f"device {device}, torch threads {torch.get_num_threads()}, seeds {seeds} ===", flush=True)
     libs = []
     for lib in args.libs.split(","):
@@ -237,6 +245,10 @@ def main() -> None:
                    help="Lloyd iterations on all points for ours-sub-refine (default: --max-iter); a few "
                    "values trace its time/inertia tradeoff (include sklearn in --libs: 'vs best' compares "
                    "only the rows run)")
+    p.add_argument("--points", type=int, default=None,
+                   help="use only N points of each case (the first N digits, or N synthetic points): a quick "
+                   "smoke run (e.g. of the imagenet case on a CPU before spending GPU time), whose figures "
+                   "are not the cases' own")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; figures are means over them "
                    "(k-means++ and faiss's random init differ per seed)")
     args = p.parse_args()
@@ -244,6 +256,8 @@ def main() -> None:
         args.refine_iter = args.max_iter
     if args.refine_iter < 1:
         raise SystemExit(f"--refine-iter must be >= 1, got {args.refine_iter} (ours-sub is the row without refinement)")
+    if args.points is not None and args.points < 1:
+        raise SystemExit(f"--points must be >= 1, got {args.points}")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")

@@ -1,7 +1,10 @@
-"""The benchmarks that build their trainer through the launcher still run (one step, not timed)."""
+"""The benchmarks still run (one step, or a few points; not timed), and their figures agree with independent oracles."""
+import importlib.util
 import re
 import subprocess
 import sys
+
+import torch
 
 from tests.torchrun_util import REPO_ROOT
 
@@ -22,3 +25,48 @@ def test_train_step_bench_runs_both_feeds_through_the_launchers_builders():
     low = (device - 0.05) / (workers + 0.05) - 0.005
     high = (device + 0.05) / (workers - 0.05) + 0.005 if workers > 0.05 else float("inf")
     assert low <= ratio <= high, (ratio, device, workers)
+
+
+def _run_kmeans_bench(*args: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kmeans.py"), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _per_seed_inertias(stdout: str) -> dict[str, float]:
+    return {lib: float(v) for lib, v in re.findall(r"^  (\S+) +seed 0: +[0-9.]+ s  inertia ([0-9.e+]+)", stdout, re.M)}
+
+
+def test_kmeans_bench_inertia_column_matches_sklearns_own_and_refinement_only_lowers_it():
+    """The bench's float64 inertia evaluator against scikit-learn's `inertia_` for the same fit,
+    and Lloyd on all points from ours-sub's centroids can only lower ours-sub's inertia."""
+    from sklearn.cluster import KMeans as SkKMeans
+    spec = importlib.util.spec_from_file_location("bench_kmeans", REPO_ROOT / "bench" / "kmeans.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    points = 6000   # > K*256 = 2560, so both subsample rows run
+    out = _run_kmeans_bench("--case", "k10", "--points", str(points), "--refine-iter", "3",
+                            "--libs", "ours-sub,ours-sub-refine,sklearn")
+    assert f"=== case k10: {points} x 512" in out, out
+    inertia = _per_seed_inertias(out)
+    assert set(inertia) == {"ours-sub", "ours-sub-refine", "sklearn"}, out
+
+    x = bench.make_data("k10", torch.device("cpu"), points).numpy()
+    sk = SkKMeans(10, init="k-means++", n_init=3, max_iter=100, tol=1e-4, algorithm="lloyd",
+                  random_state=0).fit(x)
+    assert abs(inertia["sklearn"] / sk.inertia_ - 1) < 1e-4, (inertia["sklearn"], sk.inertia_)
+    assert inertia["ours-sub-refine"] <= inertia["ours-sub"] * (1 + 1e-7), inertia
+
+
+def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
+    """The GPU case's code path (synthetic data made on the device, K=1000), on the CPU: what a
+    session lent a GPU runs first must not fail on the bench itself."""
+    out = _run_kmeans_bench("--case", "imagenet", "--points", "3000", "--libs", "ours",
+                            "--n-init", "1", "--max-iter", "3")
+    assert "=== case imagenet: 3000 x 256 (synthetic, --points), K=1000, device cpu" in out, out
+    inertia = _per_seed_inertias(out)["ours"]
+    # Points are centre + 0.5 * N(0, I_256): about 0.25 * 256 = 64 per point around the true
+    # centres.  k-means fits ~3 points per centroid, so it ends below that but far above zero.
+    assert 10 * 3000 < inertia < 64 * 3000, inertia
