@@ -1,23 +1,28 @@
 """The benchmarks still run (one step, or a few points; not timed), and their figures agree with independent oracles."""
-import importlib.util
 import re
 import subprocess
 import sys
 
 import torch
 
-from tests.torchrun_util import REPO_ROOT
+from tests.torchrun_util import REPO_ROOT, load_script
+
+
+def _run_bench(script: str, *args: str) -> str:
+    """stdout of `python bench/<script> *args`; fails the test with its stderr if it exits non-zero."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 def test_train_step_bench_runs_both_feeds_through_the_launchers_builders():
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), "--steps", "1",
-                           "--warmup", "0", "--workers", "1", "train.batch_size_per_rank=32"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rates = dict(re.findall(r"^(device|workers) +feed: +([0-9.]+) images/s", proc.stdout, re.M))
-    assert set(rates) == {"device", "workers"} and all(float(v) > 0 for v in rates.values()), proc.stdout
-    assert "batch 32," in proc.stdout                      # the override reached the launcher's config
-    ratio = float(re.search(r"device feed / workers feed: ([0-9.]+)x", proc.stdout).group(1))
+    stdout = _run_bench("train_step.py", "--steps", "1", "--warmup", "0", "--workers", "1",
+                        "train.batch_size_per_rank=32")
+    rates = dict(re.findall(r"^(device|workers) +feed: +([0-9.]+) images/s", stdout, re.M))
+    assert set(rates) == {"device", "workers"} and all(float(v) > 0 for v in rates.values()), stdout
+    assert "batch 32," in stdout                      # the override reached the launcher's config
+    ratio = float(re.search(r"device feed / workers feed: ([0-9.]+)x", stdout).group(1))
     device, workers = float(rates["device"]), float(rates["workers"])
     # The rates are printed to within 0.05 and the ratio to within 0.005, so the printed ratio must
     # lie in what the printed rates allow: on a loaded machine one step can run at a few images/s,
@@ -25,13 +30,6 @@ def test_train_step_bench_runs_both_feeds_through_the_launchers_builders():
     low = (device - 0.05) / (workers + 0.05) - 0.005
     high = (device + 0.05) / (workers - 0.05) + 0.005 if workers > 0.05 else float("inf")
     assert low <= ratio <= high, (ratio, device, workers)
-
-
-def _run_kmeans_bench(*args: str) -> str:
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "kmeans.py"), *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def _per_seed_inertias(stdout: str) -> dict[str, float]:
@@ -42,12 +40,10 @@ def test_kmeans_bench_inertia_column_matches_sklearns_own_and_refinement_only_lo
     """The bench's float64 inertia evaluator against scikit-learn's `inertia_` for the same fit,
     and Lloyd on all points from ours-sub's centroids can only lower ours-sub's inertia."""
     from sklearn.cluster import KMeans as SkKMeans
-    spec = importlib.util.spec_from_file_location("bench_kmeans", REPO_ROOT / "bench" / "kmeans.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(REPO_ROOT / "bench" / "kmeans.py")
 
     points = 6000   # > K*256 = 2560, so both subsample rows run
-    out = _run_kmeans_bench("--case", "k10", "--points", str(points), "--refine-iter", "3",
+    out = _run_bench("kmeans.py", "--case", "k10", "--points", str(points), "--refine-iter", "3",
                             "--libs", "ours-sub,ours-sub-refine,sklearn")
     assert f"=== case k10: {points} x 512" in out, out
     inertia = _per_seed_inertias(out)
@@ -63,7 +59,7 @@ def test_kmeans_bench_inertia_column_matches_sklearns_own_and_refinement_only_lo
 def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     """The GPU case's code path (synthetic data made on the device, K=1000), on the CPU: what a
     session lent a GPU runs first must not fail on the bench itself."""
-    out = _run_kmeans_bench("--case", "imagenet", "--points", "3000", "--libs", "ours",
+    out = _run_bench("kmeans.py", "--case", "imagenet", "--points", "3000", "--libs", "ours",
                             "--n-init", "1", "--max-iter", "3")
     assert "=== case imagenet: 3000 x 256 (synthetic, --points), K=1000, device cpu" in out, out
     inertia = _per_seed_inertias(out)["ours"]

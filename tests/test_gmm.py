@@ -140,15 +140,11 @@ def test_distributed_options():
 def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node=2` (gloo): each rank fits on its own, unequal shard; every fit
     equals one process's on the concatenated data (parameters, lower bounds, score, posteriors)."""
-    import importlib.util
-
     import torch_clustering.gmm as gmm_module
-    from tests.torchrun_util import REPO_ROOT, run_torchrun
+    from tests.torchrun_util import REPO_ROOT, load_script, run_torchrun
 
     path = REPO_ROOT / "tests" / "dist_scripts" / "gmm_sharded.py"
-    spec = importlib.util.spec_from_file_location("gmm_sharded", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(path)
     run_torchrun(path, tmp_path, nproc=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     x, init = script.make_data()

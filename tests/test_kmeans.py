@@ -1,6 +1,5 @@
 """torch_clustering.KMeans against scikit-learn's Lloyd, a hand-written spherical k-means, constructed
 empty-cluster cases, its input checks, and real two-process runs (torchrun, gloo) against one process."""
-import importlib.util
 import warnings
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from sklearn.cluster import KMeans as SkKMeans
 from sklearn.datasets import make_blobs
 
-from tests.torchrun_util import REPO_ROOT, run_torchrun
+from tests.torchrun_util import REPO_ROOT, load_script, run_torchrun
 import torch_clustering._assign as assign_module
 import torch_clustering.kmeans as kmeans_module
 from torch_clustering import KMeans, KMeansResult
@@ -431,15 +430,8 @@ def test_distributed_without_process_group_says_so():
 
 # -- two real processes (torchrun, gloo) against one process -----------------------------------------
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("kmeans_sharded", SCRIPTS / "kmeans_sharded.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
-    script = _load_script()
+    script = load_script(SCRIPTS / "kmeans_sharded.py")
     run_torchrun(SCRIPTS / "kmeans_sharded.py", tmp_path, nproc=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     x, init, blobs = script.make_data()

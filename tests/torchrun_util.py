@@ -1,10 +1,13 @@
-"""Run a script under a real `torchrun --nproc_per_node=N` (gloo on the CPU) from a test."""
+"""Run a script under a real `torchrun --nproc_per_node=N` (gloo on the CPU) from a test, or
+load it as a module to reuse its data and constants in the one-process oracle."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -34,3 +37,11 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
         raise AssertionError(f"torchrun {' '.join(cmd[3:])} failed with exit code {proc.returncode}:\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def load_script(path: str | Path) -> ModuleType:
+    """Import the script at `path` as a module (its `if __name__ == "__main__"` part does not run)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
