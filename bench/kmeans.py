@@ -178,8 +178,6 @@ def bench_case(case: str, args, device: torch.device) -> None:
     x = make_data(case, device, args.points)
     n = x.shape[0]
     seeds = [int(s) for s in str(args.seeds).split(",")]
-    if n < k:
-        raise SystemExit(f"--points {args.points} is below case {case}'s K={k}: k-means needs at least K points")
     what = source + (", --points" if args.points else "") + (", L2-normalised" if normalise else "")
     print(f"\n=== case {case}: {n} x {d} ({what}), K={k}, "
           f"device {device}, torch threads {torch.get_num_threads()}, seeds {seeds} ===", flush=True)
@@ -256,14 +254,18 @@ def main() -> None:
         args.refine_iter = args.max_iter
     if args.refine_iter < 1:
         raise SystemExit(f"--refine-iter must be >= 1, got {args.refine_iter} (ours-sub is the row without refinement)")
-    if args.points is not None and args.points < 1:
-        raise SystemExit(f"--points must be >= 1, got {args.points}")
+    cases = args.case.split(",")
+    # Every case is checked before the first one runs (each can take minutes).
+    for case in cases:
+        if case not in CASES:
+            raise SystemExit(f"unknown case {case!r}; expected one of {list(CASES)}")
+        k = CASES[case][2]
+        if args.points is not None and args.points < k:
+            raise SystemExit(f"--points {args.points} is below case {case}'s K={k}: k-means needs at least K points")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-    for case in args.case.split(","):
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; expected one of {list(CASES)}")
+    for case in cases:
         bench_case(case, args, device)
 
 

@@ -44,7 +44,7 @@ def test_kmeans_bench_inertia_column_matches_sklearns_own_and_refinement_only_lo
 
     points = 6000   # > K*256 = 2560, so both subsample rows run
     out = _run_bench("kmeans.py", "--case", "k10", "--points", str(points), "--refine-iter", "3",
-                            "--libs", "ours-sub,ours-sub-refine,sklearn")
+                     "--libs", "ours-sub,ours-sub-refine,sklearn")
     assert f"=== case k10: {points} x 512" in out, out
     inertia = _per_seed_inertias(out)
     assert set(inertia) == {"ours-sub", "ours-sub-refine", "sklearn"}, out
@@ -60,7 +60,7 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     """The GPU case's code path (synthetic data made on the device, K=1000), on the CPU: what a
     session lent a GPU runs first must not fail on the bench itself."""
     out = _run_bench("kmeans.py", "--case", "imagenet", "--points", "3000", "--libs", "ours",
-                            "--n-init", "1", "--max-iter", "3")
+                     "--n-init", "1", "--max-iter", "3")
     assert "=== case imagenet: 3000 x 256 (synthetic, --points), K=1000, device cpu" in out, out
     inertia = _per_seed_inertias(out)["ours"]
     # Points are centre + 0.5 * N(0, I_256): about 0.25 * 256 = 64 per point around the true
