@@ -46,6 +46,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from data.datasets import shared_data_dir  # noqa: E402
 from torch_clustering import KMeans  # noqa: E402
 
 logger = logging.getLogger("bench.kmeans")
@@ -57,10 +58,6 @@ CASES = {
     "k1000": (60_000, 128, 1000, False, "mnist"),
     "imagenet": (1_281_167, 256, 1000, False, "synthetic"),
 }
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def make_data(case: str, device: torch.device, points: int | None = None) -> torch.Tensor:

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from data.datasets import shared_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CLUSTERING_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir()
 
 
 def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600.0,
