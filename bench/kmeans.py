@@ -68,8 +68,9 @@ def make_data(case: str, device: torch.device, points: int | None = None) -> tor
     g = torch.Generator().manual_seed(0)
     if source == "mnist":
         with np.load(shared_data_dir() / "mnist.npz", allow_pickle=False) as z:
-            pixels = torch.from_numpy(z["x_train"].reshape(len(z["x_train"]), -1)).float() / 255.0
-        pixels = pixels[:n] - pixels[:n].mean(0)
+            digits = z["x_train"][:n]   # each z[...] access reads and decompresses the array again
+        pixels = torch.from_numpy(digits.reshape(len(digits), -1)).float() / 255.0
+        pixels = pixels - pixels.mean(0)
         proj = torch.randn(pixels.shape[1], d, generator=g) / math.sqrt(d)
         x = pixels @ proj
     else:
