@@ -175,14 +175,11 @@ def bench_case(case: str, args, device: torch.device) -> None:
     _, d, k, normalise, source = CASES[case]
     x = make_data(case, device, args.points)
     n = x.shape[0]
-    seeds = [int(s) for s in str(args.seeds).split(",")]
     what = source + (", --points" if args.points else "") + (", L2-normalised" if normalise else "")
     print(f"\n=== case {case}: {n} x {d} ({what}), K={k}, "
-          f"device {device}, torch threads {torch.get_num_threads()}, seeds {seeds} ===", flush=True)
+          f"device {device}, torch threads {torch.get_num_threads()}, seeds {args.seeds} ===", flush=True)
     libs = []
-    for lib in args.libs.split(","):
-        if lib not in SETTINGS:
-            raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
+    for lib in args.libs:
         if lib in ("sklearn", "faiss", "faiss-full") and device.type != "cpu":
             continue
         if lib == "faiss-full" and n <= k * 256:
@@ -194,7 +191,7 @@ def bench_case(case: str, args, device: torch.device) -> None:
     # every library then meets the same slow and fast phases.
     times = {lib: [] for lib in libs}
     inertias = {lib: [] for lib in libs}
-    for seed in seeds:
+    for seed in args.seeds:
         for lib in list(libs):
             try:
                 secs, cent, note = run_lib(lib, x, k, args, seed)
@@ -212,13 +209,14 @@ def bench_case(case: str, args, device: torch.device) -> None:
     t_sk = next((r[1] for r in rows if r[0] == "sklearn"), None)
     t_fa = next((r[1] for r in rows if r[0] == "faiss"), None)
     best = min(r[2] for r in rows)
-    label = "mean " if len(seeds) > 1 else ""
+    several_seeds = len(args.seeds) > 1
+    label = "mean " if several_seeds else ""
     print(f"\n  {'library':15s} {label + 'seconds':>14s} {'/sklearn':>9s} {'/faiss':>8s} "
-          f"{label + 'inertia (all points)':>27s} {'vs best':>9s}" + ("   per seed vs best" if len(seeds) > 1 else ""))
+          f"{label + 'inertia (all points)':>27s} {'vs best':>9s}" + ("   per seed vs best" if several_seeds else ""))
     for lib, secs, inertia, per_seed in rows:
         r_sk = f"{secs / t_sk:9.2f}" if t_sk else f"{'-':>9s}"
         r_fa = f"{secs / t_fa:8.2f}" if t_fa else f"{'-':>8s}"
-        spread = ("   " + " ".join(f"{100 * (i / best - 1):+.3f}%" for i in per_seed)) if len(seeds) > 1 else ""
+        spread = ("   " + " ".join(f"{100 * (i / best - 1):+.3f}%" for i in per_seed)) if several_seeds else ""
         print(f"  {lib:15s} {secs:14.2f} {r_sk} {r_fa} {inertia:27.8g} {100 * (inertia / best - 1):+8.3f}%{spread}")
     print("  vs best: against the lowest mean inertia of the rows above (only the libraries run here)")
     print("  settings:")
@@ -252,8 +250,16 @@ def main() -> None:
         args.refine_iter = args.max_iter
     if args.refine_iter < 1:
         raise SystemExit(f"--refine-iter must be >= 1, got {args.refine_iter} (ours-sub is the row without refinement)")
+    # Every argument is checked before the first case runs (each can take minutes).
+    args.libs = args.libs.split(",")
+    for lib in args.libs:
+        if lib not in SETTINGS:
+            raise SystemExit(f"unknown library {lib!r}; expected some of {list(SETTINGS)}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     cases = args.case.split(",")
-    # Every case is checked before the first one runs (each can take minutes).
     for case in cases:
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}; expected one of {list(CASES)}")
