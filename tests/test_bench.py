@@ -32,7 +32,8 @@ def test_train_step_bench_runs_both_feeds_through_the_launchers_builders():
     assert low <= ratio <= high, (ratio, device, workers)
 
 
-def _per_seed_inertias(stdout: str) -> dict[str, float]:
+def _seed0_inertias(stdout: str) -> dict[str, float]:
+    """{library: inertia} from the bench's per-fit lines for seed 0."""
     return {lib: float(v) for lib, v in re.findall(r"^  (\S+) +seed 0: +[0-9.]+ s  inertia ([0-9.e+]+)", stdout, re.M)}
 
 
@@ -46,7 +47,7 @@ def test_kmeans_bench_inertia_column_matches_sklearns_own_and_refinement_only_lo
     out = _run_bench("kmeans.py", "--case", "k10", "--points", str(points), "--refine-iter", "3",
                      "--libs", "ours-sub,ours-sub-refine,sklearn")
     assert f"=== case k10: {points} x 512" in out, out
-    inertia = _per_seed_inertias(out)
+    inertia = _seed0_inertias(out)
     assert set(inertia) == {"ours-sub", "ours-sub-refine", "sklearn"}, out
 
     x = bench.make_data("k10", torch.device("cpu"), points).numpy()
@@ -62,7 +63,7 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     out = _run_bench("kmeans.py", "--case", "imagenet", "--points", "3000", "--libs", "ours",
                      "--n-init", "1", "--max-iter", "3")
     assert "=== case imagenet: 3000 x 256 (synthetic, --points), K=1000, device cpu" in out, out
-    inertia = _per_seed_inertias(out)["ours"]
+    inertia = _seed0_inertias(out)["ours"]
     # Points are centre + 0.5 * N(0, I_256): about 0.25 * 256 = 64 per point around the true
     # centres.  k-means fits ~3 points per centroid, so it ends below that but far above zero.
     assert 10 * 3000 < inertia < 64 * 3000, inertia

@@ -431,8 +431,9 @@ def test_distributed_without_process_group_says_so():
 # -- two real processes (torchrun, gloo) against one process -----------------------------------------
 
 def test_two_ranks_with_unequal_shards_equal_one_process(tmp_path):
-    script = load_script(SCRIPTS / "kmeans_sharded.py")
-    run_torchrun(SCRIPTS / "kmeans_sharded.py", tmp_path, nproc=2)
+    path = SCRIPTS / "kmeans_sharded.py"
+    script = load_script(path)
+    run_torchrun(path, tmp_path, nproc=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     x, init, blobs = script.make_data()
     lo, mid, hi = script.SPLIT
