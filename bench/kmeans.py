@@ -266,8 +266,18 @@ def main() -> None:
         k = CASES[case][2]
         if args.points is not None and args.points < k:
             raise SystemExit(f"--points {args.points} is below case {case}'s K={k}: k-means needs at least K points")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no usable CUDA device "
+                         "(torch.cuda.is_available() is False)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     logging.basicConfig(level=logging.WARNING)
-    device = torch.device(args.device)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     for case in cases:
         bench_case(case, args, device)

@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.torchrun_util import REPO_ROOT, load_script
@@ -67,3 +68,33 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     # Points are centre + 0.5 * N(0, I_256): about 0.25 * 256 = 64 per point around the true
     # centres.  k-means fits ~3 points per centroid, so it ends below that but far above zero.
     assert 10 * 3000 < inertia < 64 * 3000, inertia
+
+
+_BAD_ARGUMENTS = [
+    (["--libs", "ours,bogus"], "unknown library 'bogus'"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers, got '0,x'"),
+    (["--case", "k10,k7"], "unknown case 'k7'"),
+    (["--case", "k100", "--points", "50"], "--points 50 is below case k100's K=100"),
+    (["--refine-iter", "0"], "--refine-iter must be >= 1, got 0"),
+    (["--device", "cuad"], "--device must be cpu, cuda or cuda:N, got 'cuad'"),
+    (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch .* sees no usable CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+]
+
+
+@pytest.mark.parametrize("argv, message", _BAD_ARGUMENTS,
+                         ids=["libs", "seeds", "case", "points", "refine-iter",
+                              "device-typo", "device-mps", "device-cuda"])
+def test_kmeans_bench_rejects_a_bad_argument_in_one_line_before_loading_any_case(argv, message, monkeypatch):
+    bench = load_script(REPO_ROOT / "bench" / "kmeans.py")
+
+    def no_load(*_):
+        raise AssertionError("a case's data were loaded before the arguments were checked")
+
+    monkeypatch.setattr(bench, "make_data", no_load)
+    monkeypatch.setattr(sys, "argv", ["kmeans.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    text = str(exit_info.value.code)
+    assert re.search(message, text) and "\n" not in text, text
