@@ -64,6 +64,17 @@ class Datasets(NamedTuple):
     eval: Any
 
 
+def start_distributed(cfg):
+    """`utils.distributed.init_distributed` for the config's run section; a device this machine
+    lacks (run.device=cuda without a usable GPU) is a one-line error, before anything is written."""
+    from utils import distributed as du
+
+    try:
+        return du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    except du.DeviceUnavailableError as exc:
+        raise SystemExit(f"error: {exc}; use run.device=auto or cpu") from None
+
+
 def build_datasets(cfg) -> Datasets:
     """The train and eval datasets from the config; a missing or malformed dataset is a one-line error.
 
@@ -124,7 +135,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
         state = load_checkpoint(checkpoint, map_location="cpu")
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, build_datasets(cfg),
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.eval or args.checkpoint:
         checkpoint = check_eval_args(args)
         return run_evaluation(cfg, args.eval, checkpoint)
-    dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    dist_info = start_distributed(cfg)
     run_dir = prepare_run_dir(cfg, args.resume)
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     if dist_info.is_main:  # rank 0 only: create the run directory and write the resolved config

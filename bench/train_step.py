@@ -40,7 +40,7 @@ def build_trainer(config: str, overrides: list[str], loader: str, run_dir: Path)
     """The launcher's own method and Trainer for the config, fed by `loader`, pseudo-labels ready."""
     cfg = load_config(config, [*overrides, f"data.loader={loader}", "method.warmup_epochs=0",
                                "logging.progress_bar=false"])
-    dist_info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+    dist_info = launcher.start_distributed(cfg)
     torch.manual_seed(cfg.run.seed)
     trainer = launcher.build_trainer(cfg, dist_info, run_dir, None, launcher.build_datasets(cfg))
     if trainer.method.wants_pseudo_labels(0):

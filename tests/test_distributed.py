@@ -71,3 +71,33 @@ def test_launch_env_prefers_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert du.read_launch_env() == (1, 2, 1, 2)
+
+
+@pytest.mark.parametrize("name, expected", [("cpu", torch.device("cpu")), ("cuda", torch.device("cuda")),
+                                            ("cuda:0", torch.device("cuda", 0))])
+def test_check_device_accepts_what_exists(name, expected, monkeypatch):
+    # One visible GPU, faked, so that the CUDA spellings are checked on a CPU-only machine too.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert du.check_device(name, "--device") == expected
+
+
+@pytest.mark.parametrize("name, gpus, error, message", [
+    ("cuad", 1, ValueError, r"^--device: expected cpu, cuda or cuda:N, got 'cuad'$"),
+    ("mps", 1, ValueError, r"^--device: expected cpu, cuda or cuda:N, got 'mps'$"),
+    ("", 1, ValueError, r"^--device: expected cpu, cuda or cuda:N, got ''$"),
+    ("cuda", 0, du.DeviceUnavailableError, r"^--device=cuda: torch \S+ sees no usable CUDA device "
+                                           r"\(torch.cuda.is_available\(\) is False\)$"),
+    ("cuda:1", 1, du.DeviceUnavailableError, r"^--device=cuda:1: only 1 CUDA device\(s\) are visible$"),
+])
+def test_check_device_refuses_in_one_line(name, gpus, error, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(error, match=message):
+        du.check_device(name, "--device")
+
+
+def test_init_distributed_refuses_cuda_without_a_usable_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(du.DeviceUnavailableError, match=r"^run.device=cuda: torch \S+ sees no usable CUDA device"):
+        du.init_distributed("cuda")

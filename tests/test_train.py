@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import main as launcher
+from utils.checkpoint import CHECKPOINT_KEYS
 from tests.torchrun_util import REPO_ROOT, SHARED_DATA, run_torchrun
 
 DEMO = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
@@ -81,6 +82,25 @@ def test_missing_dataset_exits_with_one_line_and_leaves_no_run_directory(tmp_pat
     message = str(exc.value)
     assert message.startswith("error: data: mnist: ") and str(missing) in message and "\n" not in message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_without_a_usable_device_exits_with_one_line_and_writes_nothing(tmp_path, monkeypatch, mode):
+    # What a CPU-only machine, or a driver older than torch's CUDA build, reports.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=nogpu", *SMALL, "run.device=cuda"]
+    if mode == "eval":
+        checkpoint = tmp_path / "last.pt"
+        torch.save({key: None for key in CHECKPOINT_KEYS} | {"model": {}, "epoch": 1}, checkpoint)
+        argv += ["--eval", "cluster", "--checkpoint", str(checkpoint)]
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(argv)
+    message = str(exc.value)
+    assert message.startswith("error: run.device=cuda: torch ") and "\n" not in message, message
+    assert message.endswith("sees no usable CUDA device (torch.cuda.is_available() is False); "
+                            "use run.device=auto or cpu"), message
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
+        (["last.pt"] if mode == "eval" else [])
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

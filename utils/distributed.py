@@ -81,6 +81,33 @@ def available_cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A device was asked for that this machine's torch cannot use; the message is one line for the user."""
+
+
+def check_device(name: str, label: str) -> torch.device:
+    """`name` ("cpu", "cuda" or "cuda:N") as a torch.device that exists here.
+
+    `label` names the flag or config key the user set ("--device", "run.device"). Raises
+    ValueError for anything else (a typo, "mps"), DeviceUnavailableError when this torch sees no
+    usable CUDA device (none present, or a driver older than the CUDA torch was built for), or
+    too few of them for the index.
+    """
+    try:
+        # torch's own parser, so that the accepted spellings ("cuda:01") stay torch's.
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{label}: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"{label}={name}: torch {torch.__version__} sees no usable CUDA device "
+                                     "(torch.cuda.is_available() is False)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"{label}={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
 def init_distributed(device: str = "auto", threads_per_rank: int = 0) -> DistInfo:
     """Initialise the process group when launched with several processes; pick this rank's device.
 
@@ -89,8 +116,8 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 0) -> DistInf
     """
     rank, world, local_rank, local_world = read_launch_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
+    if device == "cuda":
+        check_device(device, "run.device")  # DeviceUnavailableError: the launcher prints it as one line
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
