@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.augment import build_batch_augments, build_sample_transform  # noqa: E402
 from data.config import AugmentConfig  # noqa: E402
+from utils import distributed as du  # noqa: E402
 
 # The shipped demo's digit views and the SimCLR-style CIFAR views of the ProPos paper configs.
 CASES = {
@@ -63,16 +64,19 @@ def per_sample_rate(channels: int, size: int, cfg: AugmentConfig, *, seconds: fl
     return done / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per case")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        device = du.check_device(args.device, "--device")
+    except (ValueError, du.DeviceUnavailableError) as exc:
+        raise SystemExit(str(exc)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(f"device {device}, {torch.get_num_threads()} CPU threads, batch {args.batch}, two views per image")
     for name, (channels, size, cfg) in CASES.items():
         rate = batched_rate(channels, size, cfg, batch=args.batch, device=device, seconds=args.seconds)

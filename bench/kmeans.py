@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from data.datasets import shared_data_dir  # noqa: E402
 from torch_clustering import KMeans  # noqa: E402
+from utils import distributed as du  # noqa: E402
 
 logger = logging.getLogger("bench.kmeans")
 
@@ -267,16 +268,9 @@ def main() -> None:
         if args.points is not None and args.points < k:
             raise SystemExit(f"--points {args.points} is below case {case}'s K={k}: k-means needs at least K points")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no usable CUDA device "
-                         "(torch.cuda.is_available() is False)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        device = du.check_device(args.device, "--device")
+    except (ValueError, du.DeviceUnavailableError) as exc:
+        raise SystemExit(str(exc)) from None
     logging.basicConfig(level=logging.WARNING)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     for case in cases:

@@ -76,10 +76,9 @@ _BAD_ARGUMENTS = [
     pytest.param(["--case", "k10,k7"], "unknown case 'k7'", id="case"),
     pytest.param(["--case", "k100", "--points", "50"], "--points 50 is below case k100's K=100", id="points"),
     pytest.param(["--refine-iter", "0"], "--refine-iter must be >= 1, got 0", id="refine-iter"),
-    pytest.param(["--device", "cuad"], "--device must be cpu, cuda or cuda:N, got 'cuad'", id="device-typo"),
-    pytest.param(["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'", id="device-mps"),
-    pytest.param(["--device", "cuda"], "--device cuda: torch .* sees no usable CUDA device", id="device-cuda",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    pytest.param(["--device", "cuad"], "--device: expected cpu, cuda or cuda:N, got 'cuad'", id="device-typo"),
+    pytest.param(["--device", "mps"], "--device: expected cpu, cuda or cuda:N, got 'mps'", id="device-mps"),
+    pytest.param(["--device", "cuda"], "--device=cuda: torch .* sees no usable CUDA device", id="device-cuda"),
 ]
 
 
@@ -91,8 +90,27 @@ def test_kmeans_bench_rejects_a_bad_argument_in_one_line_before_loading_any_case
         raise AssertionError("a case's data were loaded before the arguments were checked")
 
     monkeypatch.setattr(bench, "make_data", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the device-cuda case, on any machine
     monkeypatch.setattr(sys, "argv", ["kmeans.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
+    text = str(exit_info.value.code)
+    assert re.search(message, text) and "\n" not in text, text
+
+
+@pytest.mark.parametrize("device, message", [
+    pytest.param("cuad", "^--device: expected cpu, cuda or cuda:N, got 'cuad'$", id="typo"),
+    pytest.param("cuda", r"^--device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
+])
+def test_augment_bench_rejects_a_bad_device_in_one_line_before_measuring(device, message, monkeypatch):
+    bench = load_script(REPO_ROOT / "bench" / "augment.py")
+
+    def no_measure(*_, **__):
+        raise AssertionError("a rate was measured before --device was checked")
+
+    monkeypatch.setattr(bench, "batched_rate", no_measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", device])
     text = str(exit_info.value.code)
     assert re.search(message, text) and "\n" not in text, text
