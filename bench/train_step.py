@@ -32,14 +32,17 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import main as launcher  # noqa: E402
 from utils import distributed as du  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import ConfigError, load_config  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 
 def build_trainer(config: str, overrides: list[str], loader: str, run_dir: Path) -> Trainer:
     """The launcher's own method and Trainer for the config, fed by `loader`, pseudo-labels ready."""
-    cfg = load_config(config, [*overrides, f"data.loader={loader}", "method.warmup_epochs=0",
-                               "logging.progress_bar=false"])
+    try:
+        cfg = load_config(config, [*overrides, f"data.loader={loader}", "method.warmup_epochs=0",
+                                   "logging.progress_bar=false"])
+    except ConfigError as exc:  # a mistyped override: the launcher's one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
     dist_info = launcher.start_distributed(cfg)
     torch.manual_seed(cfg.run.seed)
     trainer = launcher.build_trainer(cfg, dist_info, run_dir, None, launcher.build_datasets(cfg))
@@ -72,7 +75,7 @@ def images_per_second(trainer: Trainer, *, steps: int, warmup: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO_ROOT / "config" / "mnist_cnn_propos.yml"))
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size_per_rank=128")
@@ -80,7 +83,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per feed")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers start, caches warm)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers of the workers feed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = [*args.overrides, f"run.device={args.device}", f"data.num_workers={args.workers}"]
     rates = {}

@@ -70,6 +70,25 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     assert 10 * 3000 < inertia < 64 * 3000, inertia
 
 
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["train.epoch=3"], r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key"),
+    pytest.param(["--device", "gpu"], r"^error: run.device: expected one of .*got 'gpu'", id="device-typo"),
+    pytest.param(["--device", "cuda"], r"^error: run.device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
+])
+def test_train_step_bench_rejects_bad_input_in_one_line_before_measuring(argv, message, monkeypatch):
+    bench = load_script(REPO_ROOT / "bench" / "train_step.py")
+
+    def no_measure(*_, **__):
+        raise AssertionError("a rate was measured before the input was checked")
+
+    monkeypatch.setattr(bench, "images_per_second", no_measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    text = str(exit_info.value.code)
+    assert re.search(message, text) and "\n" not in text, text
+
+
 _BAD_ARGUMENTS = [
     pytest.param(["--libs", "ours,bogus"], "unknown library 'bogus'", id="libs"),
     pytest.param(["--seeds", "0,x"], "--seeds must be comma-separated integers, got '0,x'", id="seeds"),
