@@ -18,7 +18,9 @@ digits, k=200, T=0.1); images/s is the mean training throughput over the epochs 
     python bench/methods.py --methods propos,simclr --budget-minutes 1
 
 Prints one row per method and the ProPos paper's CIFAR-10 order for comparison; writes the rows as
-JSON to `<output-dir>/bench_methods.json`.
+JSON to `<output-dir>/bench_methods.json` (after each method). Overrides are checked against every
+method's config before anything trains, and an output directory that holds an earlier bench's
+checkpoints is refused, never overwritten: pass another `--output-dir`.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # utils.config and utils.checkpoint, for the checks before any run
 METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr")
 # ProPos paper (TPAMI 2022), Table 2, CIFAR-10 ACC; SimCLR is not in that table.
 PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.856, "cc": 0.790, "moco": 0.776}
@@ -49,7 +52,10 @@ def run_main(config: Path, overrides: list[str], log_path: Path) -> tuple[re.Mat
     wall = time.perf_counter() - start
     match = FINAL_LINE.search(proc.stdout)
     if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {proc.returncode}); see {log_path}")
+        # The launcher's own one-line error ends its stderr; show it rather than only the log's path.
+        lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+        reason = f": {lines[-1].strip()}" if lines else ""
+        raise SystemExit(f"error: {config.name} exited {proc.returncode}{reason} (log: {log_path})")
     return match, wall
 
 
@@ -58,18 +64,44 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[str]) -> dict:
-    config = REPO_ROOT / "config" / f"mnist_cnn_{method}.yml"
-    if not config.exists():
-        raise FileNotFoundError(f"{config}: no CPU demo config for method {method!r}")
-    common = [f"run.output_dir={output_dir}", "logging.progress_bar=false", *extra]
+def run_names(method: str) -> tuple[str, str]:
+    """The run directories (under --output-dir) of the method's calibration and measured runs."""
+    return f"{method}_calibration", f"{method}_budget"
 
-    calib, _ = run_main(config, [f"run.name={method}_calibration", "train.epochs=2", "eval.every_epochs=2", *common],
-                        output_dir / f"{method}_calibration.log")
+
+def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> None:
+    """Fail in one line before any training: an override no method's config accepts, or an
+    output directory holding an earlier bench's checkpoints (the launcher would refuse them
+    one method in, after minutes of calibration; they are never overwritten)."""
+    from utils.checkpoint import find_latest_checkpoint
+    from utils.config import ConfigError, load_config
+
+    for method in methods:
+        try:
+            load_config(config_path(method), overrides)
+        except ConfigError as exc:
+            raise SystemExit(f"error: {method}: {exc}") from None
+    taken = [name for method in methods for name in run_names(method)
+             if find_latest_checkpoint(output_dir / name) is not None]
+    if taken:
+        raise SystemExit(f"error: --output-dir {output_dir} already holds checkpoints of an earlier bench "
+                         f"({', '.join(taken)}); pass another --output-dir or remove them")
+
+
+def config_path(method: str) -> Path:
+    return REPO_ROOT / "config" / f"mnist_cnn_{method}.yml"
+
+
+def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[str]) -> dict:
+    config = config_path(method)
+    common = [f"run.output_dir={output_dir}", "logging.progress_bar=false", *extra]
+    calibration_name, run_name = run_names(method)
+
+    calib, _ = run_main(config, [f"run.name={calibration_name}", "train.epochs=2", "eval.every_epochs=2", *common],
+                        output_dir / f"{calibration_name}.log")
     seconds_per_epoch = int(calib.group(2)) / 2
     epochs = max(1, math.floor(budget_s / max(seconds_per_epoch, 1e-3)))
 
-    run_name = f"{method}_budget"
     final, wall = run_main(config, [f"run.name={run_name}", f"train.epochs={epochs}",
                                     f"train.time_budget_minutes={budget_s / 60:.4f}",
                                     f"eval.knn_every_epochs={epochs}", *common],
@@ -85,18 +117,19 @@ def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[
             "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--budget-minutes", type=float, default=4.5, help="per method (the demo's budget)")
     parser.add_argument("--output-dir", default="runs/bench_methods")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every method")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     output_dir = Path(args.output_dir).resolve()
+    check_inputs(methods, args.overrides, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -104,7 +137,8 @@ def main() -> None:
         row = bench_method(method, budget_s=args.budget_minutes * 60, output_dir=output_dir, extra=args.overrides)
         rows.append(row)
         print(f"{method}: {row}", flush=True)
-    (output_dir / "bench_methods.json").write_text(json.dumps(rows, indent=1))
+        # After each method, so that a later method's failure keeps the rows already measured.
+        (output_dir / "bench_methods.json").write_text(json.dumps(rows, indent=1))
 
     print(f"\n5,000 MNIST digits, {args.budget_minutes:g} min of training each, torch {_torch_version()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")

@@ -133,3 +133,38 @@ def test_augment_bench_rejects_a_bad_device_in_one_line_before_measuring(device,
         bench.main(["--device", device])
     text = str(exit_info.value.code)
     assert re.search(message, text) and "\n" not in text, text
+
+
+def test_methods_bench_checks_overrides_and_earlier_runs_before_any_training(tmp_path, monkeypatch):
+    bench = load_script(REPO_ROOT / "bench" / "methods.py")
+
+    def no_training(*_, **__):
+        raise AssertionError("a method trained before the inputs were checked")
+
+    monkeypatch.setattr(bench, "bench_method", no_training)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--methods", "propos,cc", "--output-dir", str(fresh), "train.epoch=3"])
+    assert str(exit_info.value.code) == "error: propos: unknown key 'train.epoch' (did you mean 'epochs'?)"
+    assert not fresh.exists()
+
+    earlier = tmp_path / "earlier"
+    (earlier / "cc_budget").mkdir(parents=True)
+    (earlier / "cc_budget" / "last.pt").write_bytes(b"an earlier bench's run")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--methods", "propos,cc", "--output-dir", str(earlier)])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"error: --output-dir {earlier} already holds checkpoints of an earlier bench (cc_budget)")
+    assert (earlier / "cc_budget" / "last.pt").read_bytes() == b"an earlier bench's run"
+    assert sorted(p.name for p in earlier.iterdir()) == ["cc_budget"]
+
+
+def test_methods_bench_reports_the_launchers_error_when_a_run_fails(tmp_path):
+    missing = tmp_path / "nowhere.npz"
+    out = tmp_path / "out"
+    bench = load_script(REPO_ROOT / "bench" / "methods.py")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--methods", "propos", "--output-dir", str(out), "data.name=mnist", f"data.root={missing}"])
+    text = str(exit_info.value.code)
+    assert text.startswith("error: mnist_cnn_propos.yml exited 1: error: data: mnist: ") and str(missing) in text
+    assert "\n" not in text and f"(log: {out / 'propos_calibration.log'})" in text
