@@ -90,11 +90,38 @@ def build_datasets(cfg) -> Datasets:
     return Datasets(train=train_data, eval=eval_data)
 
 
-def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets,
-                  checkpoint_model: dict | None = None):
-    """Method (optionally with a checkpoint's weights) and the Trainer, from the config and
+class Checkpoint(NamedTuple):
+    """A checkpoint read (and checked) by `read_checkpoint`: where it came from and its state dict."""
+    path: Path
+    state: dict
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at `path`; a missing, truncated or foreign file is a one-line error. Only reads."""
+    from utils.checkpoint import load_checkpoint
+
+    try:
+        return Checkpoint(path, load_checkpoint(path, map_location="cpu"))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def find_resume_point(run_dir: Path, resume: str) -> Checkpoint | None:
+    """The checkpoint `--resume` names (a path, or "auto": the newest in `run_dir`), read and checked;
+    None when not resuming, or when "auto" finds no checkpoint yet."""
+    from utils.checkpoint import find_latest_checkpoint
+
+    if not resume:
+        return None
+    path = find_latest_checkpoint(run_dir) if resume == "auto" else Path(resume)
+    return None if path is None else read_checkpoint(path)
+
+
+def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, weights: Checkpoint | None = None):
+    """Method (with the model weights of `weights`, if given) and the Trainer, from the config and
     `datasets` = build_datasets(cfg)."""
     from models import DataInfo, build_method
+    from utils.checkpoint import load_model_state
     from utils.trainer import Trainer
 
     train_data, eval_data = datasets.train, datasets.eval
@@ -103,12 +130,11 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets,
                           data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
                                         num_classes=train_data.num_classes, num_samples=len(train_data),
                                         num_clusters=num_clusters))
-    if checkpoint_model is not None:
+    if weights is not None:
         try:
-            method.load_state_dict(checkpoint_model)
-        except RuntimeError as exc:
-            raise SystemExit(f"error: the checkpoint's model does not match the config "
-                             f"({' '.join(str(exc).split())[:300]})") from None
+            load_model_state(method, weights.state["model"], weights.path)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
 
 
@@ -128,18 +154,14 @@ def check_eval_args(args: argparse.Namespace) -> Path:
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
-    from utils.checkpoint import load_checkpoint, write_text_atomic
+    from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
 
-    try:
-        state = load_checkpoint(checkpoint, map_location="cpu")
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    weights = read_checkpoint(checkpoint)
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
-    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, build_datasets(cfg),
-                            checkpoint_model=state["model"])
+    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, build_datasets(cfg), weights=weights)
     if mode == "cluster":
         results = trainer.evaluate()
     elif mode == "knn":
@@ -147,8 +169,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                    "knn_temperature": cfg.eval.knn_temperature}
     else:
         results = trainer.linear_evaluate()
-    results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(state["epoch"]), "config": cfg.source,
-               "world_size": dist_info.world_size, **results}
+    results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(weights.state["epoch"]),
+               "config": cfg.source, "world_size": dist_info.world_size, **results}
     out = checkpoint.with_suffix(f".eval_{mode}.json")
     if dist_info.is_main:  # rank 0 only: the results file and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
@@ -169,7 +191,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {exc}") from None
 
     from utils import distributed as du
-    from utils.checkpoint import find_latest_checkpoint
     from utils.logger import MetricWriter, setup_logging
 
     if args.eval or args.checkpoint:
@@ -178,9 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dist_info = start_distributed(cfg)
     run_dir = prepare_run_dir(cfg, args.resume)
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
-    if dist_info.is_main:  # rank 0 only: create the run directory and write the resolved config
+    resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
+    if dist_info.is_main:  # rank 0 only: create the run directory
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(cfg, run_dir / "config.yml")
     du.barrier()
     setup_logging(dist_info.rank, run_dir / "train.log" if dist_info.is_main else None)
     seed_everything(cfg.run.seed, dist_info.rank)
@@ -192,12 +213,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                               wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
     trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
-    if args.resume:
-        path = find_latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
-        if path is not None:
-            trainer.load(path)
-        else:
-            log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
+    if resume_point is not None:
+        try:
+            trainer.load(resume_point.state, resume_point.path)
+        except ValueError as exc:  # a checkpoint of another config: the run directory is left as it was
+            raise SystemExit(f"error: {exc}") from None
+    elif args.resume:
+        log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
+    if dist_info.is_main:  # rank 0 only: the resolved config, once a resume has matched it
+        save_resolved_config(cfg, run_dir / "config.yml")
     result = trainer.fit()
     if writer is not None:
         writer.close()

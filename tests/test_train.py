@@ -1,5 +1,6 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,13 +104,41 @@ def test_cuda_without_a_usable_device_exits_with_one_line_and_writes_nothing(tmp
         (["last.pt"] if mode == "eval" else [])
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+def test_corrupt_or_missing_resume_checkpoint_is_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "bad"
     run_dir.mkdir()
     (run_dir / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"last.pt: not a readable checkpoint"):
+    with pytest.raises(SystemExit, match=r"^error: \S+last.pt: not a readable checkpoint \([^\n]*\)$"):
         launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=bad", *SMALL, "--resume", "auto"])
     assert (run_dir / "last.pt").read_bytes() == b"not a checkpoint"
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(SystemExit, match=rf"^error: checkpoint not found: {re.escape(str(missing))}$"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=fresh", *SMALL, "--resume", str(missing)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"] and [p.name for p in run_dir.iterdir()] == ["last.pt"]
+
+
+def test_resuming_with_another_config_is_one_line_and_leaves_the_run_directory_as_it_was(tmp_path):
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "train.epochs=1"])
+    run_dir = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    # Another head size: the checkpoint's projector cannot load. The resolved config must still
+    # describe the checkpoints (it used to be overwritten before the load failed).
+    with pytest.raises(SystemExit) as exc:
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "train.epochs=2",
+                       "method.feature_dim=16", "--resume", "auto"])
+    message = str(exc.value)
+    assert re.match(rf"^error: {re.escape(str(run_dir))}/(last|best).pt: the checkpoint's model does not match "
+                    r"the config \(.*size mismatch for projector", message) and "\n" not in message, message
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert after.keys() == before.keys()
+    assert all(after[name] == before[name] for name in before if name not in ("train.log",)), \
+        [name for name in before if after[name] != before[name]]
+    # --eval reads the weights through the same check, and writes no results file on a mismatch.
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run_dir / 'last.pt'))}: the checkpoint's model "
+                                         r"does not match the config \(.*size mismatch for projector"):
+        launcher.main([str(DEMO), *SMALL, "method.feature_dim=16", "--eval", "cluster",
+                       "--checkpoint", str(run_dir / "last.pt")])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(before)
 
 
 def test_two_process_training_run(tmp_path):

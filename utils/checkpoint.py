@@ -103,6 +103,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], source: Path) -> None:
+    """`model.load_state_dict(state_dict)`; a mismatch (another backbone, head size or method) is a
+    ValueError of one line naming `source`, instead of torch's page of missing and unexpected keys."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: the checkpoint's model does not match the config "
+                         f"({' '.join(str(exc).split())[:300]})") from None
+
+
 def find_latest_checkpoint(run_dir: Path) -> Path | None:
     """`--resume auto`: the newest checkpoint file in the run directory, if any."""
     candidates = [p for p in run_dir.glob("*.pt") if p.is_file()] if run_dir.is_dir() else []

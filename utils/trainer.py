@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
-from utils.checkpoint import gather_rng_states, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, restore_rng_state,
+                              save_checkpoint)
 from utils.config import Config
 from utils.features import cluster_features, extract_features
 from utils.logger import MetricWriter
@@ -461,10 +462,10 @@ class Trainer:
             save_checkpoint(state, self.run_dir / "last.pt")
         du.barrier()
 
-    def load(self, path: Path) -> None:
-        """Resume: model, optimizer, schedule, scaler, position and this rank's RNG state."""
-        state = load_checkpoint(path, map_location="cpu")
-        self.method.load_state_dict(state["model"])
+    def load(self, state: dict, path: Path) -> None:
+        """Resume from `state` = load_checkpoint(path): model, optimizer, schedule, scaler, position and
+        this rank's RNG state. A checkpoint of another config is a ValueError naming `path`."""
+        load_model_state(self.method, state["model"], path)
         # Checkpoints of single-stage runs before stages existed: stage 0, its epochs are the run's.
         stage = int(state.get("stage", 0))
         names = [s.name for s in self.stages]
@@ -475,7 +476,11 @@ class Trainer:
         self.stage_epoch = int(state.get("stage_epoch", state["epoch"]))
         self.stage_start_step = int(state.get("stage_start_step", 0))
         self.stage_stopped = bool(state.get("stage_stopped", False))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:  # another optimizer, or other parameter groups
+            raise ValueError(f"{path}: the checkpoint's optimizer state does not match the config "
+                             f"({' '.join(str(exc).split())[:300]})") from None
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
