@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -181,9 +182,66 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     return results
 
 
+def remove_created_run_dir(run_dir: Path, created: Path) -> None:
+    """Remove `run_dir` and, up to `created` (the topmost folder this run made), the parents it left
+    empty. A parent another run has written into meanwhile (a shared run.output_dir) is kept."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in run_dir.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            break
+
+
+def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: Checkpoint | None, *,
+               resume: str):
+    """Create the run directory, logging and metrics, build the Trainer and load the weights it starts
+    from (the resumed checkpoint, or the method's pretrained run); returns (trainer, writer).
+
+    A config the model or checkpoint cannot serve (a batch larger than the data, a mismatched or
+    missing checkpoint) is a one-line error. The resolved config is written only after that, and a
+    run directory this call created is removed again, so bad input leaves nothing behind."""
+    from utils import distributed as du
+    from utils.config import save_resolved_config
+    from utils.logger import MetricWriter, setup_logging
+
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    if dist_info.is_main:  # rank 0 only: create the run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    setup_logging(dist_info.rank, run_dir / "train.log" if dist_info.is_main else None)
+    seed_everything(cfg.run.seed, dist_info.rank)
+    log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
+             dist_info.world_size, dist_info.device, torch.get_num_threads())
+    writer = None
+    if dist_info.is_main:  # rank 0 only: metrics file and wandb
+        writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                              wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
+    try:
+        trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
+        if resume_point is not None:
+            trainer.load(resume_point.state, resume_point.path)
+        else:
+            if resume:
+                log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
+            trainer.load_pretrained()
+    except (ValueError, SystemExit) as exc:
+        if writer is not None:
+            writer.close()
+        setup_logging(dist_info.rank, None)  # let go of train.log
+        if dist_info.is_main and created is not None:  # rank 0 only: remove what this call created
+            remove_created_run_dir(run_dir, created)
+        raise SystemExit(exc.code if isinstance(exc, SystemExit) else f"error: {exc}") from None
+    if dist_info.is_main:  # rank 0 only: the resolved config, once the run's weights have loaded
+        save_resolved_config(cfg, run_dir / "config.yml")
+    return trainer, writer
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    from utils.config import ConfigError, load_config, save_resolved_config
+    from utils.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -191,7 +249,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {exc}") from None
 
     from utils import distributed as du
-    from utils.logger import MetricWriter, setup_logging
 
     if args.eval or args.checkpoint:
         checkpoint = check_eval_args(args)
@@ -200,28 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run_dir = prepare_run_dir(cfg, args.resume)
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
-    if dist_info.is_main:  # rank 0 only: create the run directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-    du.barrier()
-    setup_logging(dist_info.rank, run_dir / "train.log" if dist_info.is_main else None)
-    seed_everything(cfg.run.seed, dist_info.rank)
-    log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
-             dist_info.world_size, dist_info.device, torch.get_num_threads())
-
-    writer = None
-    if dist_info.is_main:  # rank 0 only: metrics file and wandb
-        writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                              wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
-    trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
-    if resume_point is not None:
-        try:
-            trainer.load(resume_point.state, resume_point.path)
-        except ValueError as exc:  # a checkpoint of another config: the run directory is left as it was
-            raise SystemExit(f"error: {exc}") from None
-    elif args.resume:
-        log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
-    if dist_info.is_main:  # rank 0 only: the resolved config, once a resume has matched it
-        save_resolved_config(cfg, run_dir / "config.yml")
+    trainer, writer = set_up_run(cfg, dist_info, run_dir, datasets, resume_point, resume=args.resume)
     result = trainer.fit()
     if writer is not None:
         writer.close()

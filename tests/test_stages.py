@@ -3,6 +3,7 @@ resuming inside and across pretraining stages reproduces the uninterrupted run, 
 refreshed exactly every update_interval steps, the tol rule ends the stage, and a clustering run
 starts from an earlier run's autoencoder."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,19 @@ def test_clustering_starts_from_an_earlier_runs_autoencoder(tmp_path):
         assert state["global_step"] == 10 and state["stage_name"] == "cluster"   # no pretraining steps
         changed = [k for k in ae if k.startswith("autoencoder.decoder") and not torch.equal(ae[k], state["model"][k])]
         assert bool(changed) == (name == "idec")                                  # DEC leaves the decoder alone
+
+    # A missing or mismatched autoencoder is one line, and leaves no run directory behind.
+    dec = [str(REPO_ROOT / "config" / "mnist_mlp_dec.yml"), f"run.output_dir={tmp_path / 'new'}", "run.name=bad",
+           *SMALL, "method.cluster_epochs=1"]
+    missing = tmp_path / "ae" / "nowhere.pt"
+    with pytest.raises(SystemExit, match=rf"^error: pretrained weights: checkpoint not found: {re.escape(str(missing))}$"):
+        launcher.main([*dec, f"method.pretrained={missing}"])
+    with pytest.raises(SystemExit) as exc:
+        launcher.main([*dec, f"method.pretrained={tmp_path / 'ae' / 'last.pt'}", "method.hidden_dims=[64, 64, 64]"])
+    message = str(exc.value)
+    assert message.startswith(f"error: {tmp_path / 'ae' / 'last.pt'}: the pretrained weights do not match the "
+                              f"config (") and "size mismatch" in message and "\n" not in message, message
+    assert not (tmp_path / "new").exists()
 
 
 def test_two_process_dec_run_through_both_stages(tmp_path):

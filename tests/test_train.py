@@ -104,6 +104,23 @@ def test_cuda_without_a_usable_device_exits_with_one_line_and_writes_nothing(tmp
         (["last.pt"] if mode == "eval" else [])
 
 
+def test_a_batch_larger_than_the_data_is_one_line_and_leaves_no_run_directory(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: 640 images on 1 rank\(s\) do not fill one batch of 1000 per rank; "
+                                         r"lower the batch size$"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=big", *SMALL,
+                       "train.batch_size_per_rank=1000"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_removing_a_failed_run_directory_keeps_what_another_run_wrote_beside_it(tmp_path):
+    run_dir = tmp_path / "runs" / "group" / "failed"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("setup failed\n")
+    (tmp_path / "runs" / "other").mkdir()  # another job's run, started in the same new output folder
+    launcher.remove_created_run_dir(run_dir, created=tmp_path / "runs")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["runs", "runs/other"]
+
+
 def test_corrupt_or_missing_resume_checkpoint_is_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "bad"
     run_dir.mkdir()

@@ -95,6 +95,7 @@ class Trainer:
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self._feature_cache: dict[tuple, torch.Tensor] = {}
+        self._pretrained_loaded = False
         self.model: torch.nn.Module = method
         self._enter_stage(0)
 
@@ -159,12 +160,22 @@ class Trainer:
                                num_clusters=self.num_clusters(self.cfg.cluster.num_clusters))
         self.method.start_stage(self.stage.name, context)
 
-    def _load_pretrained(self) -> None:
+    def load_pretrained(self) -> None:
+        """Start from the weights of the earlier run the method names (`pretrained_checkpoint()`), once.
+        A resumed run already holds (and has trained) them. A missing, unreadable or mismatched file
+        is a ValueError naming it; the launcher calls this before the run directory is written."""
         path = self.method.pretrained_checkpoint()
-        if not path or self.global_step > 0:  # a resumed run already holds (and has trained) these weights
+        if not path or self.global_step > 0 or self._pretrained_loaded:
             return
-        state = load_checkpoint(Path(path), map_location="cpu")
-        self.method.load_pretrained(state["model"])
+        try:
+            state = load_checkpoint(Path(path), map_location="cpu")
+            self.method.load_pretrained(state["model"])
+        except FileNotFoundError as exc:
+            raise ValueError(f"pretrained weights: {exc}") from None
+        except RuntimeError as exc:  # load_state_dict: another architecture
+            raise ValueError(f"{path}: the pretrained weights do not match the config "
+                             f"({' '.join(str(exc).split())[:300]})") from None
+        self._pretrained_loaded = True
         self._feature_cache.clear()
         log.info("loaded pretrained weights from %s (its run: epoch %d, step %d)", path, int(state["epoch"]),
                  int(state["global_step"]))
@@ -174,7 +185,7 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         epochs_done = 0
-        self._load_pretrained()
+        self.load_pretrained()
         log.info("training %s: %s; %d steps per epoch (global batch %d) on %s x %d", cfg.method.name,
                  ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
                  cfg.train.batch_size_per_rank * self.dist.world_size, self.device, self.dist.world_size)
