@@ -120,23 +120,24 @@ def find_resume_point(run_dir: Path, resume: str) -> Checkpoint | None:
 
 def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, weights: Checkpoint | None = None):
     """Method (with the model weights of `weights`, if given) and the Trainer, from the config and
-    `datasets` = build_datasets(cfg)."""
+    `datasets` = build_datasets(cfg). What the config asks of the data or the checkpoint that they
+    cannot give (a batch larger than the data, another model's weights) is a one-line error."""
     from models import DataInfo, build_method
     from utils.checkpoint import load_model_state
     from utils.trainer import Trainer
 
     train_data, eval_data = datasets.train, datasets.eval
     num_clusters = cfg.cluster.num_clusters or train_data.num_classes
-    method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
-                          data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
-                                        num_classes=train_data.num_classes, num_samples=len(train_data),
-                                        num_clusters=num_clusters))
-    if weights is not None:
-        try:
+    try:
+        method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
+                              data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
+                                            num_classes=train_data.num_classes, num_samples=len(train_data),
+                                            num_clusters=num_clusters))
+        if weights is not None:
             load_model_state(method, weights.state["model"], weights.path)
-        except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from None
-    return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
+        return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def check_eval_args(args: argparse.Namespace) -> Path:
@@ -201,7 +202,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     from (the resumed checkpoint, or the method's pretrained run); returns (trainer, writer).
 
     A config the model or checkpoint cannot serve (a batch larger than the data, a mismatched or
-    missing checkpoint) is a one-line error. The resolved config is written only after that, and a
+    missing checkpoint, logging.wandb without wandb) is a one-line error. The resolved config is written only after that, and a
     run directory this call created is removed again, so bad input leaves nothing behind."""
     from utils import distributed as du
     from utils.config import save_resolved_config
@@ -216,10 +217,11 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
              dist_info.world_size, dist_info.device, torch.get_num_threads())
     writer = None
-    if dist_info.is_main:  # rank 0 only: metrics file and wandb
-        writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                              wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name, config=cfg.to_dict())
     try:
+        if dist_info.is_main:  # rank 0 only: metrics file and wandb
+            writer = MetricWriter(run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                  wandb_entity=cfg.logging.wandb_entity, run_name=run_dir.name,
+                                  config=cfg.to_dict())
         trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
         if resume_point is not None:
             trainer.load(resume_point.state, resume_point.path)
@@ -227,7 +229,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
             if resume:
                 log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
             trainer.load_pretrained()
-    except (ValueError, SystemExit) as exc:
+    except (ValueError, ModuleNotFoundError, SystemExit) as exc:
         if writer is not None:
             writer.close()
         setup_logging(dist_info.rank, None)  # let go of train.log

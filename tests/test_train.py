@@ -1,6 +1,7 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,14 @@ def test_a_batch_larger_than_the_data_is_one_line_and_leaves_no_run_directory(tm
                                          r"lower the batch size$"):
         launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=big", *SMALL,
                        "train.batch_size_per_rank=1000"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wandb_without_the_package_is_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
+    with pytest.raises(SystemExit, match=r"^error: logging.wandb=true but the wandb package is not installed: "
+                                         r"pip install wandb$"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=w", *SMALL, "logging.wandb=true"])
     assert not (tmp_path / "runs").exists()
 
 

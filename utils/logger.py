@@ -40,14 +40,17 @@ class MetricWriter:
 
     def __init__(self, run_dir: Path, *, use_wandb: bool = False, wandb_project: str = "",
                  wandb_entity: str = "", run_name: str = "", config: dict[str, Any] | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)
-        self._wandb = None
-        if use_wandb:
+        wandb = None
+        if use_wandb:  # before any file is opened: a missing package leaves nothing to close
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb=true but the wandb package is not installed: pip install wandb") from None
+                raise ModuleNotFoundError("logging.wandb=true but the wandb package is not installed: "
+                                          "pip install wandb") from None
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._wandb = None
+        if wandb is not None:
             self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=run_name,
                                      config=config, dir=str(run_dir), resume="allow")
 
