@@ -250,7 +250,7 @@ def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = No
     """
     if not is_dist():
         return x, (lambda y: y)
-    world, rank, rows = dist.get_world_size(), dist.get_rank(), x.shape[0]
+    rank, rows = dist.get_rank(), x.shape[0]
     gathered = all_gather_no_grad(x)
     perm = torch.randperm(gathered.shape[0], device=x.device, generator=generator) if rank == 0 \
         else torch.empty(gathered.shape[0], dtype=torch.long, device=x.device)
