@@ -202,8 +202,9 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     from (the resumed checkpoint, or the method's pretrained run); returns (trainer, writer).
 
     A config the model or checkpoint cannot serve (a batch larger than the data, a mismatched or
-    missing checkpoint, logging.wandb without wandb) is a one-line error. The resolved config is written only after that, and a
-    run directory this call created is removed again, so bad input leaves nothing behind."""
+    missing checkpoint, logging.wandb without wandb) is a one-line error. The resolved config is
+    written only after that, and a run directory this call created is removed again, so bad input
+    leaves nothing behind."""
     from utils import distributed as du
     from utils.config import save_resolved_config
     from utils.logger import MetricWriter, setup_logging

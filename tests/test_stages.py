@@ -87,7 +87,8 @@ def test_clustering_starts_from_an_earlier_runs_autoencoder(tmp_path):
     dec = [str(REPO_ROOT / "config" / "mnist_mlp_dec.yml"), f"run.output_dir={tmp_path / 'new'}", "run.name=bad",
            *SMALL, "method.cluster_epochs=1"]
     missing = tmp_path / "ae" / "nowhere.pt"
-    with pytest.raises(SystemExit, match=rf"^error: pretrained weights: checkpoint not found: {re.escape(str(missing))}$"):
+    with pytest.raises(SystemExit, match=rf"^error: pretrained weights: checkpoint not found: "
+                                         rf"{re.escape(str(missing))}$"):
         launcher.main([*dec, f"method.pretrained={missing}"])
     with pytest.raises(SystemExit) as exc:
         launcher.main([*dec, f"method.pretrained={tmp_path / 'ae' / 'last.pt'}", "method.hidden_dims=[64, 64, 64]"])

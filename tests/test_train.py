@@ -159,6 +159,13 @@ def test_resuming_with_another_config_is_one_line_and_leaves_the_run_directory_a
     assert after.keys() == before.keys()
     assert all(after[name] == before[name] for name in before if name not in ("train.log",)), \
         [name for name in before if after[name] != before[name]]
+    # Another optimizer: torch would load AdamW's state into SGD silently and fail at the first step.
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run_dir))}/(last|best).pt: written by AdamW, but "
+                                         r"this config's stage 'train' trains with SGD; resume with the optimizer"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "train.epochs=2",
+                       "optim.name=sgd", "--resume", "auto"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != "train.log"} == \
+        {name: data for name, data in before.items() if name != "train.log"}
     # --eval reads the weights through the same check, and writes no results file on a mismatch.
     with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run_dir / 'last.pt'))}: the checkpoint's model "
                                          r"does not match the config \(.*size mismatch for projector"):

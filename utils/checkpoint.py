@@ -103,14 +103,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`exc`'s message on one line, cut at `limit` characters (torch's load_state_dict errors list
+    every missing and mismatched key over many lines)."""
+    return " ".join(str(exc).split())[:limit]
+
+
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], source: Path) -> None:
     """`model.load_state_dict(state_dict)`; a mismatch (another backbone, head size or method) is a
     ValueError of one line naming `source`, instead of torch's page of missing and unexpected keys."""
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise ValueError(f"{source}: the checkpoint's model does not match the config "
-                         f"({' '.join(str(exc).split())[:300]})") from None
+        raise ValueError(f"{source}: the checkpoint's model does not match the config ({one_line(exc)})") from None
 
 
 def find_latest_checkpoint(run_dir: Path) -> Path | None:

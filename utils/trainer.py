@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
-from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, restore_rng_state,
+from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
                               save_checkpoint)
 from utils.config import Config
 from utils.features import cluster_features, extract_features
@@ -173,8 +173,7 @@ class Trainer:
         except FileNotFoundError as exc:
             raise ValueError(f"pretrained weights: {exc}") from None
         except RuntimeError as exc:  # load_state_dict: another architecture
-            raise ValueError(f"{path}: the pretrained weights do not match the config "
-                             f"({' '.join(str(exc).split())[:300]})") from None
+            raise ValueError(f"{path}: the pretrained weights do not match the config ({one_line(exc)})") from None
         self._pretrained_loaded = True
         self._feature_cache.clear()
         log.info("loaded pretrained weights from %s (its run: epoch %d, step %d)", path, int(state["epoch"]),
@@ -449,6 +448,7 @@ class Trainer:
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": type(self.optimizer).__name__,
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -487,11 +487,17 @@ class Trainer:
         self.stage_epoch = int(state.get("stage_epoch", state["epoch"]))
         self.stage_start_step = int(state.get("stage_start_step", 0))
         self.stage_stopped = bool(state.get("stage_stopped", False))
+        # torch loads one optimizer's state into another without a word (SGD's momentum into AdamW)
+        # and fails at the first step; the class is saved beside the state to refuse that here.
+        saved_class, current_class = state.get("optimizer_class"), type(self.optimizer).__name__
+        if saved_class is not None and saved_class != current_class:
+            raise ValueError(f"{path}: written by {saved_class}, but this config's stage {self.stage.name!r} "
+                             f"trains with {current_class}; resume with the optimizer the run started with")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:  # another optimizer, or other parameter groups
+        except (ValueError, KeyError) as exc:  # other parameter groups
             raise ValueError(f"{path}: the checkpoint's optimizer state does not match the config "
-                             f"({' '.join(str(exc).split())[:300]})") from None
+                             f"({one_line(exc)})") from None
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
