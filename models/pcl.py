@@ -74,6 +74,9 @@ class PCL(MoCo):
 
     def __init__(self, cfg: PCLConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__(cfg, backbone=backbone, norm=norm, data=data)
+        if max(cfg.num_clusters_per_level) > data.num_samples:
+            raise ValueError(f"method.num_clusters_per_level: {max(cfg.num_clusters_per_level)} clusters, but the "
+                             f"data have only {data.num_samples} images")
         self.num_clusters_per_level = list(cfg.num_clusters_per_level)
         # EM-loop state, one row / pair of buffers per granularity m: the cluster of every dataset
         # position (-1 = not clustered yet), the normalised prototypes c (K_m, D) and their phi (K_m,).
@@ -128,10 +131,7 @@ class PCL(MoCo):
         if features.shape[0] != self.pseudo_labels.shape[1]:
             raise ValueError(f"expected features of all {self.pseudo_labels.shape[1]} training images, "
                              f"got {features.shape[0]}")
-        for m, k in enumerate(self.num_clusters_per_level):
-            if k > features.shape[0]:
-                raise ValueError(f"method.num_clusters_per_level: K={k} is more than the {features.shape[0]} "
-                                 f"training images")
+        for m, k in enumerate(self.num_clusters_per_level):  # every K <= N: checked at construction
             labels, centroids = cluster(features, k)
             phi = prototype_concentration(features, labels.to(features.device), centroids.to(features),
                                           temperature=self.cfg.temperature)

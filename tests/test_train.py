@@ -113,6 +113,20 @@ def test_a_batch_larger_than_the_data_is_one_line_and_leaves_no_run_directory(tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("config, overrides, message", [
+    pytest.param(DEMO, [*SMALL, "cluster.num_clusters=1000"],
+                 r"^error: cluster.num_clusters: 1000 clusters, but the data have only 640 images$", id="cluster"),
+    pytest.param(DEMO, [*SMALL, "data.eval_split=test", "eval.num_clusters=2000"],
+                 r"^error: eval.num_clusters: 2000 clusters, but the data have only 640 images$", id="eval"),
+    pytest.param(REPO_ROOT / "config" / "mnist_cnn_pcl.yml", [*SMALL[:2], "data.limit=300"],  # K: 100, 200, 400
+                 r"^error: method.num_clusters_per_level: 400 clusters, but the data have only 300 images$", id="pcl"),
+])
+def test_more_clusters_than_images_is_one_line_before_training(tmp_path, config, overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        launcher.main([str(config), f"run.output_dir={tmp_path / 'runs'}", "run.name=k", *overrides])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_wandb_without_the_package_is_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
     with pytest.raises(SystemExit, match=r"^error: logging.wandb=true but the wandb package is not installed: "
