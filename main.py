@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "kNN top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes "
                              "CHECKPOINT.eval_MODE.json")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
-    return parser.parse_args(argv)
+    # Intermixed: overrides may also follow the options (`CONFIG --resume auto train.epochs=200`),
+    # which plain parse_args rejects as unrecognized arguments.
+    return parser.parse_intermixed_args(argv)
 
 
 EVAL_MODES = ("cluster", "knn", "linear")

@@ -70,6 +70,16 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
     assert (run_dir / "last.pt").read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize("argv", [
+    ["c.yml", "--resume", "auto", "train.epochs=2", "data.limit=64"],
+    ["c.yml", "train.epochs=2", "--resume", "auto", "data.limit=64"],
+])
+def test_overrides_may_follow_the_options(argv):
+    # The same command with every option last is the reference.
+    assert launcher.parse_args(argv) == launcher.parse_args(["c.yml", "train.epochs=2", "data.limit=64",
+                                                             "--resume", "auto"])
+
+
 def test_config_errors_exit_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$"):
         launcher.main([str(DEMO), "train.epoch=3"])
