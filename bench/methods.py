@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=4.5, help="per method (the demo's budget)")
     parser.add_argument("--output-dir", default="runs/bench_methods")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every method")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per feed")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers start, caches warm)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers of the workers feed")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before, between or after the options
     logging.basicConfig(level=logging.WARNING)
     overrides = [*args.overrides, f"run.device={args.device}", f"data.num_workers={args.workers}"]
     rates = {}

@@ -72,6 +72,8 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
 
 @pytest.mark.parametrize("argv, message", [
     pytest.param(["train.epoch=3"], r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key"),
+    pytest.param(["data.limit=64", "--steps", "1", "train.epoch=3"],  # an override after an option
+                 r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key-after-option"),
     pytest.param(["--device", "gpu"], r"^error: run.device: expected one of .*got 'gpu'", id="device-typo"),
     pytest.param(["--device", "cuda"], r"^error: run.device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
 ])
@@ -144,7 +146,7 @@ def test_methods_bench_checks_overrides_and_earlier_runs_before_any_training(tmp
     monkeypatch.setattr(bench, "bench_method", no_training)
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--methods", "propos,cc", "--output-dir", str(fresh), "train.epoch=3"])
+        bench.main(["data.limit=64", "--methods", "propos,cc", "train.epoch=3", "--output-dir", str(fresh)])
     assert str(exit_info.value.code) == "error: propos: unknown key 'train.epoch' (did you mean 'epochs'?)"
     assert not fresh.exists()
 
