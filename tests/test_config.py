@@ -104,7 +104,8 @@ def test_every_shipped_config_loads_and_builds(path):
     image_size = 96 if cfg.data.image_size == 96 else 32
     method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                           data=DataInfo(in_channels=1 if "mnist" in cfg.data.name else 3, image_size=image_size,
-                                        num_classes=10, num_samples=8, num_clusters=10))
+                                        # CIFAR-10's train+test: PCL refuses more clusters than images
+                                        num_classes=10, num_samples=60000, num_clusters=10))
     assert cfg.method.name in path.stem
     method.eval()
     channels = 1 if "mnist" in cfg.data.name else 3
