@@ -225,7 +225,7 @@ def bench_case(case: str, args, device: torch.device) -> None:
         print("   ", lib + ":", SETTINGS[lib].format(n=args.n_init, it=args.max_iter, rit=args.refine_iter, tol=args.tol))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="k10,k100,k1000",
@@ -246,7 +246,7 @@ def main() -> None:
                    "are not the cases' own")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; figures are means over them "
                    "(k-means++ and faiss's random init differ per seed)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.refine_iter is None:
         args.refine_iter = args.max_iter
     if args.refine_iter < 1:

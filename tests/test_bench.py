@@ -70,6 +70,23 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     assert 10 * 3000 < inertia < 64 * 3000, inertia
 
 
+def _bad_input_exit(script: str, argv: list[str], monkeypatch, *, never_reached: str) -> str:
+    """The one-line message `bench/<script>`'s main(argv) exits with on a GPU-less torch, with
+    `never_reached` (what loads data or measures) patched to fail the test if the check came late."""
+    bench = load_script(REPO_ROOT / "bench" / script)
+
+    def fail(*_, **__):
+        raise AssertionError(f"{never_reached} ran before the input was checked")
+
+    monkeypatch.setattr(bench, never_reached, fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA cases, on any machine
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    text = str(exit_info.value.code)
+    assert "\n" not in text, text
+    return text
+
+
 @pytest.mark.parametrize("argv, message", [
     pytest.param(["train.epoch=3"], r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key"),
     pytest.param(["data.limit=64", "--steps", "1", "train.epoch=3"],  # an override after an option
@@ -78,17 +95,8 @@ def test_kmeans_bench_imagenet_case_runs_end_to_end_on_a_few_synthetic_points():
     pytest.param(["--device", "cuda"], r"^error: run.device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
 ])
 def test_train_step_bench_rejects_bad_input_in_one_line_before_measuring(argv, message, monkeypatch):
-    bench = load_script(REPO_ROOT / "bench" / "train_step.py")
-
-    def no_measure(*_, **__):
-        raise AssertionError("a rate was measured before the input was checked")
-
-    monkeypatch.setattr(bench, "images_per_second", no_measure)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
-    text = str(exit_info.value.code)
-    assert re.search(message, text) and "\n" not in text, text
+    text = _bad_input_exit("train_step.py", argv, monkeypatch, never_reached="images_per_second")
+    assert re.search(message, text), text
 
 
 _BAD_ARGUMENTS = [
@@ -105,18 +113,8 @@ _BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argv, message", _BAD_ARGUMENTS)
 def test_kmeans_bench_rejects_a_bad_argument_in_one_line_before_loading_any_case(argv, message, monkeypatch):
-    bench = load_script(REPO_ROOT / "bench" / "kmeans.py")
-
-    def no_load(*_):
-        raise AssertionError("a case's data were loaded before the arguments were checked")
-
-    monkeypatch.setattr(bench, "make_data", no_load)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the device-cuda case, on any machine
-    monkeypatch.setattr(sys, "argv", ["kmeans.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main()
-    text = str(exit_info.value.code)
-    assert re.search(message, text) and "\n" not in text, text
+    text = _bad_input_exit("kmeans.py", argv, monkeypatch, never_reached="make_data")
+    assert re.search(message, text), text
 
 
 @pytest.mark.parametrize("device, message", [
@@ -124,17 +122,8 @@ def test_kmeans_bench_rejects_a_bad_argument_in_one_line_before_loading_any_case
     pytest.param("cuda", r"^--device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
 ])
 def test_augment_bench_rejects_a_bad_device_in_one_line_before_measuring(device, message, monkeypatch):
-    bench = load_script(REPO_ROOT / "bench" / "augment.py")
-
-    def no_measure(*_, **__):
-        raise AssertionError("a rate was measured before --device was checked")
-
-    monkeypatch.setattr(bench, "batched_rate", no_measure)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", device])
-    text = str(exit_info.value.code)
-    assert re.search(message, text) and "\n" not in text, text
+    text = _bad_input_exit("augment.py", ["--device", device], monkeypatch, never_reached="batched_rate")
+    assert re.search(message, text), text
 
 
 def test_methods_bench_checks_overrides_and_earlier_runs_before_any_training(tmp_path, monkeypatch):
