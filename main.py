@@ -130,12 +130,6 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
 
     train_data, eval_data = datasets.train, datasets.eval
     num_clusters = cfg.cluster.num_clusters or train_data.num_classes
-    # k-means needs at least K points; found here rather than at the first E-step, mid-run. The
-    # defaults are those of Trainer.num_clusters (the training set's classes).
-    for key, k, data in (("cluster.num_clusters", num_clusters, train_data),
-                         ("eval.num_clusters", cfg.eval.num_clusters or train_data.num_classes, eval_data)):
-        if k > len(data):
-            raise SystemExit(f"error: {key}: {k} clusters, but the data have only {len(data)} images")
     try:
         method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                               data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,

@@ -59,6 +59,12 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        # k-means needs at least K points: refused here rather than at the first E-step, mid-run.
+        for key, requested, data in (("cluster.num_clusters", cfg.cluster.num_clusters, train_data),
+                                     ("eval.num_clusters", cfg.eval.num_clusters, eval_data)):
+            k = self.num_clusters(requested)
+            if k > len(data):
+                raise ValueError(f"{key}: {k} clusters, but the data have only {len(data)} images")
 
         method = method.to(self.device)
         if cfg.model.channels_last:
