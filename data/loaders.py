@@ -11,9 +11,10 @@ Two training loaders behind one interface (`TrainLoader`):
 Both take the same indices for the same (seed, epoch, rank, world size): a permutation of all N
 indices from a generator seeded with seed + epoch (identical on every rank), cut to (N // W) * W and
 dealt out rank r <- perm[r::W], in batches of `batch_size_per_rank`, the last incomplete batch
-dropped. Views are reproducible: the device loader re-seeds its generator from (seed, epoch, rank)
-when an epoch starts; the workers loader seeds each sample from (seed, epoch, index), so resuming
-at an epoch start gives the same views whatever the number of workers.
+dropped. Views are reproducible: the device loader seeds each batch's generator from (seed, epoch,
+rank, batch); the workers loader seeds each sample from (seed, epoch, index), whatever the number
+of workers. So an epoch may start at any batch (`set_epoch(epoch, first_batch=b)`, a run resumed
+mid-epoch) and yield exactly the batches b, b+1, ... of the uninterrupted epoch.
 """
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ class TrainBatch:
 
 @runtime_checkable
 class TrainLoader(Protocol):
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle (permutation from seed + epoch) and re-seed the views from (seed, epoch, rank)."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Reshuffle (permutation from seed + epoch); the next pass starts at batch `first_batch` of
+        the epoch (the batches before it are skipped without being loaded)."""
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per full epoch on this rank (whatever `first_batch`)."""
 
     def __iter__(self) -> Iterator[TrainBatch]: ...
 
@@ -91,6 +93,12 @@ def _sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)
 
 
+def _check_first_batch(first_batch: int, num_batches: int) -> int:
+    if not 0 <= first_batch <= num_batches:
+        raise ValueError(f"first_batch: expected 0..{num_batches} (batches per epoch), got {first_batch}")
+    return first_batch
+
+
 def _check_sharding(n: int, *, batch_size_per_rank: int, num_views: int, rank: int, world_size: int) -> int:
     if batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank: expected >= 1, got {batch_size_per_rank}")
@@ -120,10 +128,10 @@ class DeviceTensorLoader:
                                              channels=data.channels, mean=data.mean, std=data.std)
         self.batch_size_per_rank = batch_size_per_rank
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, _check_first_batch(first_batch, self.num_batches)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -132,30 +140,30 @@ class DeviceTensorLoader:
         order = rank_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size).to(self.device)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank))
         size = self.batch_size_per_rank
-        for b in range(self.num_batches):
+        for b in range(self.first_batch, self.num_batches):
+            generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank, b))  # per batch: any b can start
             indices = order[b * size:(b + 1) * size]
             images = self.images.index_select(0, indices)
             yield TrainBatch(views=[augment(images, generator) for augment in self.augments], indices=indices)
 
 
 class _EpochShardSampler(torch.utils.data.Sampler):
-    """Yields (index, sample seed) for this rank's indices of the current epoch."""
+    """Yields (index, sample seed) for this rank's indices of the current epoch, from `first` on."""
 
     def __init__(self, n: int, *, seed: int, rank: int, world_size: int):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.first = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first: int = 0) -> None:
+        self.epoch, self.first = epoch, first
 
     def __len__(self) -> int:
-        return self.n // self.world_size
+        return self.n // self.world_size - self.first
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                               world_size=self.world_size).numpy()
+                               world_size=self.world_size).numpy()[self.first:]
         seeds = _sample_seeds(mixed_seed(self.seed, self.epoch), indices)
         return iter(zip(indices.tolist(), seeds.tolist()))
 
@@ -189,6 +197,15 @@ class _ViewsDataset(torch.utils.data.Dataset):
         return [transform(image) for transform in self.transforms], index
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each DataLoader worker: ignore the stop signal (SIGUSR1) that SLURM or torchrun may send
+    to the whole process group. Its default action would kill the worker, and the trainer would die
+    of a lost worker instead of stopping at the next step (utils/stop.py)."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class WorkersLoader:
     """torch DataLoader with per-sample torchvision v2 views, decoded and augmented in workers."""
 
@@ -204,10 +221,13 @@ class WorkersLoader:
             _ViewsDataset(data, transforms), batch_size=batch_size_per_rank, sampler=self.sampler,
             drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
-            generator=torch.Generator().manual_seed(mixed_seed(seed, rank)))  # its base seed, not the global RNG
+            generator=torch.Generator().manual_seed(mixed_seed(seed, rank)),  # its base seed, not the global RNG
+            worker_init_fn=_ignore_stop_signals)
+        self.batch_size_per_rank = batch_size_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        first_batch = _check_first_batch(first_batch, self.num_batches)
+        self.sampler.set_epoch(epoch, first=first_batch * self.batch_size_per_rank)
 
     def __len__(self) -> int:
         return self.num_batches

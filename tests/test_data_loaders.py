@@ -82,6 +82,29 @@ def test_device_loader_batches_views_and_reproducibility():
     assert not torch.equal(next(iter(loader)).indices, batch.indices)
 
 
+@pytest.mark.parametrize("mode, workers", [("device", 0), ("workers", 0), ("workers", 2)])
+def test_an_epoch_started_at_a_later_batch_yields_the_rest_of_the_full_epoch(mode, workers):
+    # A run resumed mid-epoch (utils/stop.py) starts its epoch at the next batch: the oracle is the tail
+    # of the same loader's uninterrupted epoch, batch for batch, indices and views.
+    data = _toy(101, size=8)
+    loader = _loader(data, batch=8, mode=mode, workers=workers)
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == len(loader) == 6
+    for first in (0, 1, 4, 6):
+        fresh = _loader(data, batch=8, mode=mode, workers=workers)  # a new process, as after resuming
+        fresh.set_epoch(2, first_batch=first)
+        tail = list(fresh)
+        assert len(tail) == len(full) - first and len(fresh) == len(loader)
+        for a, b in zip(full[first:], tail):
+            assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    loader.set_epoch(3)  # and the next epoch starts at its beginning again
+    assert len(list(loader)) == 6
+    for bad in (-1, 7):
+        with pytest.raises(ValueError, match=f"first_batch: expected 0..6 \\(batches per epoch\\), got {bad}"):
+            loader.set_epoch(2, first_batch=bad)
+
+
 def test_loaders_leave_the_global_rng_alone():
     data = _toy(64)
     state = torch.get_rng_state()
