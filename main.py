@@ -253,19 +253,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 
-    from utils import distributed as du
-
     if args.eval or args.checkpoint:
         checkpoint = check_eval_args(args)
         return run_evaluation(cfg, args.eval, checkpoint)
+    from utils.stop import StopOnSignal
+
+    # SIGUSR1 (a cluster's time limit is near) from here on: every rank ends the same step,
+    # last.pt keeps the position inside the epoch, and the exit status says "stopped, resume me".
+    with StopOnSignal() as stop:
+        return train(cfg, args, stop)
+
+
+def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
+    """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
+    (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
+    from utils import distributed as du
+    from utils.stop import EXIT_STOPPED
+
     dist_info = start_distributed(cfg)
     run_dir = prepare_run_dir(cfg, args.resume)
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
     trainer, writer = set_up_run(cfg, dist_info, run_dir, datasets, resume_point, resume=args.resume)
-    result = trainer.fit()
+    result = trainer.fit(should_stop=stop)
     if writer is not None:
         writer.close()
+    if result.stopped_on_request:
+        if dist_info.is_main:  # rank 0 only: the line a job script's log shows
+            print(f"stopped by {stop.received or 'a signal to another rank'} at epoch {trainer.epoch}, step "
+                  f"{trainer.epoch_step} of {trainer.steps_per_epoch}: saved {run_dir / 'last.pt'}; continue with "
+                  "--resume auto", file=sys.stderr, flush=True)
+        du.cleanup_distributed()
+        raise SystemExit(EXIT_STOPPED)
     metrics = result.metrics
     if dist_info.is_main and metrics:  # rank 0 only: the one-line summary a researcher greps for
         print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): "

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import main as launcher
+from tests.stop_util import assert_same_weights, train_step_signalling_after
 from tests.torchrun_util import REPO_ROOT, SHARED_DATA
+from utils.stop import EXIT_STOPPED
+from utils.trainer import Trainer
 
 DEC = REPO_ROOT / "config" / "mnist_mlp_dec.yml"
 SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=640", "run.threads_per_rank=1",
@@ -66,6 +69,30 @@ def test_target_refreshed_exactly_every_update_interval_and_tol_stops(tmp_path):
     assert [r["stage_step"] for r in refreshes] == [0, 3]
     state = torch.load(tmp_path / "stops" / "last.pt", weights_only=True)
     assert state["stage_stopped"] and state["global_step"] == 13 and bool(state["model"]["converged"])
+
+
+def test_a_stop_inside_the_first_clustering_epoch_resumes_without_restarting_the_stage(tmp_path, monkeypatch):
+    # Stopped by SIGUSR1 after step 12: stage step 2 of DEC's clustering stage, inside its first epoch,
+    # after its k-means start and the target refresh at stage step 0. The resumed run must keep that
+    # start (no second k-means of the centroids), refresh at stage step 3, and train as the straight run.
+    common = [str(DEC), f"run.output_dir={tmp_path}", *SMALL, "method.pretrain_epochs=1", "method.cluster_epochs=2",
+              "method.update_interval=3", "method.tol=0"]
+    launcher.main([*common, "run.name=straight"])
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", train_step_signalling_after(12))
+        with pytest.raises(SystemExit) as exc:
+            launcher.main([*common, "run.name=split"])
+    assert exc.value.code == EXIT_STOPPED
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    position = (state["stage_name"], state["stage_epoch"], state["epoch_step"], state["global_step"])
+    assert position == ("cluster", 0, 2, 12)
+    launcher.main([*common, "run.name=split", "--resume", "auto"])
+    straight, split = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 31))
+    assert [split[s] for s in range(1, 31)] == pytest.approx([straight[s] for s in range(1, 31)], rel=1e-6, abs=1e-7)
+    refreshes = [r["stage_step"] for r in records(tmp_path / "split") if "refresh/label_change" in r]
+    assert refreshes == [0, 3, 6, 9, 12, 15, 18]  # each once, none repeated by the resume
+    assert_same_weights(tmp_path / "split", tmp_path / "straight")
 
 
 def test_clustering_starts_from_an_earlier_runs_autoencoder(tmp_path):

@@ -1,6 +1,8 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import json
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,10 +10,14 @@ import pytest
 import torch
 
 import main as launcher
+from tests.stop_util import assert_same_weights, train_step_signalling_after
 from utils.checkpoint import CHECKPOINT_KEYS
+from utils.stop import EXIT_STOPPED
+from utils.trainer import Trainer
 from tests.torchrun_util import REPO_ROOT, SHARED_DATA, run_torchrun
 
 DEMO = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
+SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
 # The demo at a reduced size: 640 real digits from the official MNIST order (all classes mixed),
 # smaller heads, 2 epochs with the clustering terms from the second one.
 SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=640",
@@ -49,16 +55,62 @@ def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     assert labels.shape == (640,) and labels.min() >= 0 and labels.unique().numel() == 10
 
 
-def test_resume_reproduces_the_uninterrupted_next_step_losses(tmp_path):
-    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=straight", *SMALL])
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The reduced demo run from start to end in one go: the oracle of the interrupted runs."""
+    out = tmp_path_factory.mktemp("straight")
+    launcher.main([str(DEMO), f"run.output_dir={out}", "run.name=straight", *SMALL])
+    return out / "straight"
+
+
+def test_resume_reproduces_the_uninterrupted_next_step_losses(tmp_path, straight_run):
     # The same run, stopped after its first epoch by a tiny time budget, then resumed.
     launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "train.time_budget_minutes=1e-6"])
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     assert step_losses(tmp_path / "split", 1) == []
     launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "--resume", "auto"])
-    straight, resumed = step_losses(tmp_path / "straight", 1), step_losses(tmp_path / "split", 1)
+    straight, resumed = step_losses(straight_run, 1), step_losses(tmp_path / "split", 1)
     assert len(straight) == 10
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+# SMALL: 10 steps per epoch, the E-step and clustering terms from epoch 1 on. Step 13 is inside
+# epoch 1, after its E-step; step 10 ends epoch 0.
+@pytest.mark.parametrize("stop_after, epoch, epoch_step", [(13, 1, 3), (10, 1, 0)])
+def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypatch, capsys, straight_run,
+                                                              stop_after, epoch, epoch_step):
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", train_step_signalling_after(stop_after))
+        with pytest.raises(SystemExit) as exc:
+            launcher.main(argv)
+    assert exc.value.code == EXIT_STOPPED
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the launcher's handler is gone again
+    assert (f"stopped by SIGUSR1 at epoch {epoch}, step {epoch_step} of 10: saved {tmp_path / 'split' / 'last.pt'}"
+            in capsys.readouterr().err)
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["global_step"]) == (epoch, epoch_step, stop_after)
+    assert len(step_losses(tmp_path / "split", 1)) == epoch_step  # the steps before the stop, no more
+    assert not any("eval/acc" in r for r in records(tmp_path / "split") if r["epoch"] == 1)  # no evaluation
+    if epoch_step:  # a position the config cannot reach: 640 / 256 is 2 steps per epoch
+        with pytest.raises(SystemExit, match=r"^error: .*last.pt: stopped at step 3 of its epoch, but this config "
+                                             r"has 2 steps per epoch; resume with the data, batch size and ranks"):
+            launcher.main([*argv, "train.batch_size_per_rank=256", "--resume", "auto"])
+    launcher.main([*argv, "--resume", "auto"])
+    # The epoch's pseudo-labels come from the checkpoint, not from a new E-step on the half-trained
+    # network, and the loader starts at the next batch: the uninterrupted run's every step and weight.
+    assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
+    assert_same_weights(tmp_path / "split", straight_run)
+    final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (final["epoch"], final["epoch_step"], final["global_step"]) == (2, 0, 20)
+
+
+def test_a_stop_signal_at_the_last_step_lets_the_run_finish(tmp_path, monkeypatch, straight_run):
+    monkeypatch.setattr(Trainer, "train_step", train_step_signalling_after(20))
+    metrics = launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=done", *SMALL])  # no SystemExit
+    assert set(metrics) == {"nmi", "acc", "ari"}
+    assert [r["epoch"] for r in records(tmp_path / "done") if "eval/acc" in r] == [0, 1]
+    assert_same_weights(tmp_path / "done", straight_run)
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
@@ -198,14 +250,39 @@ def test_resuming_with_another_config_is_one_line_and_leaves_the_run_directory_a
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(before)
 
 
-def test_two_process_training_run(tmp_path):
-    proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), f"run.output_dir={tmp_path}", "run.name=ddp",
-                        *SMALL, "train.batch_size_per_rank=32", nproc=2)
+DDP = [*SMALL, "train.batch_size_per_rank=32"]  # 2 ranks x 32: the same 10 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("ddp")
+    proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), f"run.output_dir={out}", "run.name=ddp", *DDP, nproc=2)
+    return out / "ddp", proc
+
+
+def test_two_process_training_run(two_process_run):
+    run_dir, proc = two_process_run
     assert "final (2 epochs" in proc.stdout and proc.stdout.count("final (") == 1  # rank 0 only
-    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert any("eval/acc" in r for r in records(tmp_path / "ddp"))
+    assert any("eval/acc" in r for r in records(run_dir))
+
+
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, two_process_run):
+    # Only rank 1 gets SIGUSR1 (after step 13): both ranks end step 13 and save it, and the resumed
+    # two-process run ends with the uninterrupted one's weights.
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=ddp", *DDP]
+    proc = run_torchrun(SCRIPTS / "stop_one_rank.py", *argv, nproc=2, check=False,
+                        env={"STOP_RANK": "1", "STOP_AFTER_STEP": "13"})
+    assert proc.returncode != 0  # torchrun reports the workers' EXIT_STOPPED as a failure
+    assert "stopped by a signal to another rank at epoch 1, step 3 of 10" in proc.stderr
+    assert proc.stderr.count("stopped by") == 1  # rank 0 only
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["global_step"], len(state["rng"])) == (1, 3, 13, 2)
+    run_torchrun(REPO_ROOT / "main.py", *argv, "--resume", "auto", nproc=2)
+    assert step_losses(tmp_path / "ddp", 1) == pytest.approx(step_losses(two_process_run[0], 1), rel=1e-6, abs=1e-7)
+    assert_same_weights(tmp_path / "ddp", two_process_run[0])
 
 
 # Every other single-stage method through the launcher (MoCo, PCL and DEC/IDEC have their own resume

@@ -16,8 +16,9 @@ SHARED_DATA = shared_data_dir()
 
 
 def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600.0,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Launch `script` with torchrun on `nproc` local CPU processes; raise with its output if it fails.
+                 env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch `script` with torchrun on `nproc` local CPU processes; raise with its output if it fails
+    (unless `check` is False: the caller looks at the exit status).
 
     Each worker gets one thread (two workers share this machine's two cores) and the repository
     root on PYTHONPATH, so scripts can import the project's packages.
@@ -35,7 +36,7 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {' '.join(cmd[3:])} failed with exit code {proc.returncode}:\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc

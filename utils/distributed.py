@@ -163,6 +163,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (a MAX all-reduce of one number on
+    `device`, the process group's device); `flag` itself in one process. Collective."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj

@@ -11,6 +11,10 @@ records the stage, the epochs done in it and its first step, so `--resume auto` 
 stage. Inside a stage the method may ask for a step-level refresh from the whole dataset's features
 (`refresh_every_steps`, e.g. DEC's target distribution), evaluated and logged at each refresh, and
 end the stage early (`stop_requested`, DEC's tol rule).
+
+A stop requested mid-epoch (`fit(should_stop)`: the launcher's SIGUSR1, utils/stop.py) ends the step
+in progress on every rank and saves the position inside the epoch too. The resumed run continues at
+the next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -44,6 +48,7 @@ class FitResult:
     metrics: dict[str, float]     # the last evaluation
     best: dict[str, float]
     seconds: float
+    stopped_on_request: bool = False   # should_stop ended the run before its last epoch (last.pt resumes it)
 
 
 class Trainer:
@@ -94,6 +99,8 @@ class Trainer:
 
         self.epoch = 0              # next epoch to run (counted over all stages)
         self.global_step = 0
+        self.epoch_step = 0         # steps done in epoch `self.epoch`: > 0 only in a run stopped mid-epoch
+        self.stop_requested = False
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
@@ -186,7 +193,10 @@ class Trainer:
                  int(state["global_step"]))
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> FitResult:
+    def fit(self, should_stop: Callable[[], bool] | None = None) -> FitResult:
+        """Train to the end of the last stage, the time budget, or a stop request: `should_stop()` is
+        asked after every step on every rank, and once it is true on any of them, all ranks end that
+        same step and save last.pt (with the position inside the epoch) without evaluating."""
         cfg = self.cfg
         start = time.perf_counter()
         epochs_done = 0
@@ -195,16 +205,29 @@ class Trainer:
                  ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
                  cfg.train.batch_size_per_rank * self.dist.world_size, self.device, self.dist.world_size)
         out_of_time = False
-        while self.stage_index < len(self.stages) and not out_of_time:
+        while self.stage_index < len(self.stages) and not (out_of_time or self.stop_requested):
             stage = self.stage
-            if self.stage_epoch == 0:
+            if self.stage_epoch == 0 and self.epoch_step == 0:
                 self._start_stage()
             while self.stage_epoch < stage.epochs and not self.stage_stopped:
                 epoch = self.epoch
+                # A run resumed mid-epoch has this epoch's pseudo-labels in its checkpoint (buffers).
                 if self.method.wants_pseudo_labels(epoch) and (
-                        epoch % cfg.cluster.every_epochs == 0 or not self._have_pseudo_labels()):
+                        (epoch % cfg.cluster.every_epochs == 0 and self.epoch_step == 0)
+                        or not self._have_pseudo_labels()):
                     self.update_pseudo_labels()
-                train_stats = self.train_one_epoch(epoch)
+                train_stats = self.train_one_epoch(epoch, should_stop)
+                if self.stop_requested and self.epoch_step < self.steps_per_epoch and not self.stage_stopped:
+                    # Mid-epoch the ranks' BN statistics differ (they are averaged before each evaluation)
+                    # and last.pt holds rank 0's. Their update is linear, so averaging now and again at the
+                    # next evaluation gives what averaging once there would have.
+                    du.average_buffers(self.method)
+                    self.save(best=False)
+                    log.info("stop requested: saved epoch %d at its step %d/%d (global step %d) to %s",
+                             epoch, self.epoch_step, self.steps_per_epoch, self.global_step,
+                             self.run_dir / "last.pt")
+                    break
+                self.epoch_step = 0
                 self.epoch = epoch + 1
                 self.stage_epoch += 1
                 epochs_done += 1
@@ -233,33 +256,42 @@ class Trainer:
                         self.best = dict(epoch_metrics)
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write(record, step=self.global_step)
-                if self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done:
+                if (self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done
+                        or self.stop_requested):
                     self.save(best=is_best)
+                if self.stop_requested:
+                    log.info("stop requested: saved after epoch %d to %s", epoch, self.run_dir / "last.pt")
+                    break
                 if out_of_time:
                     log.info("time budget of %.1f min reached after epoch %d", cfg.train.time_budget_minutes, epoch)
                     break
-            if not out_of_time:
-                log.info("stage %s done after %d epochs (step %d)%s", stage.name, self.stage_epoch, self.global_step,
-                         ": the method asked to stop" if self.stage_stopped else "")
-                self._next_stage()
+            if self.stage_epoch < stage.epochs and not self.stage_stopped:
+                break  # left inside the stage (time budget or stop request): last.pt resumes it
+            log.info("stage %s done after %d epochs (step %d)%s", stage.name, self.stage_epoch, self.global_step,
+                     ": the method asked to stop" if self.stage_stopped else "")
+            self._next_stage()
         return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
-                         seconds=time.perf_counter() - start)
+                         seconds=time.perf_counter() - start,
+                         stopped_on_request=self.stop_requested and self.stage_index < len(self.stages))
 
     def _have_pseudo_labels(self) -> bool:
         labels = getattr(self.method, "pseudo_labels", None)
         return labels is not None and bool((labels >= 0).all())
 
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+        """Steps `self.epoch_step`.. of the epoch (0.. unless resumed mid-epoch), advancing `epoch_step`;
+        sets `stop_requested` and returns early once `should_stop()` is true on any rank."""
         cfg = self.cfg
         self.model.train()
-        self.loader.set_epoch(epoch)
+        first = self.epoch_step
+        self.loader.set_epoch(epoch, first_batch=first)
         sums: dict[str, float] = {}
         images = 0
         start = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
+        bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
                    disable=not (self.dist.is_main and cfg.logging.progress_bar))
         steps = 0
-        for step_in_epoch, batch in enumerate(self.loader):
+        for step_in_epoch, batch in enumerate(self.loader, start=first):
             if step_in_epoch >= self.steps_per_epoch:
                 break
             interval = self.method.refresh_every_steps
@@ -268,6 +300,7 @@ class Trainer:
                 if self.stage_stopped:
                     break
             terms = self.train_step(batch.views, batch.indices, epoch)
+            self.epoch_step = step_in_epoch + 1
             steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -278,6 +311,10 @@ class Trainer:
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write({"epoch": epoch, **{f"step/{k}": v for k, v in terms.items()}},
                                       step=self.global_step)
+            # Collective, every step: all ranks end the same step even when the signal reached one.
+            if should_stop is not None and du.any_rank(should_stop(), self.device):
+                self.stop_requested = True
+                break
         bar.close()
         seconds = time.perf_counter() - start
         stats = {k: v / max(1, steps) for k, v in sums.items()}
@@ -459,6 +496,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "epoch_step": self.epoch_step,
             "stage": self.stage_index,
             "stage_name": self.stage.name,
             "stage_epoch": self.stage_epoch,
@@ -508,6 +546,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.epoch_step = int(state.get("epoch_step", 0))
+        if not 0 <= self.epoch_step < self.steps_per_epoch:
+            raise ValueError(f"{path}: stopped at step {self.epoch_step} of its epoch, but this config has "
+                             f"{self.steps_per_epoch} steps per epoch; resume with the data, batch size and ranks "
+                             "it ran with")
         self.best = dict(state["best"])
         self.last_metrics = dict(state.get("last_metrics", {}))
         rngs = state["rng"]
@@ -518,6 +561,7 @@ class Trainer:
                         len(rngs), self.dist.world_size)
             restore_rng_state(rngs[0])
         self._feature_cache.clear()
-        log.info("resumed from %s at epoch %d (step %d, stage %s, its epoch %d)", path, self.epoch,
-                 self.global_step, self.stage.name, self.stage_epoch)
+        log.info("resumed from %s at epoch %d%s (step %d, stage %s, its epoch %d)", path, self.epoch,
+                 f", its step {self.epoch_step}" if self.epoch_step else "", self.global_step, self.stage.name,
+                 self.stage_epoch)
 

@@ -1,0 +1,33 @@
+"""Helpers for the stop-and-resume tests: a deterministic SIGUSR1 at a chosen step, and the weights
+oracle (the interrupted run's last.pt against the uninterrupted run's)."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from utils.trainer import Trainer
+
+
+def train_step_signalling_after(global_step: int, rank: int | None = None):
+    """A `Trainer.train_step` that, right after step `global_step`, makes the process of `rank` (every
+    rank when None) send itself SIGUSR1, SLURM's early warning of the time limit."""
+    train_step = Trainer.train_step
+
+    def train_step_then_signal(self, *args, **kwargs):
+        terms = train_step(self, *args, **kwargs)
+        if self.global_step == global_step and rank in (None, self.dist.rank):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return terms
+
+    return train_step_then_signal
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The model tensors of the two runs' last.pt agree to float32 rounding."""
+    a, b = (torch.load(run / "last.pt", weights_only=True)["model"] for run in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-6, atol=1e-7), key
