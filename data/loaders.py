@@ -198,9 +198,10 @@ class _ViewsDataset(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In each DataLoader worker: ignore the stop signal (SIGUSR1) that SLURM or torchrun may send
-    to the whole process group. Its default action would kill the worker, and the trainer would die
-    of a lost worker instead of stopping at the next step (utils/stop.py)."""
+    """In each DataLoader worker: ignore the stop signal (SIGUSR1) that SLURM may send to every
+    process of a task. Forked workers inherit the launcher's handler, but spawned ones (spawn and
+    forkserver start methods) would die of it, and the trainer with them ("DataLoader worker ...
+    killed by signal") instead of stopping at the next step (utils/stop.py)."""
     import signal
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -1,5 +1,7 @@
 """Training loaders (sharding like DistributedSampler, reproducible views) and the contiguous
 test-time shard pass, with ranks simulated in one process; one real two-process run under torchrun."""
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from data.datasets import ImageData, build_dataset
 from data.loaders import (DeviceTensorLoader, TrainLoader, WorkersLoader, build_train_loader, iterate_shard,
                           shard_bounds)
 from tests.torchrun_util import run_torchrun
+from utils.stop import StopOnSignal
 
 AUG = AugmentConfig(blur_p=[0.5, 0.0], solarize_p=[0.0, 0.3])
 
@@ -103,6 +106,29 @@ def test_an_epoch_started_at_a_later_batch_yields_the_rest_of_the_full_epoch(mod
     for bad in (-1, 7):
         with pytest.raises(ValueError, match=f"first_batch: expected 0..6 \\(batches per epoch\\), got {bad}"):
             loader.set_epoch(2, first_batch=bad)
+
+
+def _child_pids() -> list[int]:
+    return [int(pid) for task in Path(f"/proc/{os.getpid()}/task").iterdir()
+            for pid in (task / "children").read_text().split()]
+
+
+def test_dataloader_workers_survive_the_stop_signal():
+    # SLURM may signal every process of a task, and torchrun's DataLoader workers share the group: a
+    # worker killed by SIGUSR1 would end the run with "DataLoader worker ... killed by signal".
+    # The workers start before the handler exists: forked ones do not inherit it, as with the spawn
+    # and forkserver start methods.
+    loader = _loader(_toy(64, size=8), batch=8, mode="workers", workers=2)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    done = [next(batches), next(batches)]  # one from each worker: both have started
+    workers = _child_pids()
+    assert len(workers) == 2
+    with StopOnSignal():
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR1)
+        done += list(batches)
+    assert len(done) == len(loader) and sorted(_child_pids()) == sorted(workers)
 
 
 def test_loaders_leave_the_global_rng_alone():
