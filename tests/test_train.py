@@ -4,6 +4,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,39 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
     assert_same_weights(tmp_path / "split", straight_run)
     final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (final["epoch"], final["epoch_step"], final["global_step"]) == (2, 0, 20)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"step/loss"' in line]
+
+
+def test_a_killed_run_loses_only_the_steps_since_its_last_mid_epoch_save(tmp_path, straight_run):
+    # train.save_every_minutes tiny: last.pt after every step. SIGKILL (no chance to save) once step 13,
+    # inside epoch 1, is logged; the resumed run redoes at most the step after the last save and
+    # ends with the uninterrupted run's weights.
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=killed", *SMALL, "train.save_every_minutes=1e-9"]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *argv], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while max(_logged_steps(run_dir), default=0) < 13 and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert 12 <= state["global_step"] < 20 and (state["epoch"], state["epoch_step"]) == (1, state["global_step"] - 10)
+    launcher.main([*argv, "--resume", "auto"])
+    assert_same_weights(run_dir, straight_run)
+    straight = {r["step"]: r["step/loss"] for r in records(straight_run) if "step/loss" in r}
+    logged = [(r["step"], r["step/loss"]) for r in records(run_dir) if "step/loss" in r]
+    assert sorted({step for step, _ in logged}) == list(range(1, 21))
+    assert len(logged) - 20 <= 2  # redone: only the steps after the last save
+    assert [loss for _, loss in logged] == pytest.approx([straight[step] for step, _ in logged], rel=1e-6, abs=1e-7)
 
 
 def test_a_stop_signal_at_the_last_step_lets_the_run_finish(tmp_path, monkeypatch, straight_run):

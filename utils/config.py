@@ -83,6 +83,7 @@ class TrainConfig:
     save_every_epochs: int = 1
     max_steps_per_epoch: int = 0       # >0: cut epochs short (debugging, tests)
     time_budget_minutes: float = 0.0   # >0: stop after the epoch that crosses this wall-clock budget
+    save_every_minutes: float = 0.0    # >0: also save last.pt mid-epoch once this long since the last save
 
     def validate(self) -> None:
         _check_min("train.epochs", self.epochs, 1)
@@ -92,6 +93,7 @@ class TrainConfig:
         _check_min("train.save_every_epochs", self.save_every_epochs, 1)
         _check_min("train.max_steps_per_epoch", self.max_steps_per_epoch, 0)
         _check_min("train.time_budget_minutes", self.time_budget_minutes, 0.0)
+        _check_min("train.save_every_minutes", self.save_every_minutes, 0.0)
 
 
 @dataclass(kw_only=True)

@@ -163,14 +163,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one (a MAX all-reduce of one number on
-    `device`, the process group's device); `flag` itself in one process. Collective."""
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Flag by flag, True on every rank where it is true on at least one (one MAX all-reduce of
+    len(flags) numbers on `device`, the process group's device); the flags themselves in one
+    process. Collective."""
     if not is_dist():
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))], device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def broadcast_object(obj, src: int = 0):

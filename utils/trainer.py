@@ -13,8 +13,9 @@ stage. Inside a stage the method may ask for a step-level refresh from the whole
 end the stage early (`stop_requested`, DEC's tol rule).
 
 A stop requested mid-epoch (`fit(should_stop)`: the launcher's SIGUSR1, utils/stop.py) ends the step
-in progress on every rank and saves the position inside the epoch too. The resumed run continues at
-the next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would.
+in progress on every rank and saves the position inside the epoch too; so does `train.save_every_minutes`
+without stopping, so that a crash or a kill loses at most that much. The resumed run continues at the
+next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ class Trainer:
         self.global_step = 0
         self.epoch_step = 0         # steps done in epoch `self.epoch`: > 0 only in a run stopped mid-epoch
         self.stop_requested = False
+        self.last_save_time = time.monotonic()
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
@@ -218,11 +220,7 @@ class Trainer:
                     self.update_pseudo_labels()
                 train_stats = self.train_one_epoch(epoch, should_stop)
                 if self.stop_requested and self.epoch_step < self.steps_per_epoch and not self.stage_stopped:
-                    # Mid-epoch the ranks' BN statistics differ (they are averaged before each evaluation)
-                    # and last.pt holds rank 0's. Their update is linear, so averaging now and again at the
-                    # next evaluation gives what averaging once there would have.
-                    du.average_buffers(self.method)
-                    self.save(best=False)
+                    self.save_mid_epoch()
                     log.info("stop requested: saved epoch %d at its step %d/%d (global step %d) to %s",
                              epoch, self.epoch_step, self.steps_per_epoch, self.global_step,
                              self.run_dir / "last.pt")
@@ -233,7 +231,8 @@ class Trainer:
                 epochs_done += 1
                 minutes = (time.perf_counter() - start) / 60
                 out_of_time = bool(cfg.train.time_budget_minutes) and minutes >= cfg.train.time_budget_minutes
-                out_of_time = bool(du.broadcast_object(out_of_time))  # every rank stops at the same epoch
+                # rank 0's clock decides, so every rank stops (and saves) at the same epoch
+                out_of_time, save_due = du.broadcast_object((out_of_time, self._save_due()))
                 stage_done = self.stage_epoch == stage.epochs or self.stage_stopped
                 last = (stage_done and self.stage_index == len(self.stages) - 1) or out_of_time
                 record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
@@ -257,7 +256,7 @@ class Trainer:
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write(record, step=self.global_step)
                 if (self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done
-                        or self.stop_requested):
+                        or self.stop_requested or save_due):
                     self.save(best=is_best)
                 if self.stop_requested:
                     log.info("stop requested: saved after epoch %d to %s", epoch, self.run_dir / "last.pt")
@@ -311,10 +310,16 @@ class Trainer:
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write({"epoch": epoch, **{f"step/{k}": v for k, v in terms.items()}},
                                       step=self.global_step)
-            # Collective, every step: all ranks end the same step even when the signal reached one.
-            if should_stop is not None and du.any_rank(should_stop(), self.device):
-                self.stop_requested = True
-                break
+            # Collective, every step: all ranks end (or save at) the same step even when the signal
+            # reached one, or one rank's clock runs ahead.
+            if should_stop is not None or cfg.train.save_every_minutes:
+                stop, save = du.any_rank([should_stop is not None and should_stop(), self._save_due()],
+                                         self.device)
+                if stop:
+                    self.stop_requested = True
+                    break
+                if save and self.epoch_step < self.steps_per_epoch:  # the epoch's end saves for itself
+                    self.save_mid_epoch()
         bar.close()
         seconds = time.perf_counter() - start
         stats = {k: v / max(1, steps) for k, v in sums.items()}
@@ -507,8 +512,21 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _save_due(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= minutes * 60
+
+    def save_mid_epoch(self) -> None:
+        """last.pt at the current step, resumable at the next batch (`epoch_step`). Collective."""
+        # Mid-epoch the ranks' BN statistics differ (they are averaged before each evaluation) and
+        # last.pt holds rank 0's. Their update is linear, so averaging now and again at the next
+        # evaluation gives what averaging once there would have.
+        du.average_buffers(self.method)
+        self.save(best=False)
+
     def save(self, *, best: bool) -> None:
         """Collective (RNG states come from every rank); rank 0 writes best.pt then last.pt."""
+        self.last_save_time = time.monotonic()
         state = self.state_dict()
         state["rng"] = gather_rng_states()
         if self.dist.is_main:  # rank 0 only
