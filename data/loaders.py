@@ -11,10 +11,11 @@ Two training loaders behind one interface (`TrainLoader`):
 Both take the same indices for the same (seed, epoch, rank, world size): a permutation of all N
 indices from a generator seeded with seed + epoch (identical on every rank), cut to (N // W) * W and
 dealt out rank r <- perm[r::W], in batches of `batch_size_per_rank`, the last incomplete batch
-dropped. Views are reproducible: the device loader seeds each batch's generator from (seed, epoch,
-rank, batch); the workers loader seeds each sample from (seed, epoch, index), whatever the number
-of workers. So an epoch may start at any batch (`set_epoch(epoch, first_batch=b)`, a run resumed
-mid-epoch) and yield exactly the batches b, b+1, ... of the uninterrupted epoch.
+dropped. Views are reproducible: the device loader re-seeds its generator from (seed, epoch, rank)
+when an epoch starts; the workers loader seeds each sample from (seed, epoch, index), whatever the
+number of workers. An epoch may start at any batch (`set_epoch(epoch, first_batch=b)`, a run resumed
+mid-epoch) and yields exactly the batches b, b+1, ... of the uninterrupted epoch: the device loader
+first draws, without applying them, the augmentation parameters of the b batches it skips.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from data.augment import EvalTransform, build_batch_augments, build_sample_transform
+from data.augment import BatchAugment, EvalTransform, build_batch_augments, build_sample_transform
 from data.config import AugmentConfig
 from data.datasets import ImageData, decode_files, load_image_file
 
@@ -140,12 +141,25 @@ class DeviceTensorLoader:
         order = rank_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size).to(self.device)
         generator = torch.Generator(device=self.device)
+        generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank))
         size = self.batch_size_per_rank
+        self._draw_skipped_params(generator, self.first_batch)
         for b in range(self.first_batch, self.num_batches):
-            generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank, b))  # per batch: any b can start
             indices = order[b * size:(b + 1) * size]
             images = self.images.index_select(0, indices)
             yield TrainBatch(views=[augment(images, generator) for augment in self.augments], indices=indices)
+
+    def _draw_skipped_params(self, generator: torch.Generator, batches: int) -> None:
+        """Advance `generator` past the first `batches` batches of the epoch by drawing their views'
+        parameters without touching an image (the draws do not depend on the pixels), so the
+        batches after them get the uninterrupted epoch's views. One seed per epoch, not per batch,
+        keeps the augmentation stream of runs from before mid-epoch resume."""
+        height, width = self.images.shape[2:]
+        for _ in range(batches):
+            for augment in self.augments:
+                if isinstance(augment, BatchAugment):  # the fixed views draw nothing
+                    augment.sample_params(self.batch_size_per_rank, height, width, device=self.device,
+                                          generator=generator)
 
 
 class _EpochShardSampler(torch.utils.data.Sampler):
