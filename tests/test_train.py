@@ -319,21 +319,61 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, two_pro
     assert_same_weights(tmp_path / "ddp", two_process_run[0])
 
 
-# Every other single-stage method through the launcher (MoCo, PCL and DEC/IDEC have their own resume
-# tests, next to their queues, prototypes and stages): stopped after one epoch and resumed, the second
-# epoch's step losses are those of the uninterrupted run.
+# Every other single-stage method through the launcher: stopped after one epoch (MoCo, PCL and DEC/IDEC
+# have their own tests of that, next to their queues, prototypes and stages) or inside one, and
+# resumed, the step losses are those of the uninterrupted run.
 TINY = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=256",
         "train.batch_size_per_rank=64", "train.epochs=2", "train.log_every_steps=1", "train.time_budget_minutes=0",
         "eval.every_epochs=1", "eval.n_init=1", "cluster.n_init=1", "logging.progress_bar=false"]
 
 
+# Per method: TINY's overrides (PCL's levels must fit 256 images, and its clustering starts at epoch 1).
+METHOD_RUN = {"byol": [], "simsiam": [], "simclr": [], "cc": [], "moco": [],
+              "pcl": ["method.num_clusters_per_level=[10, 20]", "method.warmup_epochs=1"]}
+
+
+@pytest.fixture(scope="module")
+def straight_method_run(tmp_path_factory):
+    """method -> run directory of its uninterrupted TINY run (made once per module)."""
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"straight_{method}")
+            launcher.main([str(REPO_ROOT / "config" / f"mnist_cnn_{method}.yml"), f"run.output_dir={out}",
+                           "run.name=straight", *TINY, *METHOD_RUN[method]])
+            runs[method] = out / "straight"
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", ["byol", "simsiam", "simclr", "cc"])
-def test_each_method_resumes_through_the_launcher(tmp_path, method):
+def test_each_method_resumes_through_the_launcher(tmp_path, method, straight_method_run):
     config = str(REPO_ROOT / "config" / f"mnist_cnn_{method}.yml")
-    launcher.main([config, f"run.output_dir={tmp_path}", "run.name=straight", *TINY])
     launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "train.time_budget_minutes=1e-6"])
     assert step_losses(tmp_path / "split", 1) == []
     launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "--resume", "auto"])
-    straight, resumed = step_losses(tmp_path / "straight", 1), step_losses(tmp_path / "split", 1)
+    straight, resumed = step_losses(straight_method_run(method), 1), step_losses(tmp_path / "split", 1)
     assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", list(METHOD_RUN))
+def test_each_method_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, method, straight_method_run):
+    # SIGUSR1 after step 6, the middle of epoch 1 (4 steps per epoch): EMA targets, predictors, the MoCo
+    # queue and its pointer, PCL's prototypes and CC's head all continue as in the uninterrupted run.
+    argv = [str(REPO_ROOT / "config" / f"mnist_cnn_{method}.yml"), f"run.output_dir={tmp_path}", "run.name=split",
+            *TINY, *METHOD_RUN[method]]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", train_step_signalling_after(6))
+        with pytest.raises(SystemExit) as exc:
+            launcher.main(argv)
+    assert exc.value.code == EXIT_STOPPED
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch_step"] == 2
+    launcher.main([*argv, "--resume", "auto"])
+    straight = straight_method_run(method)
+    for epoch in (0, 1):
+        assert step_losses(tmp_path / "split", epoch) == pytest.approx(step_losses(straight, epoch), rel=1e-6,
+                                                                       abs=1e-7)
+    assert_same_weights(tmp_path / "split", straight)
