@@ -48,6 +48,13 @@ class MethodConfig:
     def eval_feature_choices(cls) -> tuple[str, ...]:
         return ("backbone",)
 
+    @classmethod
+    def backbone_registry(cls) -> Registry:
+        """The registry whose entry `model.backbone` names, checked when the config is read."""
+        from models.backbones import BACKBONES
+
+        return BACKBONES
+
     def validate(self) -> None:
         pass
 

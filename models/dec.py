@@ -28,6 +28,7 @@ from models.autoencoder import AUTOENCODERS, build_autoencoder
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from utils.config import ConfigError
 from utils.optim import LR_SCHEDULES
+from utils.registry import Registry
 
 PRETRAIN_CHOICES = ("layerwise", "end_to_end")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -71,6 +72,10 @@ class DECConfig(MethodConfig):
     @classmethod
     def eval_feature_choices(cls) -> tuple[str, ...]:
         return ("embedding", "backbone")   # backbone: the encoder's output, the same embedding z
+
+    @classmethod
+    def backbone_registry(cls) -> Registry:
+        return AUTOENCODERS
 
     def validate(self) -> None:
         def fail(key: str, message: str) -> None:

@@ -43,6 +43,18 @@ def test_unknown_method_name_lists_known(tmp_path):
         load_config(write(tmp_path, "method:\n  name: propoz\n"))
 
 
+def test_unknown_backbone_is_refused_when_the_config_is_read(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.backbone: unknown backbone 'resnet81' \(did you mean "
+                                          r"'resnet18'\?\); known: resnet18, .*small_cnn.* \(method 'propos'\)$"):
+        load_config(write(tmp_path, MINIMAL), ["model.backbone=resnet81"])
+    # DEC and IDEC take an autoencoder: a ResNet is refused, an autoencoder accepted.
+    dec = "method:\n  name: idec\n"
+    with pytest.raises(ConfigError, match=r"^model.backbone: unknown autoencoder 'resnet18'; known: "
+                                          r"conv_autoencoder, mlp_autoencoder \(method 'idec'\)$"):
+        load_config(write(tmp_path, dec), ["model.backbone=resnet18"])
+    assert load_config(write(tmp_path, dec), ["model.backbone=conv_autoencoder"]).model.backbone == "conv_autoencoder"
+
+
 def test_scalars_are_coerced_and_wrong_types_name_the_key(tmp_path):
     # PyYAML reads 1e-4 (no dot) as a string
     cfg = load_config(write(tmp_path, MINIMAL + "optim:\n  weight_decay: 1e-4\ntrain:\n  epochs: '3'\n"))

@@ -172,6 +172,15 @@ def test_config_errors_exit_with_one_line(tmp_path):
     assert not (tmp_path / "mnist_cnn_propos").exists()
 
 
+def test_unknown_backbone_is_one_line_before_the_dataset_loads(tmp_path):
+    # The data file does not exist either: the backbone's error must come first, from the config.
+    with pytest.raises(SystemExit, match=r"^error: model.backbone: unknown backbone 'small_cn' \(did you mean "
+                                         r"'small_cnn'\?\); known: .* \(method 'propos'\)$"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", *SMALL, f"data.root={tmp_path / 'missing.npz'}",
+                       "model.backbone=small_cn"])
+    assert not any(tmp_path.iterdir())
+
+
 def test_missing_dataset_exits_with_one_line_and_leaves_no_run_directory(tmp_path):
     missing = tmp_path / "nowhere.npz"
     with pytest.raises(SystemExit) as exc:

@@ -369,6 +369,14 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
 
 def validate_cross_fields(cfg: Config) -> None:
     """Checks that involve more than one section; run once at load time."""
+    # The method decides which registry its backbone comes from (DEC/IDEC: autoencoders). Checked
+    # here, so that a typo is not found only after the dataset has loaded.
+    backbones = cfg.method.backbone_registry()
+    if cfg.model.backbone not in backbones:
+        try:
+            backbones.get(cfg.model.backbone)
+        except ValueError as exc:
+            raise ConfigError(f"model.backbone: {exc} (method {cfg.method.name!r})") from None
     if cfg.eval.features and hasattr(cfg.method, "eval_feature_choices"):
         choices = cfg.method.eval_feature_choices()
         if cfg.eval.features not in choices:
