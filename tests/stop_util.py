@@ -2,6 +2,7 @@
 oracle (the interrupted run's last.pt against the uninterrupted run's)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -31,3 +32,11 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-6, atol=1e-7), key
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Global steps of the step records in the run's metrics.jsonl so far, in order (read while the
+    run may still be writing: a line not yet complete is left out)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"step/loss"' in line]

@@ -1,7 +1,6 @@
 """Stopping on SLURM's early warning (SIGUSR1) and requeueing: the signal handler, and both sbatch
 scripts run end to end under test doubles of `srun` and `scontrol`, with real main.py ranks (gloo,
 CPU): signalled, stopped, requeued, resumed, and every step trained exactly once."""
-import json
 import os
 import signal
 import socket
@@ -13,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.torchrun_util import REPO_ROOT, SHARED_DATA
+from tests.stop_util import logged_steps
+from tests.test_train import DDP, DEMO
+from tests.torchrun_util import REPO_ROOT
 from utils.stop import EXIT_STOPPED, StopOnSignal
 
-DEMO = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
-# 2 ranks x 32 of 640 digits: 10 steps per epoch, 20 in all.
-RUN = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=640", "train.batch_size_per_rank=32",
-       "train.epochs=2", "train.log_every_steps=1", "train.time_budget_minutes=0", "method.warmup_epochs=1",
-       "method.projector_hidden_dim=64", "method.predictor_hidden_dim=64", "method.feature_dim=32",
-       "eval.every_epochs=1", "eval.n_init=1", "cluster.n_init=1", "logging.progress_bar=false"]
+RUN = DDP  # the reduced demo for 2 ranks x 32 of 640 digits: 10 steps per epoch, 20 in all
 TOTAL_STEPS = 20
 
 # srun's part as the scripts use it: start SLURM_NTASKS copies of the command with their SLURM_PROCID,
@@ -69,14 +65,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _steps_logged(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r["step"] for r in rows if "step/loss" in r]
-
-
 def _run_job(script: str, env: dict[str, str], run_dir: Path, *, signal_after_first_step: bool):
     """Run the sbatch script as SLURM would start it; optionally send it SIGUSR1 (SLURM's B:USR1)
     once the first training step is logged. Returns (exit status, output)."""
@@ -86,7 +74,7 @@ def _run_job(script: str, env: dict[str, str], run_dir: Path, *, signal_after_fi
     try:
         if signal_after_first_step:
             deadline = time.monotonic() + 300
-            while not _steps_logged(run_dir) and job.poll() is None and time.monotonic() < deadline:
+            while not logged_steps(run_dir) and job.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert job.poll() is None, "the job ended before its first step was logged"
             job.send_signal(signal.SIGUSR1)
@@ -127,6 +115,6 @@ def test_sbatch_script_stops_requeues_and_the_next_start_finishes_the_run(tmp_pa
     assert status == 0, out[-4000:]
     assert log.read_text().splitlines().count("requeue 4242") == 1  # finished: not requeued again
     assert f"resumed from {run_dir / 'last.pt'}" in (run_dir / "train.log").read_text()
-    assert _steps_logged(run_dir) == list(range(1, TOTAL_STEPS + 1))  # every step once: none redone, none skipped
+    assert logged_steps(run_dir) == list(range(1, TOTAL_STEPS + 1))  # every step once: none redone, none skipped
     final = torch.load(run_dir / "last.pt", weights_only=True)
     assert (final["epoch"], final["global_step"]) == (2, TOTAL_STEPS)

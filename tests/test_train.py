@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main as launcher
-from tests.stop_util import assert_same_weights, train_step_signalling_after
+from tests.stop_util import assert_same_weights, logged_steps, train_step_signalling_after
 from utils.checkpoint import CHECKPOINT_KEYS
 from utils.stop import EXIT_STOPPED
 from utils.trainer import Trainer
@@ -106,12 +106,6 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
     assert (final["epoch"], final["epoch_step"], final["global_step"]) == (2, 0, 20)
 
 
-def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"step/loss"' in line]
-
-
 def test_a_killed_run_loses_only_the_steps_since_its_last_mid_epoch_save(tmp_path, straight_run):
     # train.save_every_minutes tiny: last.pt after every step. SIGKILL (no chance to save) once step 13,
     # inside epoch 1, is logged; the resumed run redoes at most the step after the last save and
@@ -121,7 +115,7 @@ def test_a_killed_run_loses_only_the_steps_since_its_last_mid_epoch_save(tmp_pat
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "main.py"), *argv], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while max(_logged_steps(run_dir), default=0) < 13 and proc.poll() is None:
+        while max(logged_steps(run_dir), default=0) < 13 and proc.poll() is None:
             time.sleep(0.02)
         proc.kill()
         assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()[-3000:]

@@ -101,7 +101,7 @@ class Trainer:
         self.epoch = 0              # next epoch to run (counted over all stages)
         self.global_step = 0
         self.epoch_step = 0         # steps done in epoch `self.epoch`: > 0 only in a run stopped mid-epoch
-        self.stop_requested = False
+        self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
@@ -207,7 +207,7 @@ class Trainer:
                  ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
                  cfg.train.batch_size_per_rank * self.dist.world_size, self.device, self.dist.world_size)
         out_of_time = False
-        while self.stage_index < len(self.stages) and not (out_of_time or self.stop_requested):
+        while self.stage_index < len(self.stages) and not (out_of_time or self.interrupted):
             stage = self.stage
             if self.stage_epoch == 0 and self.epoch_step == 0:
                 self._start_stage()
@@ -219,8 +219,7 @@ class Trainer:
                         or not self._have_pseudo_labels()):
                     self.update_pseudo_labels()
                 train_stats = self.train_one_epoch(epoch, should_stop)
-                if self.stop_requested and self.epoch_step < self.steps_per_epoch and not self.stage_stopped:
-                    self.save_mid_epoch()
+                if self.interrupted and self.epoch_step < self.steps_per_epoch:  # saved by train_one_epoch
                     log.info("stop requested: saved epoch %d at its step %d/%d (global step %d) to %s",
                              epoch, self.epoch_step, self.steps_per_epoch, self.global_step,
                              self.run_dir / "last.pt")
@@ -256,9 +255,9 @@ class Trainer:
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write(record, step=self.global_step)
                 if (self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done
-                        or self.stop_requested or save_due):
+                        or self.interrupted or save_due):
                     self.save(best=is_best)
-                if self.stop_requested:
+                if self.interrupted:
                     log.info("stop requested: saved after epoch %d to %s", epoch, self.run_dir / "last.pt")
                     break
                 if out_of_time:
@@ -271,7 +270,7 @@ class Trainer:
             self._next_stage()
         return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
                          seconds=time.perf_counter() - start,
-                         stopped_on_request=self.stop_requested and self.stage_index < len(self.stages))
+                         stopped_on_request=self.interrupted and self.stage_index < len(self.stages))
 
     def _have_pseudo_labels(self) -> bool:
         labels = getattr(self.method, "pseudo_labels", None)
@@ -279,7 +278,8 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """Steps `self.epoch_step`.. of the epoch (0.. unless resumed mid-epoch), advancing `epoch_step`;
-        sets `stop_requested` and returns early once `should_stop()` is true on any rank."""
+        once `should_stop()` is true on any rank, saves that step (mid-epoch) and returns early with
+        `interrupted` set."""
         cfg = self.cfg
         self.model.train()
         first = self.epoch_step
@@ -315,11 +315,11 @@ class Trainer:
             if should_stop is not None or cfg.train.save_every_minutes:
                 stop, save = du.any_rank([should_stop is not None and should_stop(), self._save_due()],
                                          self.device)
-                if stop:
-                    self.stop_requested = True
-                    break
-                if save and self.epoch_step < self.steps_per_epoch:  # the epoch's end saves for itself
+                if (stop or save) and self.epoch_step < self.steps_per_epoch:  # the epoch's end saves for itself
                     self.save_mid_epoch()
+                if stop:
+                    self.interrupted = True
+                    break
         bar.close()
         seconds = time.perf_counter() - start
         stats = {k: v / max(1, steps) for k, v in sums.items()}
