@@ -36,6 +36,13 @@ def step_losses(run_dir: Path, epoch: int) -> list[float]:
     return [r["step/loss"] for r in records(run_dir) if "step/loss" in r and r["epoch"] == epoch]
 
 
+def epoch_term_averages(run_dir: Path, epoch: int) -> dict[str, float]:
+    """The epoch record's averages of the method's terms (`train/*` without the speed figures)."""
+    [record] = [r for r in records(run_dir) if r["epoch"] == epoch and "train/loss" in r]
+    return {k: v for k, v in record.items()
+            if k.startswith("train/") and k not in ("train/images_per_s", "train/epoch_seconds")}
+
+
 def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     metrics = launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=demo", *SMALL])
     run_dir = tmp_path / "demo"
@@ -102,6 +109,10 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
     # network, and the loader starts at the next batch: the uninterrupted run's every step and weight.
     assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "split", straight_run)
+    # One record for epoch 1, averaging its 10 steps (those before the stop too), as uninterrupted.
+    straight_averages = epoch_term_averages(straight_run, 1)
+    assert len(straight_averages) >= 3 and "train/psl" in straight_averages
+    assert epoch_term_averages(tmp_path / "split", 1) == pytest.approx(straight_averages, rel=1e-6, abs=1e-7)
     final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (final["epoch"], final["epoch_step"], final["global_step"]) == (2, 0, 20)
 
@@ -131,6 +142,8 @@ def test_a_killed_run_loses_only_the_steps_since_its_last_mid_epoch_save(tmp_pat
     assert sorted({step for step, _ in logged}) == list(range(1, 21))
     assert len(logged) - 20 <= 2  # redone: only the steps after the last save
     assert [loss for _, loss in logged] == pytest.approx([straight[step] for step, _ in logged], rel=1e-6, abs=1e-7)
+    # The redone steps count once in the epoch's averages: the sums were saved with the position.
+    assert epoch_term_averages(run_dir, 1) == pytest.approx(epoch_term_averages(straight_run, 1), rel=1e-6, abs=1e-7)
 
 
 def test_a_stop_signal_at_the_last_step_lets_the_run_finish(tmp_path, monkeypatch, straight_run):
@@ -378,5 +391,7 @@ def test_each_method_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, me
     straight = straight_method_run(method)
     for epoch in (0, 1):
         assert step_losses(tmp_path / "split", epoch) == pytest.approx(step_losses(straight, epoch), rel=1e-6,
+                                                                       abs=1e-7)
+    assert epoch_term_averages(tmp_path / "split", 1) == pytest.approx(epoch_term_averages(straight, 1), rel=1e-6,
                                                                        abs=1e-7)
     assert_same_weights(tmp_path / "split", straight)

@@ -101,6 +101,10 @@ class Trainer:
         self.epoch = 0              # next epoch to run (counted over all stages)
         self.global_step = 0
         self.epoch_step = 0         # steps done in epoch `self.epoch`: > 0 only in a run stopped mid-epoch
+        # Sums of the method's terms over the steps of `self.epoch` done so far, and how many steps
+        # they cover: saved mid-epoch, so a resumed epoch logs the averages of all its steps.
+        self.epoch_term_sums: dict[str, float] = {}
+        self.epoch_term_steps = 0
         self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
@@ -284,12 +288,13 @@ class Trainer:
         self.model.train()
         first = self.epoch_step
         self.loader.set_epoch(epoch, first_batch=first)
-        sums: dict[str, float] = {}
+        if first == 0:
+            self.epoch_term_sums, self.epoch_term_steps = {}, 0
+        sums = self.epoch_term_sums
         images = 0
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
                    disable=not (self.dist.is_main and cfg.logging.progress_bar))
-        steps = 0
         for step_in_epoch, batch in enumerate(self.loader, start=first):
             if step_in_epoch >= self.steps_per_epoch:
                 break
@@ -300,7 +305,7 @@ class Trainer:
                     break
             terms = self.train_step(batch.views, batch.indices, epoch)
             self.epoch_step = step_in_epoch + 1
-            steps += 1
+            self.epoch_term_steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             images += batch.indices.shape[0] * self.dist.world_size
@@ -322,7 +327,9 @@ class Trainer:
                     break
         bar.close()
         seconds = time.perf_counter() - start
-        stats = {k: v / max(1, steps) for k, v in sums.items()}
+        # The terms average over every step of the epoch, those before a mid-epoch resume included;
+        # the speed figures cover only the steps this call ran.
+        stats = {k: v / max(1, self.epoch_term_steps) for k, v in sums.items()}
         stats["images_per_s"] = images / max(seconds, 1e-9)
         stats["epoch_seconds"] = seconds
         return stats
@@ -502,6 +509,8 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "epoch_step": self.epoch_step,
+            "epoch_term_sums": dict(self.epoch_term_sums),
+            "epoch_term_steps": self.epoch_term_steps,
             "stage": self.stage_index,
             "stage_name": self.stage.name,
             "stage_epoch": self.stage_epoch,
@@ -569,6 +578,9 @@ class Trainer:
             raise ValueError(f"{path}: stopped at step {self.epoch_step} of its epoch, but this config has "
                              f"{self.steps_per_epoch} steps per epoch; resume with the data, batch size and ranks "
                              "it ran with")
+        # Checkpoints from before these were saved: the resumed epoch averages only its own steps.
+        self.epoch_term_sums = {k: float(v) for k, v in state.get("epoch_term_sums", {}).items()}
+        self.epoch_term_steps = int(state.get("epoch_term_steps", 0))
         self.best = dict(state["best"])
         self.last_metrics = dict(state.get("last_metrics", {}))
         rngs = state["rng"]
