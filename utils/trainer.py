@@ -146,12 +146,14 @@ class Trainer:
                                    step_every=stage.lr_step_every, step_factor=stage.lr_step_factor)
         # Buffers (BN statistics, pseudo-labels) are not broadcast each step: pseudo-labels are set
         # identically on every rank by the EM loop, and BN statistics are averaged before evaluation.
+        # DDP still broadcasts rank 0's buffers once, here; they are already equal on every rank (same
+        # seed, the same checkpoint, or averaged by the evaluation that ends a stage).
         # A new stage may train other parameters, so DDP is rebuilt for it.
         if du.is_dist():
             self.model = None  # the previous wrapper (and its gradient hooks) goes first
             self.model = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                forward_sync_buffers=False)
 
     def _next_stage(self) -> None:
         self.stage_epoch, self.stage_start_step, self.stage_stopped = 0, self.global_step, False
