@@ -88,9 +88,9 @@ def _bad_input_exit(script: str, argv: list[str], monkeypatch, *, never_reached:
 
 
 @pytest.mark.parametrize("argv, message", [
-    pytest.param(["train.epoch=3"], r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key"),
+    pytest.param(["train.epoch=3"], r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)$", id="key"),
     pytest.param(["data.limit=64", "--steps", "1", "train.epoch=3"],  # an override after an option
-                 r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$", id="key-after-option"),
+                 r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)$", id="key-after-option"),
     pytest.param(["--device", "gpu"], r"^error: run.device: expected one of .*got 'gpu'", id="device-typo"),
     pytest.param(["--device", "cuda"], r"^error: run.device=cuda: torch \S+ sees no usable CUDA device", id="cuda"),
 ])
@@ -136,7 +136,7 @@ def test_methods_bench_checks_overrides_and_earlier_runs_before_any_training(tmp
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["data.limit=64", "--methods", "propos,cc", "train.epoch=3", "--output-dir", str(fresh)])
-    assert str(exit_info.value.code) == "error: propos: unknown key 'train.epoch' (did you mean 'epochs'?)"
+    assert str(exit_info.value.code) == "error: propos: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
     assert not fresh.exists()
 
     earlier = tmp_path / "earlier"

@@ -27,12 +27,12 @@ def test_minimal_config_gets_defaults(tmp_path):
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
         load_config(write(tmp_path, MINIMAL + "optim:\n  lrr: 0.1\n"))
 
 
 def test_unknown_method_key_and_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"method.temprature.*did you mean 'temperature'"):
+    with pytest.raises(ConfigError, match=r"method.temprature.*did you mean 'method.temperature'"):
         load_config(write(tmp_path, MINIMAL + "  temprature: 0.2\n"))
     with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
         load_config(write(tmp_path, MINIMAL + "trian:\n  epochs: 3\n"))
@@ -86,7 +86,7 @@ def test_base_chain_and_overrides(tmp_path):
     assert (cfg.train.epochs, cfg.train.batch_size_per_rank) == (20, 64)
     cfg = load_config(child, ["train.epochs=2", "method.temperature=0.2", "augment.crop_scale=[0.2, 1.0]"])
     assert cfg.train.epochs == 2 and cfg.method.temperature == 0.2 and cfg.augment.crop_scale == [0.2, 1.0]
-    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'epochs'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
         load_config(child, ["train.epoch=2"])
     with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 'two'"):
         load_config(child, ["train.epochs=two"])

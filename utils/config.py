@@ -394,9 +394,12 @@ def validate_cross_fields(cfg: Config) -> None:
 
 
 def _unknown_key_message(key: str, known: list[str], short: str | None = None) -> str:
+    """`key` is the full dotted key; `short` its last part, matched against the section's `known` names.
+    The suggestion is a full key too, so it can be pasted back as an override."""
     name = short if short is not None else key
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+    prefix = key[: len(key) - len(name)]
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
     return f"unknown key {key!r}{hint}"
 
 
