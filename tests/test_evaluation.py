@@ -228,7 +228,7 @@ def test_eval_bad_input_is_a_one_line_error(args, message):
     ("eval.knn_temperature=0", r"^eval.knn_temperature: expected a value > 0, got 0.0$"),
     ("eval.knn_k=0", r"^eval.knn_k: expected a value >= 1, got 0$"),
     ("eval.linear_features=head", r"^eval.linear_features: expected one of .* got 'head'$"),
-    ("eval.knn_topk=5", r"^unknown key 'eval.knn_topk' \(did you mean 'knn_k'\?\)$"),
+    ("eval.knn_topk=5", r"^unknown key 'eval.knn_topk' \(did you mean 'eval.knn_k'\?\)$"),
     ("eval.best_metric=knn_acc", r"^eval.best_metric: knn_acc needs the kNN monitor on \(eval.knn_every_epochs > 0\)$"),
 ])
 def test_eval_config_is_validated(override, message):

@@ -174,7 +174,7 @@ def test_overrides_may_follow_the_options(argv):
 
 
 def test_config_errors_exit_with_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'epochs'\?\)$"):
+    with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)$"):
         launcher.main([str(DEMO), "train.epoch=3"])
     assert not (tmp_path / "mnist_cnn_propos").exists()
 
