@@ -126,11 +126,11 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
     cannot give (a batch larger than the data, another model's weights) is a one-line error."""
     from models import DataInfo, build_method
     from utils.checkpoint import load_model_state
-    from utils.trainer import Trainer
+    from utils.trainer import Trainer, resolve_num_clusters
 
     train_data, eval_data = datasets.train, datasets.eval
-    num_clusters = cfg.cluster.num_clusters or train_data.num_classes
     try:
+        num_clusters = resolve_num_clusters(cfg, train_data)
         method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                               data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
                                             num_classes=train_data.num_classes, num_samples=len(train_data),
@@ -158,6 +158,7 @@ def check_eval_args(args: argparse.Namespace) -> Path:
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
+    from utils.assignments import write_cluster_assignments
     from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
 
@@ -165,7 +166,11 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
-    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, build_datasets(cfg), weights=weights)
+    datasets = build_datasets(cfg)
+    if mode != "cluster" and not (datasets.train.has_labels and datasets.eval.has_labels):
+        raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
+                         "(--eval cluster writes the clusters of unlabeled data)")
+    trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     if mode == "cluster":
         results = trainer.evaluate()
     elif mode == "knn":
@@ -176,8 +181,11 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(weights.state["epoch"]),
                "config": cfg.source, "world_size": dist_info.world_size, **results}
     out = checkpoint.with_suffix(f".eval_{mode}.json")
-    if dist_info.is_main:  # rank 0 only: the results file and the one-line summary
+    if dist_info.is_main:  # rank 0 only: the results file, the clusters and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+        if mode == "cluster":
+            write_cluster_assignments(checkpoint.with_suffix(".clusters.csv"), trainer.last_clusters,
+                                      datasets.eval)
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
                            if k in results)
         print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {out}", flush=True)
@@ -268,6 +276,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
     from utils import distributed as du
+    from utils.assignments import write_cluster_assignments
     from utils.stop import EXIT_STOPPED
 
     dist_info = start_distributed(cfg)
@@ -286,9 +295,16 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
         du.cleanup_distributed()
         raise SystemExit(EXIT_STOPPED)
     metrics = result.metrics
-    if dist_info.is_main and metrics:  # rank 0 only: the one-line summary a researcher greps for
-        print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): "
-              f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}", flush=True)
+    clusters = None
+    if trainer.last_clusters is not None:  # this process evaluated the final model (not a finished run resumed)
+        clusters = run_dir / "clusters.csv"
+        if dist_info.is_main:  # rank 0 only
+            write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
+    if dist_info.is_main and (metrics or clusters):  # rank 0 only: the one-line summary a researcher greps for
+        scores = (f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}" if metrics
+                  else "no labels to score")
+        print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): {scores}"
+              + (f"; clusters -> {clusters}" if clusters else ""), flush=True)
     du.cleanup_distributed()
     return metrics
 

@@ -104,6 +104,11 @@ class ImageData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether any image has a known label (an unlabeled image folder has none)."""
+        return bool((self.labels >= 0).any())
+
     def subset(self, indices: Sequence[int] | torch.Tensor | slice) -> ImageData:
         """The rows `indices` (in that order), sharing nothing mutable with this dataset."""
         if isinstance(indices, slice):
@@ -489,7 +494,10 @@ def _class_dirs(folder: Path) -> list[str]:
 def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """root/<class>/... or root/{train, val|test}/<class>/... (images found recursively under each
     class folder, sorted by path). `data.classes` keeps those classes, labelled by position in that
-    list (ImageNet-10/-Dogs: the wnids); empty = every class, sorted. Files are decoded lazily."""
+    list (ImageNet-10/-Dogs: the wnids); empty = every class, sorted. A folder with no subfolders is
+    unlabeled: its images, sorted by name, get label -1 (K then comes from cluster.num_clusters). A
+    tree without train/ is all the data: split train or train+test reads it whole. Files are decoded
+    lazily."""
     _no_unlabeled("imagefolder", parts)
     _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:
@@ -500,31 +508,20 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if (root / "train").is_dir():
         folders = {"train": root / "train", "test": test_dir}
-    else:
+    else:  # a tree without splits is all the data: train+test (the clustering protocol) reads it once
         folders = {"train": root, "test": None}
+        if parts == ("train", "test"):
+            parts = ("train",)
     for part in parts:
         if folders[part] is None:
             raise ValueError(f"data.split: {root} has no {part} images (a split tree needs {root}/train "
                              f"and {root}/val or {root}/test)")
-    available = _class_dirs(folders[parts[0]])
-    classes = list(cfg.classes) or available
-    files: list[str] = []
-    labels: list[int] = []
-    for part in parts:
-        present = set(_class_dirs(folders[part]))
-        missing = [c for c in classes if c not in present]
-        if missing:
-            raise ValueError(f"data.classes: {folders[part]} has no folder {missing[0]!r} "
-                             f"({len(missing)} of {len(classes)} missing)")
-        for label, cls in enumerate(classes):
-            found = sorted(str(p) for p in (folders[part] / cls).rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            files += found
-            labels += [label] * len(found)
-            if cfg.limit and len(files) >= cfg.limit:
-                break
-        if cfg.limit and len(files) >= cfg.limit:
-            break
+    if not _class_dirs(folders[parts[0]]):
+        files = _unlabeled_files(root, [folders[part] for part in parts], cfg)
+        classes: list[str] = []
+        labels = [-1] * len(files)
+    else:
+        files, labels, classes = _labelled_files([folders[part] for part in parts], cfg)
     if not files:
         raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     image_size = cfg.image_size
@@ -536,6 +533,46 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     return ImageData(name=root.name, labels=torch.tensor(labels, dtype=torch.long), num_classes=len(classes),
                      class_names=classes, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1], channels=3,
                      image_size=image_size, files=files)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _unlabeled_files(root: Path, folders: list[Path], cfg: DataConfig) -> list[str]:
+    """The images directly inside each of `folders` (none may have class folders), sorted by name."""
+    if cfg.classes:
+        raise ValueError(f"data.classes: {folders[0]} has no class folders (its images are unlabeled); "
+                         "leave data.classes empty")
+    files: list[str] = []
+    for folder in folders:
+        if _class_dirs(folder):
+            raise ValueError(f"data.root: {folders[0]} has no class folders but {folder} has; give every "
+                             "split class folders, or none")
+        files += sorted(str(p) for p in folder.iterdir() if _is_image(p))
+    return files[: cfg.limit] if cfg.limit else files
+
+
+def _labelled_files(folders: list[Path], cfg: DataConfig) -> tuple[list[str], list[int], list[str]]:
+    """(files, labels, classes) of the class folders in each of `folders`, class by class."""
+    classes = list(cfg.classes) or _class_dirs(folders[0])
+    files: list[str] = []
+    labels: list[int] = []
+    for folder in folders:
+        present = set(_class_dirs(folder))
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise ValueError(f"data.classes: {folder} has no folder {missing[0]!r} "
+                             f"({len(missing)} of {len(classes)} missing)")
+        for label, cls in enumerate(classes):
+            found = sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p))
+            files += found
+            labels += [label] * len(found)
+            if cfg.limit and len(files) >= cfg.limit:
+                break
+        if cfg.limit and len(files) >= cfg.limit:
+            break
+    return files, labels, classes
 
 
 def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:

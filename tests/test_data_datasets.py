@@ -313,6 +313,30 @@ def test_imagefolder_flat_tree_has_no_test_part(tmp_path):
     assert data.class_names == ["a", "b"] and len(data) == 2
     with pytest.raises(ValueError, match=r"data.split: .* has no test images"):
         build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
+    # The clustering protocol's train+test on a tree without splits: all of it, once.
+    whole = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train+test")
+    assert whole.files == data.files and whole.labels.tolist() == [0, 1]
+
+
+def test_imagefolder_without_class_folders_is_unlabeled(tmp_path):
+    colours = [(9, 0, 0), (0, 9, 0), (0, 0, 9)]
+    for name, colour in zip(("c.png", "a.jpg", "b.PNG"), colours):
+        _write_png(tmp_path / "photos" / name, colour)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    data = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "photos")), split="train+test")
+    assert [Path(f).name for f in data.files] == ["a.jpg", "b.PNG", "c.png"]
+    assert data.labels.tolist() == [-1, -1, -1] and data.num_classes == 0 and data.class_names == []
+    assert not data.has_labels and build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)),
+                                                 split="train").has_labels is True  # photos/ is a class there
+    limited = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "photos"), limit=2), split="train")
+    assert limited.files == data.files[:2]
+    with pytest.raises(ValueError, match=r"^data.classes: .*photos has no class folders \(its images are unlabeled\)"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "photos"), classes=["a"]), split="train")
+    # A split tree is labelled or unlabeled as a whole.
+    _write_png(tmp_path / "split" / "train" / "x.png", colours[0])
+    _write_png(tmp_path / "split" / "test" / "cat" / "y.png", colours[1])
+    with pytest.raises(ValueError, match=r"^data.root: .*train has no class folders but .*test has"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "split")), split="train+test")
 
 
 @pytest.mark.parametrize("name, sub", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"),

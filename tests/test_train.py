@@ -1,4 +1,5 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
+import csv
 import json
 import re
 import signal
@@ -7,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import main as launcher
 from tests.stop_util import assert_same_weights, logged_steps, train_step_signalling_after
@@ -43,12 +47,30 @@ def epoch_term_averages(run_dir: Path, epoch: int) -> dict[str, float]:
             if k.startswith("train/") and k not in ("train/images_per_s", "train/epoch_seconds")}
 
 
+def read_clusters(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_scores_match_clusters(rows: list[dict[str, str]], metrics: dict[str, float]) -> None:
+    """scikit-learn's NMI and ARI of the CSV's (label, cluster) columns are the run's reported scores."""
+    labels, clusters = [int(r["label"]) for r in rows], [int(r["cluster"]) for r in rows]
+    assert normalized_mutual_info_score(labels, clusters) == pytest.approx(metrics["nmi"], abs=1e-6)
+    assert adjusted_rand_score(labels, clusters) == pytest.approx(metrics["ari"], abs=1e-6)
+
+
 def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     metrics = launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=demo", *SMALL])
     run_dir = tmp_path / "demo"
     assert set(metrics) == {"nmi", "acc", "ari"} and all(0.0 <= v <= 1.0 for v in metrics.values())
     out = capsys.readouterr().out
     assert f"ACC {metrics['acc']:.4f}" in out and "NMI" in out and "ARI" in out
+    assert f"clusters -> {run_dir / 'clusters.csv'}" in out
+    rows = read_clusters(run_dir / "clusters.csv")  # the final read-out of every image, in dataset order
+    assert [r["index"] for r in rows] == [str(i) for i in range(640)] and "file" not in rows[0]
+    labels = np.load(SHARED_DATA / "mnist.npz")["y_train"][:640]
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    assert_scores_match_clusters(rows, metrics)
     assert (run_dir / "config.yml").is_file() and (run_dir / "train.log").is_file()
     evals = [r for r in records(run_dir) if "eval/acc" in r]
     assert [r["epoch"] for r in evals] == [0, 1]
@@ -171,6 +193,74 @@ def test_overrides_may_follow_the_options(argv):
     # The same command with every option last is the reference.
     assert launcher.parse_args(argv) == launcher.parse_args(["c.yml", "train.epochs=2", "data.limit=64",
                                                              "--resume", "auto"])
+
+
+# The reduced demo on an image folder of 160 real digits, sorted by label so that the flat (unlabeled)
+# folder and the class-folder copy list the same images in the same order.
+FOLDER_RUN = ["data.name=imagefolder", "data.num_workers=0", "train.batch_size_per_rank=32", "train.epochs=2",
+              "train.time_budget_minutes=0", "method.warmup_epochs=1", "method.projector_hidden_dim=64",
+              "method.predictor_hidden_dim=64", "method.feature_dim=32", "cluster.n_init=1", "eval.n_init=1",
+              "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def digit_folders(tmp_path_factory) -> tuple[Path, Path, list[int]]:
+    """(flat folder, class-folder copy, labels in file order)."""
+    root = tmp_path_factory.mktemp("digits")
+    mnist = np.load(SHARED_DATA / "mnist.npz")
+    images, labels = mnist["x_train"][:160], mnist["y_train"][:160]
+    order = np.argsort(labels, kind="stable")
+    for position, i in enumerate(order):
+        name = f"{labels[i]}_{position:03d}.png"
+        for path in (root / "flat" / name, root / "classes" / str(labels[i]) / name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(path)
+    return root / "flat", root / "classes", labels[order].tolist()
+
+
+def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, capsys, digit_folders):
+    flat, classes, labels = digit_folders
+    common = [str(DEMO), f"run.output_dir={tmp_path}", *FOLDER_RUN, "cluster.num_clusters=10"]
+    assert launcher.main([*common, "run.name=flat", f"data.root={flat}"]) == {}  # nothing to score
+    assert f"no labels to score; clusters -> {tmp_path / 'flat' / 'clusters.csv'}" in capsys.readouterr().out
+    labelled = launcher.main([*common, "run.name=classes", f"data.root={classes}"])
+    unlabeled_rows = read_clusters(tmp_path / "flat" / "clusters.csv")
+    labelled_rows = read_clusters(tmp_path / "classes" / "clusters.csv")
+    assert [r["file"] for r in unlabeled_rows] == sorted(str(p) for p in flat.iterdir())
+    assert {r["label"] for r in unlabeled_rows} == {"-1"}
+    assert [int(r["label"]) for r in labelled_rows] == labels
+    assert [Path(r["file"]).name for r in labelled_rows] == [Path(r["file"]).name for r in unlabeled_rows]
+    # The labels play no part in training: the same images in the same order give the same clusters,
+    # and those score as the labelled run reported.
+    assert [r["cluster"] for r in unlabeled_rows] == [r["cluster"] for r in labelled_rows]
+    assert len({r["cluster"] for r in unlabeled_rows}) > 1
+    assert_scores_match_clusters([{**r, "label": str(y)} for r, y in zip(unlabeled_rows, labels)], labelled)
+    # --eval cluster of the checkpoint writes the same clusters beside it.
+    launcher.main([*common, "run.name=flat", f"data.root={flat}", "--eval", "cluster",
+                   "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    assert read_clusters(tmp_path / "flat" / "last.clusters.csv") == unlabeled_rows
+    with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval cluster "
+                                         r"writes the clusters of unlabeled data\)$"):
+        launcher.main([*common, f"data.root={flat}", "--eval", "knn", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+
+
+NO_K = (r"^error: cluster.num_clusters: the training data have no classes to take the number of clusters from "
+        r"\(flat is unlabeled\); set cluster.num_clusters=K$")
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    pytest.param(DEMO, FOLDER_RUN, NO_K, id="no-k"),
+    pytest.param(REPO_ROOT / "config" / "mnist_cnn_cc.yml", ["data.name=imagefolder"], NO_K, id="no-k-head"),
+    pytest.param(DEMO, [*FOLDER_RUN, "cluster.num_clusters=10", "eval.knn_every_epochs=1"],
+                 r"^error: eval.knn_every_epochs: the kNN monitor needs labels, and flat has none; "
+                 r"set eval.knn_every_epochs=0$", id="knn"),
+])
+def test_what_unlabeled_data_cannot_give_is_one_line_before_training(tmp_path, digit_folders, config, overrides,
+                                                                     message):
+    with pytest.raises(SystemExit, match=message):
+        launcher.main([str(config), f"run.output_dir={tmp_path / 'runs'}", "run.name=u", *overrides,
+                       f"data.root={digit_folders[0]}"])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_config_errors_exit_with_one_line(tmp_path):
@@ -313,6 +403,7 @@ def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
 def test_two_process_training_run(two_process_run):
     run_dir, proc = two_process_run
     assert "final (2 epochs" in proc.stdout and proc.stdout.count("final (") == 1  # rank 0 only
+    assert len(read_clusters(run_dir / "clusters.csv")) == 640
     assert "Warning" not in proc.stderr  # e.g. DDP's broadcast_buffers deprecation, once per rank and stage
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data.datasets import ImageData
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
@@ -41,6 +42,18 @@ from utils.optim import LRSchedule, build_optimizer
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_num_clusters(cfg: Config, train_data: ImageData, requested: int | None = None) -> int:
+    """K for `requested` (`cluster.num_clusters` when None, or `eval.num_clusters`): 0 means the training
+    data's number of classes, and for unlabeled data (no classes) `cluster.num_clusters`. Unlabeled data
+    without `cluster.num_clusters` are a ValueError."""
+    k = (cfg.cluster.num_clusters if requested is None else requested) or train_data.num_classes \
+        or cfg.cluster.num_clusters
+    if k < 1:
+        raise ValueError(f"cluster.num_clusters: the training data have no classes to take the number of "
+                         f"clusters from ({train_data.name} is unlabeled); set cluster.num_clusters=K")
+    return k
 
 
 @dataclass
@@ -65,6 +78,10 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        # Unlabeled data (an image folder without class folders) give nothing to score kNN with.
+        if cfg.eval.knn_every_epochs and not (train_data.has_labels and eval_data.has_labels):
+            raise ValueError(f"eval.knn_every_epochs: the kNN monitor needs labels, and {train_data.name} has none; "
+                             "set eval.knn_every_epochs=0")
         # k-means needs at least K points: refused here rather than at the first E-step, mid-run.
         for key, requested, data in (("cluster.num_clusters", cfg.cluster.num_clusters, train_data),
                                      ("eval.num_clusters", cfg.eval.num_clusters, eval_data)):
@@ -113,6 +130,7 @@ class Trainer:
         self.stage_stopped = False  # the method ended the current stage early
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
+        self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
         self._feature_cache: dict[tuple, torch.Tensor] = {}
         self._pretrained_loaded = False
         self.model: torch.nn.Module = method
@@ -248,7 +266,8 @@ class Trainer:
                 if self.epoch % cfg.eval.every_epochs == 0 or stage_done or last:
                     self.last_metrics = self.evaluate()
                     epoch_metrics.update(self.last_metrics)
-                    log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()))
+                    log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
+                             or "clustered (no labels to score)")
                 if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
                     epoch_metrics["knn_acc"] = self.knn_evaluate()
                     log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
@@ -384,7 +403,8 @@ class Trainer:
         return self._feature_cache[key]
 
     def num_clusters(self, requested: int) -> int:
-        return requested or self.train_data.num_classes
+        """K for `requested` = `cluster.num_clusters` or `eval.num_clusters` (see `resolve_num_clusters`)."""
+        return resolve_num_clusters(self.cfg, self.train_data, requested)
 
     def refresh(self, epoch: int) -> None:
         """The method's step-level refresh from the whole training set's features (gathered across
@@ -406,7 +426,8 @@ class Trainer:
         self.method.update_from_features(feats, self._cluster_fn(), self.num_clusters(self.cfg.cluster.num_clusters))
 
     def evaluate(self) -> dict[str, float]:
-        """NMI / ACC / ARI of the method's read-out on the evaluation set (same on every rank)."""
+        """NMI / ACC / ARI of the method's read-out on the evaluation set's labelled rows (same on every
+        rank; empty for unlabeled data). The read-out itself, (N_eval,), is kept in `last_clusters`."""
         from torch_clustering import evaluate_clustering
 
         if self.method.has_head:
@@ -419,9 +440,12 @@ class Trainer:
                 feats, num_clusters=self.num_clusters(self.cfg.eval.num_clusters), metric=self.cfg.cluster.metric,
                 n_init=self.cfg.eval.n_init, max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol,
                 seed=self.cfg.run.seed)
+        self.last_clusters = predictions.cpu()
         labels = self.eval_data.labels
         known = labels >= 0
-        scores = evaluate_clustering(labels[known].cpu(), predictions.cpu()[known])
+        if not known.any():
+            return {}
+        scores = evaluate_clustering(labels[known].cpu(), self.last_clusters[known])
         return {k: float(scores[k]) for k in ("nmi", "acc", "ari")}
 
     def knn_evaluate(self) -> float:
