@@ -183,12 +183,14 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     out = checkpoint.with_suffix(f".eval_{mode}.json")
     if dist_info.is_main:  # rank 0 only: the results file, the clusters and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+        written = str(out)
         if mode == "cluster":
-            write_cluster_assignments(checkpoint.with_suffix(".clusters.csv"), trainer.last_clusters,
-                                      datasets.eval)
+            clusters = checkpoint.with_suffix(".clusters.csv")
+            write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
+            written += f", {clusters}"
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
-                           if k in results)
-        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {out}", flush=True)
+                           if k in results) or "no labels to score"
+        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {written}", flush=True)
     du.cleanup_distributed()
     return results
 

@@ -147,13 +147,20 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
                              "--eval", mode, "--checkpoint", str(checkpoint)])
     assert checkpoint.read_bytes() == before
     out_file = trained / f"last.eval_{mode}.json"
-    assert sorted(p.name for p in trained.iterdir()) == sorted(files_before + [out_file.name])
+    new_files = [out_file.name] + (["last.clusters.csv"] if mode == "cluster" else [])
+    assert sorted(p.name for p in trained.iterdir()) == sorted(files_before + new_files)
     written = json.loads(out_file.read_text())
     assert written == results and written["mode"] == mode and written["epoch"] == 1
     key = {"knn": "knn_acc", "linear": "linear_acc", "cluster": "acc"}[mode]
     assert 0.3 < written[key] <= 1.0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"eval {mode} of ") and f"{written[key]:.4f}" in line
+    if mode == "cluster":  # every image's cluster, scoring as reported
+        from tests.test_train import assert_scores_match_clusters, read_clusters
+
+        rows = read_clusters(trained / "last.clusters.csv")
+        assert len(rows) == 640 and f"-> {out_file}, {trained / 'last.clusters.csv'}" in line
+        assert_scores_match_clusters(rows, written)
     if mode == "knn":  # the same number as the monitor logged at the end of training (same weights, same rows)
         records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
         assert written["knn_acc"] == pytest.approx([r["eval/knn_acc"] for r in records if "eval/knn_acc" in r][-1])
