@@ -403,7 +403,10 @@ def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
 def test_two_process_training_run(two_process_run):
     run_dir, proc = two_process_run
     assert "final (2 epochs" in proc.stdout and proc.stdout.count("final (") == 1  # rank 0 only
-    assert len(read_clusters(run_dir / "clusters.csv")) == 640
+    rows = read_clusters(run_dir / "clusters.csv")  # rank 0's copy of the read-out every rank holds
+    final = [r for r in records(run_dir) if "eval/acc" in r][-1]
+    assert len(rows) == 640
+    assert_scores_match_clusters(rows, {k: final[f"eval/{k}"] for k in ("nmi", "ari")})
     assert "Warning" not in proc.stderr  # e.g. DDP's broadcast_buffers deprecation, once per rank and stage
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20
