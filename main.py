@@ -121,7 +121,8 @@ def find_resume_point(run_dir: Path, resume: str) -> Checkpoint | None:
 
 
 def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, weights: Checkpoint | None = None):
-    """Method (with the model weights of `weights`, if given) and the Trainer, from the config and
+    """Method (with the model weights of `weights`, if given, for evaluation: its per-image training
+    state is left out, so the data may be other images) and the Trainer, from the config and
     `datasets` = build_datasets(cfg). What the config asks of the data or the checkpoint that they
     cannot give (a batch larger than the data, another model's weights) is a one-line error."""
     from models import DataInfo, build_method
@@ -136,7 +137,10 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
                                             num_classes=train_data.num_classes, num_samples=len(train_data),
                                             num_clusters=num_clusters))
         if weights is not None:
-            load_model_state(method, weights.state["model"], weights.path)
+            state = dict(weights.state["model"])
+            for name in method.per_sample_buffers:  # the data evaluated may have another N than the training's
+                state[name] = method.get_buffer(name)
+            load_model_state(method, state, weights.path)
         return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

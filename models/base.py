@@ -118,6 +118,9 @@ class Method(nn.Module):
     has_head: ClassVar[bool] = False                          # read out clusters from the head, not k-means
     head_feature_kind: ClassVar[str | None] = None            # the features the head's read-out takes
     refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
+    # Buffers with a row per training image (pseudo-labels, DEC's targets): training state that the
+    # read-out never uses, left out when a checkpoint is evaluated on other data (another N).
+    per_sample_buffers: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
         return self.training_step(views, indices, progress)

@@ -136,6 +136,7 @@ class DEC(Method):
     pseudo_label_feature_kind: ClassVar[str] = "embedding"
     head_feature_kind: ClassVar[str | None] = "embedding"
     refresh_feature_kind: ClassVar[str] = "embedding"
+    per_sample_buffers: ClassVar[tuple[str, ...]] = ("target", "last_labels")
     CLUSTER: ClassVar[str] = "cluster"
 
     def __init__(self, cfg: DECConfig, *, backbone: str, norm: str, data: DataInfo):

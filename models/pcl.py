@@ -71,6 +71,7 @@ class PCLConfig(MoCoConfig):
 class PCL(MoCo):
     config_class: ClassVar[type[MethodConfig]] = PCLConfig
     pseudo_label_feature_kind: ClassVar[str] = "key_projector"   # v': normalised key embeddings
+    per_sample_buffers: ClassVar[tuple[str, ...]] = ("pseudo_labels",)
 
     def __init__(self, cfg: PCLConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__(cfg, backbone=backbone, norm=norm, data=data)

@@ -77,6 +77,7 @@ class ProPosConfig(MethodConfig):
 class ProPos(Method):
     config_class: ClassVar[type[MethodConfig]] = ProPosConfig
     default_eval_features: ClassVar[str] = "projector"
+    per_sample_buffers: ClassVar[tuple[str, ...]] = ("pseudo_labels",)
 
     def __init__(self, cfg: ProPosConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__()

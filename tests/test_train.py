@@ -204,8 +204,8 @@ FOLDER_RUN = ["data.name=imagefolder", "data.num_workers=0", "train.batch_size_p
 
 
 @pytest.fixture(scope="module")
-def digit_folders(tmp_path_factory) -> tuple[Path, Path, list[int]]:
-    """(flat folder, class-folder copy, labels in file order)."""
+def digit_folders(tmp_path_factory) -> tuple[Path, Path, list[int], Path]:
+    """(flat folder, class-folder copy, labels in file order, a flat folder of every third image)."""
     root = tmp_path_factory.mktemp("digits")
     mnist = np.load(SHARED_DATA / "mnist.npz")
     images, labels = mnist["x_train"][:160], mnist["y_train"][:160]
@@ -215,11 +215,14 @@ def digit_folders(tmp_path_factory) -> tuple[Path, Path, list[int]]:
         for path in (root / "flat" / name, root / "classes" / str(labels[i]) / name):
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i]).save(path)
-    return root / "flat", root / "classes", labels[order].tolist()
+        if position % 3 == 0:
+            (root / "subset").mkdir(exist_ok=True)
+            Image.fromarray(images[i]).save(root / "subset" / name)
+    return root / "flat", root / "classes", labels[order].tolist(), root / "subset"
 
 
 def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, capsys, digit_folders):
-    flat, classes, labels = digit_folders
+    flat, classes, labels, subset = digit_folders
     common = [str(DEMO), f"run.output_dir={tmp_path}", *FOLDER_RUN, "cluster.num_clusters=10"]
     assert launcher.main([*common, "run.name=flat", f"data.root={flat}"]) == {}  # nothing to score
     assert f"no labels to score; clusters -> {tmp_path / 'flat' / 'clusters.csv'}" in capsys.readouterr().out
@@ -239,9 +242,38 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     launcher.main([*common, "run.name=flat", f"data.root={flat}", "--eval", "cluster",
                    "--checkpoint", str(tmp_path / "flat" / "last.pt")])
     assert read_clusters(tmp_path / "flat" / "last.clusters.csv") == unlabeled_rows
+    # ... and of other images (another N than the pseudo-labels in the checkpoint): k-means of their features.
+    launcher.main([*common, "run.name=flat", f"data.root={subset}", "--eval", "cluster",
+                   "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    rows = read_clusters(tmp_path / "flat" / "last.clusters.csv")
+    assert [r["file"] for r in rows] == sorted(str(p) for p in subset.iterdir()) and len(rows) == 54
+    assert len({r["cluster"] for r in rows}) > 1
     with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval cluster "
                                          r"writes the clusters of unlabeled data\)$"):
         launcher.main([*common, f"data.root={flat}", "--eval", "knn", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+
+
+# A method that reads clusters out per image (CC's head, DEC's soft assignment) gives a checkpoint's
+# images the same clusters whatever else is evaluated with them.
+PER_IMAGE_READ_OUT = {
+    "cc": ["train.epochs=1"],
+    "mnist_mlp_dec": ["method.pretrain_epochs=1", "method.cluster_epochs=1", "method.hidden_dims=[64, 64, 128]"],
+}
+
+
+@pytest.mark.parametrize("config", list(PER_IMAGE_READ_OUT))
+def test_a_checkpoint_clusters_other_images_as_it_clustered_its_own(tmp_path, digit_folders, config):
+    flat, _, _, subset = digit_folders
+    path = REPO_ROOT / "config" / (f"mnist_cnn_{config}.yml" if config == "cc" else f"{config}.yml")
+    common = [str(path), f"run.output_dir={tmp_path}", "run.name=run", "data.name=imagefolder", "data.num_workers=0",
+              "train.batch_size_per_rank=32", "cluster.num_clusters=10", "cluster.n_init=1", "eval.n_init=1",
+              "logging.progress_bar=false", *PER_IMAGE_READ_OUT[config]]
+    launcher.main([*common, f"data.root={flat}"])
+    trained = {Path(r["file"]).name: r["cluster"] for r in read_clusters(tmp_path / "run" / "clusters.csv")}
+    launcher.main([*common, f"data.root={subset}", "--eval", "cluster", "--checkpoint", str(tmp_path / "run" / "last.pt")])
+    rows = read_clusters(tmp_path / "run" / "last.clusters.csv")
+    assert len(rows) == 54 and len(set(trained.values())) > 1
+    assert [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
 
 
 NO_K = (r"^error: cluster.num_clusters: the training data have no classes to take the number of clusters from "
