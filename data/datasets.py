@@ -517,7 +517,7 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
             raise ValueError(f"data.split: {root} has no {part} images (a split tree needs {root}/train "
                              f"and {root}/val or {root}/test)")
     if not _class_dirs(folders[parts[0]]):
-        files = _unlabeled_files(root, [folders[part] for part in parts], cfg)
+        files = _unlabeled_files([folders[part] for part in parts], cfg)
         classes: list[str] = []
         labels = [-1] * len(files)
     else:
@@ -539,7 +539,7 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _unlabeled_files(root: Path, folders: list[Path], cfg: DataConfig) -> list[str]:
+def _unlabeled_files(folders: list[Path], cfg: DataConfig) -> list[str]:
     """The images directly inside each of `folders` (none may have class folders), sorted by name."""
     if cfg.classes:
         raise ValueError(f"data.classes: {folders[0]} has no class folders (its images are unlabeled); "
