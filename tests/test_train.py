@@ -250,7 +250,8 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     assert len({r["cluster"] for r in rows}) > 1
     with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval cluster "
                                          r"writes the clusters of unlabeled data\)$"):
-        launcher.main([*common, f"data.root={flat}", "--eval", "knn", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+        launcher.main([*common, f"data.root={flat}", "--eval", "knn",
+                       "--checkpoint", str(tmp_path / "flat" / "last.pt")])
 
 
 # A method that reads clusters out per image (CC's head, DEC's soft assignment) gives a checkpoint's
@@ -270,7 +271,8 @@ def test_a_checkpoint_clusters_other_images_as_it_clustered_its_own(tmp_path, di
               "logging.progress_bar=false", *PER_IMAGE_READ_OUT[config]]
     launcher.main([*common, f"data.root={flat}"])
     trained = {Path(r["file"]).name: r["cluster"] for r in read_clusters(tmp_path / "run" / "clusters.csv")}
-    launcher.main([*common, f"data.root={subset}", "--eval", "cluster", "--checkpoint", str(tmp_path / "run" / "last.pt")])
+    launcher.main([*common, f"data.root={subset}", "--eval", "cluster",
+                   "--checkpoint", str(tmp_path / "run" / "last.pt")])
     rows = read_clusters(tmp_path / "run" / "last.clusters.csv")
     assert len(rows) == 54 and len(set(trained.values())) > 1
     assert [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
