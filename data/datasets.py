@@ -501,10 +501,10 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     _no_unlabeled("imagefolder", parts)
     _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:
-        raise ValueError("data.root: the imagefolder dataset needs data.root=<folder of class folders>")
+        raise ValueError("data.root: the imagefolder dataset needs data.root=<folder of images, or of class folders>")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise _missing("imagefolder", root, "set data.root to a folder of class folders")
+        raise _missing("imagefolder", root, "set data.root to a folder of images, or of class folders")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if (root / "train").is_dir():
         folders = {"train": root / "train", "test": test_dir}
