@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -174,6 +175,11 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     if mode != "cluster" and not (datasets.train.has_labels and datasets.eval.has_labels):
         raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
                          "(--eval cluster writes the clusters of unlabeled data)")
+    # Evaluation never trains, but the Trainer builds the training loader: a training batch larger than
+    # the images evaluated (a few images of another set) must not stop it.
+    per_rank = max(1, len(datasets.train) // dist_info.world_size)
+    if cfg.train.batch_size_per_rank > per_rank:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size_per_rank=per_rank))
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     if mode == "cluster":
         results = trainer.evaluate()
