@@ -132,7 +132,7 @@ def format_table(groups: list[Group]) -> str:
             if s is not None:
                 cells.append(f"{metric.upper()} {s['mean']:.4f} ± {s['std']:.4f}")
         epoch_text = (f"{epochs[0]} epochs" if len(epochs) == 1
-                      else f"{epochs[0]}-{epochs[-1]} epochs (unequal: some runs stopped early)")
+                      else f"{epochs[0]}-{epochs[-1]} epochs (unequal across runs: a time budget or an early stop)")
         lines.append(f"[{i}] {group.label}: {len(group.runs)} run(s), seeds {seeds}, {epoch_text}: "
                      + "  ".join(cells))
         if len(set(seeds)) < len(seeds):
