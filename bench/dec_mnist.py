@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from utils.logger import read_metric_records  # noqa: E402
+
 
 def load_average() -> str:
     try:
@@ -48,11 +50,7 @@ def run(config: str, name: str, output_dir: Path, overrides: list[str]) -> tuple
 def cluster_start(run_dir: Path) -> dict | None:
     """NMI / ACC / ARI of the k-means initialisation (n_init restarts on z, argmax q before any
     clustering step): the first target update the run logged, or None if it logged none."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metric_records(run_dir):
         if record.get("stage") == "cluster" and record.get("stage_step") == 0 and "eval/acc" in record:
             return {key: record[f"eval/{key}"] for key in ("nmi", "acc", "ari")}
     return None

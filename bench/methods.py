@@ -36,6 +36,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # utils.config and utils.checkpoint, for the checks before any run
+
+from utils.logger import read_metric_records  # noqa: E402
 METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr")
 # ProPos paper (TPAMI 2022), Table 2, CIFAR-10 ACC; SimCLR is not in that table.
 PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.856, "cc": 0.790, "moco": 0.776}
@@ -57,11 +59,6 @@ def run_main(config: Path, overrides: list[str], log_path: Path) -> tuple[re.Mat
         reason = f": {lines[-1].strip()}" if lines else ""
         raise SystemExit(f"error: {config.name} exited {proc.returncode}{reason} (log: {log_path})")
     return match, wall
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def run_names(method: str) -> tuple[str, str]:
@@ -106,7 +103,7 @@ def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[
                                     f"train.time_budget_minutes={budget_s / 60:.4f}",
                                     f"eval.knn_every_epochs={epochs}", *common],
                            output_dir / f"{run_name}.log")
-    records = read_metrics(output_dir / run_name)
+    records = read_metric_records(output_dir / run_name)
     throughput = [r["train/images_per_s"] for r in records if "train/images_per_s" in r]
     knn = [r["eval/knn_acc"] for r in records if "eval/knn_acc" in r]
     return {"method": method, "epochs": int(final.group(1)), "planned_epochs": epochs,

@@ -32,6 +32,15 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     root.setLevel(level)
 
 
+def read_metric_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of the run's `metrics.jsonl` (MetricWriter's file), in order; [] when there is none.
+    A last line still being written by a live run is left out."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
 class MetricWriter:
     """Writes metric records to `metrics.jsonl` in the run directory, and to wandb when enabled.
 

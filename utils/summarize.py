@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from utils.logger import read_metric_records
+
+log = logging.getLogger(__name__)
 
 METRICS = ("nmi", "acc", "ari", "knn_acc")
 # Keys that name, place or schedule a run without changing what it computes.
@@ -74,21 +79,15 @@ def _ignored(key: str) -> bool:
 def read_run(run_dir: Path) -> tuple[dict[str, Any], RunScores | None]:
     """(the run's flattened config without IGNORED_KEYS, its last evaluation or None). A folder that
     is not a run directory is a ValueError naming it."""
-    config_path, metrics_path = run_dir / "config.yml", run_dir / "metrics.jsonl"
+    config_path = run_dir / "config.yml"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no config.yml)")
     try:
         config = flatten(yaml.safe_load(config_path.read_text()) or {})
     except yaml.YAMLError as exc:
         raise ValueError(f"{config_path}: not readable YAML ({str(exc).splitlines()[0]})") from None
-    last: dict[str, Any] | None = None
-    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-    for line in lines:
-        if not line.endswith("}"):
-            continue  # a line the run is still writing
-        record = json.loads(line)
-        if any(f"eval/{m}" in record for m in METRICS):
-            last = record
+    evaluations = [r for r in read_metric_records(run_dir) if any(f"eval/{m}" in r for m in METRICS)]
+    last = evaluations[-1] if evaluations else None
     key = {k: v for k, v in config.items() if not _ignored(k)}
     if last is None:
         return key, None
@@ -146,7 +145,23 @@ def format_table(groups: list[Group]) -> str:
 def to_json(groups: list[Group]) -> list[dict[str, Any]]:
     return [{"label": g.label, "config": g.config,
              "runs": [{"path": str(r.path), "seed": r.seed, "epochs": r.epochs, **r.scores} for r in g.runs],
-             **{m: g.stats(m) for m in METRICS if g.stats(m) is not None}} for g in groups]
+             **{m: s for m in METRICS if (s := g.stats(m)) is not None}} for g in groups]
+
+
+def _log_to_console() -> None:
+    """This module's records as bare lines: the table (INFO) on stdout, notes (WARNING) on stderr.
+    Set up anew per call, on the streams of the moment."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    table = logging.StreamHandler(sys.stdout)
+    table.addFilter(lambda record: record.levelno < logging.WARNING)
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setLevel(logging.WARNING)
+    for handler in (table, notes):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> list[Group]:
@@ -154,15 +169,16 @@ def main(argv: list[str] | None = None) -> list[Group]:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (run.output_dir/run.name)")
     p.add_argument("--json", type=Path, help="also write the groups, their runs and statistics here")
     args = p.parse_args(argv)
+    _log_to_console()
     try:
         groups, skipped = summarize(args.run_dirs)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     for run_dir in skipped:
-        print(f"skipped {run_dir}: no evaluation yet", file=sys.stderr)
+        log.warning("skipped %s: no evaluation yet", run_dir)
     if not groups:
         raise SystemExit("error: none of the runs has an evaluation yet")
-    print(format_table(groups))
+    log.info("%s", format_table(groups))
     if args.json:
         from utils.checkpoint import write_text_atomic
 
