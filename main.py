@@ -4,7 +4,7 @@
     python main.py config/mnist_cnn_propos.yml train.epochs=2      # dotted overrides, validated like the YAML
     torchrun --nproc_per_node=4 main.py config/cifar10_r18_propos.yml
     python main.py CONFIG --resume auto                            # continue the newest checkpoint of the run
-    python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | knn | linear
+    python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | assign | knn | linear
     srun python main.py CONFIG                                     # SLURM, one task per GPU (see scripts/)
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the newest in the run directory")
     parser.add_argument("--eval", default="", metavar="MODE",
-                        help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), knn (weighted "
-                             "kNN top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes "
+                        help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), assign (the "
+                             "images to the checkpoint's clusters: its k-means centroids or its head), knn "
+                             "(weighted kNN top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes "
                              "CHECKPOINT.eval_MODE.json")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
     # Intermixed: overrides may also follow the options (`CONFIG --resume auto train.epochs=200`),
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-EVAL_MODES = ("cluster", "knn", "linear")
+EVAL_MODES = ("cluster", "assign", "knn", "linear")
+# The modes that write each image's cluster, and where (beside the checkpoint, as this suffix).
+CLUSTER_CSV_SUFFIX = {"cluster": ".clusters.csv", "assign": ".assigned.csv"}
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -172,9 +175,9 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
     datasets = build_datasets(cfg)
-    if mode != "cluster" and not (datasets.train.has_labels and datasets.eval.has_labels):
+    if mode not in CLUSTER_CSV_SUFFIX and not (datasets.train.has_labels and datasets.eval.has_labels):
         raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
-                         "(--eval cluster writes the clusters of unlabeled data)")
+                         "(--eval cluster|assign write the clusters of unlabeled data)")
     # Evaluation never trains, but the Trainer builds the training loader: a training batch larger than
     # the images evaluated (a few images of another set) must not stop it.
     per_rank = max(1, len(datasets.train) // dist_info.world_size)
@@ -183,6 +186,13 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     if mode == "cluster":
         results = trainer.evaluate()
+    elif mode == "assign":
+        readout = weights.state.get("readout")
+        if readout is None and not trainer.method.has_head:
+            raise SystemExit(f"error: --eval assign: {checkpoint} has no k-means read-out to assign to (a checkpoint "
+                             "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
+                             "evaluation; --eval cluster fits k-means again)")
+        results = trainer.assign(readout)
     elif mode == "knn":
         results = {"knn_acc": trainer.knn_evaluate(), "knn_k": cfg.eval.knn_k,
                    "knn_temperature": cfg.eval.knn_temperature}
@@ -194,8 +204,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     if dist_info.is_main:  # rank 0 only: the results file, the clusters and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         written = str(out)
-        if mode == "cluster":
-            clusters = checkpoint.with_suffix(".clusters.csv")
+        if mode in CLUSTER_CSV_SUFFIX:
+            clusters = checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode])
             write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
             written += f", {clusters}"
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")

@@ -135,7 +135,7 @@ def test_knn_monitor_is_logged(trained):
     assert len(knn) == 1 and 0.3 < knn[0] <= 1.0  # well above chance (0.1) after one epoch on digits
 
 
-@pytest.mark.parametrize("mode", ["knn", "linear", "cluster"])
+@pytest.mark.parametrize("mode", ["knn", "linear", "cluster", "assign"])
 def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode, capsys):
     import main as launcher
     from tests.test_train import DEMO, SMALL
@@ -147,20 +147,27 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
                              "--eval", mode, "--checkpoint", str(checkpoint)])
     assert checkpoint.read_bytes() == before
     out_file = trained / f"last.eval_{mode}.json"
-    new_files = [out_file.name] + (["last.clusters.csv"] if mode == "cluster" else [])
+    csv_name = {"cluster": "last.clusters.csv", "assign": "last.assigned.csv"}.get(mode)
+    new_files = [out_file.name] + ([csv_name] if csv_name else [])
     assert sorted(p.name for p in trained.iterdir()) == sorted(files_before + new_files)
     written = json.loads(out_file.read_text())
     assert written == results and written["mode"] == mode and written["epoch"] == 1
-    key = {"knn": "knn_acc", "linear": "linear_acc", "cluster": "acc"}[mode]
+    key = {"knn": "knn_acc", "linear": "linear_acc", "cluster": "acc", "assign": "acc"}[mode]
     assert 0.3 < written[key] <= 1.0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"eval {mode} of ") and f"{written[key]:.4f}" in line
-    if mode == "cluster":  # every image's cluster, scoring as reported
+    if csv_name:  # every image's cluster, scoring as reported
         from tests.test_train import assert_scores_match_clusters, read_clusters
 
-        rows = read_clusters(trained / "last.clusters.csv")
-        assert len(rows) == 640 and f"-> {out_file}, {trained / 'last.clusters.csv'}" in line
+        rows = read_clusters(trained / csv_name)
+        assert len(rows) == 640 and f"-> {out_file}, {trained / csv_name}" in line
         assert_scores_match_clusters(rows, written)
+    if mode == "assign":  # the checkpoint's own k-means clusters: the training run's clusters.csv, not a new fit
+        from tests.test_train import read_clusters
+
+        assert rows == read_clusters(trained / "clusters.csv")
+        records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
+        assert written["acc"] == [r["eval/acc"] for r in records if "eval/acc" in r][-1]
     if mode == "knn":  # the same number as the monitor logged at the end of training (same weights, same rows)
         records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
         assert written["knn_acc"] == pytest.approx([r["eval/knn_acc"] for r in records if "eval/knn_acc" in r][-1])
@@ -198,28 +205,34 @@ def test_best_checkpoint_can_follow_the_knn_monitor(tmp_path):
     assert best["epoch"] == best_epoch + 1 and best["best"]["knn_acc"] == pytest.approx(knn[best_epoch])
 
 
-def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
+@pytest.mark.parametrize("mode", ["knn", "assign"])
+def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path, mode):
     import shutil
 
-    from tests.test_train import DEMO, SMALL
+    from tests.test_train import DEMO, SMALL, read_clusters
     from tests.torchrun_util import REPO_ROOT, run_torchrun
 
     checkpoint = tmp_path / "last.pt"
     shutil.copy(trained / "last.pt", checkpoint)
     before = checkpoint.read_bytes()
     proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), *SMALL, "train.batch_size_per_rank=32", "eval.knn_k=20",
-                        "--eval", "knn", "--checkpoint", str(checkpoint), nproc=2)
-    assert proc.stdout.count("eval knn of ") == 1  # rank 0 only
+                        "--eval", mode, "--checkpoint", str(checkpoint), nproc=2)
+    assert proc.stdout.count(f"eval {mode} of ") == 1  # rank 0 only
     assert checkpoint.read_bytes() == before
-    two = json.loads((tmp_path / "last.eval_knn.json").read_text())
-    one = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines() if "eval/knn_acc" in r]
-    assert two["world_size"] == 2 and two["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
+    two = json.loads((tmp_path / f"last.eval_{mode}.json").read_text())
+    one = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines() if "eval/acc" in r]
+    assert two["world_size"] == 2
+    if mode == "knn":
+        assert two["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
+    else:  # every image in the cluster the one-process run gave it
+        assert read_clusters(tmp_path / "last.assigned.csv") == read_clusters(trained / "clusters.csv")
+        assert two["acc"] == pytest.approx(one[-1]["eval/acc"], abs=1e-12)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--eval", "knn"], r"^error: --eval needs --checkpoint PATH$"),
     (["--eval", "probe", "--checkpoint", "x.pt"],
-     r"^error: --eval: expected one of cluster, knn, linear, got 'probe'$"),
+     r"^error: --eval: expected one of cluster, assign, knn, linear, got 'probe'$"),
     (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"],
      r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
 ])
@@ -244,3 +257,19 @@ def test_eval_config_is_validated(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_assign_to_centroids_is_the_nearest_centroid(metric):
+    from sklearn.metrics import pairwise_distances_argmin
+
+    from utils.features import assign_to_centroids
+
+    g = torch.Generator().manual_seed(0)
+    features, centroids = torch.randn(300, 8, generator=g), torch.randn(7, 8, generator=g)
+    labels = assign_to_centroids(features, centroids, metric=metric)
+    assert labels.dtype == torch.int64 and labels.shape == (300,)
+    # scikit-learn's nearest centroid (Euclidean; cosine distance for the cosine metric).
+    expected = pairwise_distances_argmin(features.numpy(), centroids.numpy(), metric=metric)
+    assert labels.tolist() == expected.tolist()
+    assert len(set(expected.tolist())) == 7

@@ -120,6 +120,8 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
             in capsys.readouterr().err)
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (state["epoch"], state["epoch_step"], state["global_step"]) == (epoch, epoch_step, stop_after)
+    if epoch_step:  # saved after steps that no k-means read-out has seen: none to assign other images to
+        assert state["readout"] is None
     assert len(step_losses(tmp_path / "split", 1)) == epoch_step  # the steps before the stop, no more
     assert not any("eval/acc" in r for r in records(tmp_path / "split") if r["epoch"] == 1)  # no evaluation
     if epoch_step:  # a position the config cannot reach: 640 / 256 is 2 steps per epoch
@@ -137,6 +139,11 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
     assert epoch_term_averages(tmp_path / "split", 1) == pytest.approx(straight_averages, rel=1e-6, abs=1e-7)
     final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (final["epoch"], final["epoch_step"], final["global_step"]) == (2, 0, 20)
+    # The final evaluation's k-means read-out is kept with the final weights: the uninterrupted run's.
+    straight = torch.load(straight_run / "last.pt", weights_only=True)["readout"]
+    assert final["readout"]["features"] == straight["features"] and final["readout"]["metric"] == straight["metric"]
+    assert final["readout"]["centroids"].shape[0] == 10
+    torch.testing.assert_close(final["readout"]["centroids"], straight["centroids"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_killed_run_loses_only_the_steps_since_its_last_mid_epoch_save(tmp_path, straight_run):
@@ -248,8 +255,25 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     rows = read_clusters(tmp_path / "flat" / "last.clusters.csv")
     assert [r["file"] for r in rows] == sorted(str(p) for p in subset.iterdir()) and len(rows) == 54
     assert len({r["cluster"] for r in rows}) > 1
-    with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval cluster "
-                                         r"writes the clusters of unlabeled data\)$"):
+    # --eval assign puts them in the checkpoint's clusters instead: the ids the run gave those images.
+    trained = {Path(r["file"]).name: r["cluster"] for r in unlabeled_rows}
+    for folder, count in ((subset, 54), (flat, 160)):
+        launcher.main([*common, "run.name=flat", f"data.root={folder}", "--eval", "assign",
+                       "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+        rows = read_clusters(tmp_path / "flat" / "last.assigned.csv")
+        assert len(rows) == count and [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
+    # A checkpoint without the read-out (written before it was kept) is one line, and nothing is written.
+    state = torch.load(tmp_path / "flat" / "last.pt", weights_only=True)
+    del state["readout"]
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match=rf"^error: --eval assign: {re.escape(str(tmp_path / 'old.pt'))} has no k-means read-out "
+                                         r"to assign to \(a checkpoint keeps the one fitted with its weights: use "
+                                         r"best.pt, or a last.pt saved at an evaluation; --eval cluster fits k-means "
+                                         r"again\)$"):
+        launcher.main([*common, f"data.root={subset}", "--eval", "assign", "--checkpoint", str(tmp_path / "old.pt")])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("old")] == ["old.pt"]
+    with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval "
+                                         r"cluster\|assign write the clusters of unlabeled data\)$"):
         launcher.main([*common, f"data.root={flat}", "--eval", "knn",
                        "--checkpoint", str(tmp_path / "flat" / "last.pt")])
 
@@ -277,6 +301,9 @@ def test_a_checkpoint_clusters_other_images_as_it_clustered_its_own(tmp_path, di
     rows = read_clusters(tmp_path / "run" / "last.clusters.csv")
     assert len(rows) == 54 and len(set(trained.values())) > 1
     assert [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
+    # --eval assign reads out the same per-image clusters (it needs no k-means read-out here).
+    launcher.main([*common, f"data.root={subset}", "--eval", "assign", "--checkpoint", str(tmp_path / "run" / "last.pt")])
+    assert read_clusters(tmp_path / "run" / "last.assigned.csv") == rows
 
 
 NO_K = (r"^error: cluster.num_clusters: the training data have no classes to take the number of clusters from "

@@ -61,3 +61,15 @@ def cluster_features(features: torch.Tensor, *, num_clusters: int, metric: str, 
     log.info("k-means: N=%d D=%d K=%d in %.2fs (%d iterations, inertia %.4g)", features.shape[0],
              features.shape[1], num_clusters, time.perf_counter() - start, result.n_iter, result.inertia)
     return labels, centroids
+
+
+def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor, *, metric: str) -> torch.Tensor:
+    """(N, D) features -> (N,) int64 index of the nearest of `centroids` (K, D) under `metric` (cosine:
+    the largest cosine similarity), computed as the k-means that fitted them labels its own points."""
+    from torch_clustering import KMeans
+
+    if metric == "cosine":  # spherical k-means' centroids are unit already; any others are made so
+        centroids = torch.nn.functional.normalize(centroids.float(), dim=1)
+    model = KMeans(centroids.shape[0], metric=metric)
+    model.centroids = centroids.to(features.device)  # a fitted model: predict() needs only its centroids
+    return model.predict(features)

@@ -35,7 +35,7 @@ from utils import distributed as du
 from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
                               save_checkpoint)
 from utils.config import Config
-from utils.features import cluster_features, extract_features
+from utils.features import assign_to_centroids, cluster_features, extract_features
 from utils.logger import MetricWriter
 from utils.optim import LRSchedule, build_optimizer
 
@@ -131,6 +131,10 @@ class Trainer:
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
+        # The k-means read-out of the last evaluation ({"centroids": (K, D), "features", "metric"}), and the
+        # step it was fitted at: a checkpoint keeps it only with the weights it belongs to (`state_dict`).
+        self.readout: dict[str, Any] | None = None
+        self.readout_step = -1
         self._feature_cache: dict[tuple, torch.Tensor] = {}
         self._pretrained_loaded = False
         self.model: torch.nn.Module = method
@@ -427,19 +431,36 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """NMI / ACC / ARI of the method's read-out on the evaluation set's labelled rows (same on every
-        rank; empty for unlabeled data). The read-out itself, (N_eval,), is kept in `last_clusters`."""
-        from torch_clustering import evaluate_clustering
-
+        rank; empty for unlabeled data). The read-out itself, (N_eval,), is kept in `last_clusters`; a
+        k-means read-out's centroids in `readout`."""
         if self.method.has_head:
             predictions = self.method.predict_from_features(self._features(self.eval_data,
                                                                            self.method.head_feature_kind))
         else:
             kind = self.cfg.eval.features or self.method.default_eval_features
             feats = self._features(self.eval_data, kind)
-            predictions, _ = cluster_features(
+            predictions, centroids = cluster_features(
                 feats, num_clusters=self.num_clusters(self.cfg.eval.num_clusters), metric=self.cfg.cluster.metric,
                 n_init=self.cfg.eval.n_init, max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol,
                 seed=self.cfg.run.seed)
+            self.readout = {"centroids": centroids.cpu(), "features": kind, "metric": self.cfg.cluster.metric}
+            self.readout_step = self.global_step
+        return self._score(predictions)
+
+    def assign(self, readout: dict[str, Any] | None) -> dict[str, float]:
+        """Like `evaluate`, but a k-means read-out is not fitted again: each image of the evaluation set
+        goes to the nearest of `readout`'s centroids (a checkpoint's), so other images get the cluster
+        ids of the run that wrote it (the features and metric are `readout`'s, whatever `eval.*` says).
+        A head's read-out is per image already: `readout` may then be None."""
+        if self.method.has_head:
+            return self.evaluate()
+        feats = self._features(self.eval_data, readout["features"])
+        return self._score(assign_to_centroids(feats, readout["centroids"], metric=readout["metric"]))
+
+    def _score(self, predictions: torch.Tensor) -> dict[str, float]:
+        """Keep `predictions` (N_eval,) as `last_clusters`; their NMI / ACC / ARI on the labelled rows."""
+        from torch_clustering import evaluate_clustering
+
         self.last_clusters = predictions.cpu()
         labels = self.eval_data.labels
         known = labels >= 0
@@ -544,6 +565,9 @@ class Trainer:
             "stage_stopped": self.stage_stopped,
             "best": dict(self.best),
             "last_metrics": dict(self.last_metrics),
+            # Only with the weights it was fitted on: not after the steps of a mid-epoch save, nor at an
+            # epoch saved without an evaluation.
+            "readout": self.readout if self.readout_step == self.global_step else None,
             "config": self.cfg.to_dict(),
         }
 
@@ -609,6 +633,8 @@ class Trainer:
         self.epoch_term_steps = int(state.get("epoch_term_steps", 0))
         self.best = dict(state["best"])
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.readout = state.get("readout")
+        self.readout_step = self.global_step if self.readout is not None else -1
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             restore_rng_state(rngs[self.dist.rank])
