@@ -3,10 +3,11 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import main as launcher
 from tests.test_train import TINY
-from tests.torchrun_util import REPO_ROOT
+from tests.torchrun_util import REPO_ROOT, SHARED_DATA
 from utils import summarize
 
 BYOL = str(REPO_ROOT / "config" / "mnist_cnn_byol.yml")
@@ -63,3 +64,20 @@ def test_what_is_not_a_run_is_one_line(runs, tmp_path):
     (tmp_path / "config.yml").write_text("run: [unclosed\n")
     with pytest.raises(SystemExit, match=r"^error: .*config.yml: not readable YAML"):
         summarize.main([str(tmp_path)])
+
+
+def test_a_finished_run_on_unlabeled_images_is_skipped_as_such(runs, tmp_path, capsys):
+    out, _ = runs
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(np.load(SHARED_DATA / "mnist.npz")["x_train"][:128]):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    launcher.main([BYOL, f"run.output_dir={tmp_path}", "run.name=unlabeled", *ONE_EPOCH, "data.name=imagefolder",
+                   f"data.root={folder}", "data.num_workers=0", "cluster.num_clusters=10"])
+    capsys.readouterr()
+    groups = summarize.main([str(out / "s0"), str(tmp_path / "unlabeled")])
+    assert [[r.path.name for r in g.runs] for g in groups] == [["s0"]]
+    assert (f"skipped {tmp_path / 'unlabeled'}: finished without scores: unlabeled data (its clusters are in "
+            "clusters.csv)") in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: none of the runs has scores to summarize \(see the lines above\)$"):
+        summarize.main([str(tmp_path / "unlabeled")])

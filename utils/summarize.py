@@ -8,7 +8,8 @@ Papers report means over several seeds (SCAN: 10 runs); this reads each run dire
 kNN accuracy when monitored), and groups runs whose configs are equal once the keys that name or
 place a run (`run.name`, `run.seed`, `run.output_dir`, the device and threads, `data.root`,
 `data.num_workers`, `logging.*`) are left out. The spread is the sample standard deviation (n - 1).
-A run without an evaluation yet (just started) is listed as skipped.
+A run without scores is listed as skipped, with why: no evaluation yet (just started), or finished
+on unlabeled images (it wrote `clusters.csv` and nothing to score).
 """
 from __future__ import annotations
 
@@ -96,14 +97,19 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], RunScores | None]:
                           scores=scores)
 
 
-def summarize(run_dirs: list[Path]) -> tuple[list[Group], list[Path]]:
-    """(groups of runs with equal configs, in order of first appearance; runs without an evaluation)."""
+def summarize(run_dirs: list[Path]) -> tuple[list[Group], list[tuple[Path, str]]]:
+    """(groups of runs with equal configs, in order of first appearance; (run, why) of the runs
+    without scores)."""
     groups: list[Group] = []
-    skipped: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for run_dir in run_dirs:
         key, run = read_run(run_dir)
         if run is None:
-            skipped.append(run_dir)
+            # A finished run writes clusters.csv after its last evaluation: without scores, its data
+            # had no labels to score them with.
+            finished = (run_dir / "clusters.csv").is_file()
+            skipped.append((run_dir, "finished without scores: unlabeled data (its clusters are in clusters.csv)"
+                            if finished else "no evaluation yet"))
             continue
         group = next((g for g in groups if g.config == key), None)
         if group is None:
@@ -174,10 +180,10 @@ def main(argv: list[str] | None = None) -> list[Group]:
         groups, skipped = summarize(args.run_dirs)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    for run_dir in skipped:
-        log.warning("skipped %s: no evaluation yet", run_dir)
+    for run_dir, why in skipped:
+        log.warning("skipped %s: %s", run_dir, why)
     if not groups:
-        raise SystemExit("error: none of the runs has an evaluation yet")
+        raise SystemExit("error: none of the runs has scores to summarize (see the lines above)")
     log.info("%s", format_table(groups))
     if args.json:
         from utils.checkpoint import write_text_atomic
