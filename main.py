@@ -145,7 +145,8 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
             for name in method.per_sample_buffers:  # the data evaluated may have another N than the training's
                 state[name] = method.get_buffer(name)
             load_model_state(method, state, weights.path)
-        return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer)
+        return Trainer(cfg, method, train_data, eval_data, dist_info=dist_info, run_dir=run_dir, writer=writer,
+                       evaluate_only=weights is not None)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -185,6 +186,10 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size_per_rank=per_rank))
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     if mode == "cluster":
+        k = trainer.num_clusters(cfg.eval.num_clusters)
+        if not trainer.method.has_head and k > len(datasets.eval):  # k-means of the images evaluated
+            raise SystemExit(f"error: --eval cluster: eval.num_clusters: {k} clusters, but the data have only "
+                             f"{len(datasets.eval)} images (--eval assign puts them into the checkpoint's clusters)")
         results = trainer.evaluate()
     elif mode == "assign":
         readout = weights.state.get("readout")

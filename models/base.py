@@ -122,6 +122,12 @@ class Method(nn.Module):
     # read-out never uses, left out when a checkpoint is evaluated on other data (another N).
     per_sample_buffers: ClassVar[tuple[str, ...]] = ()
 
+    def training_cluster_counts(self) -> dict[str, int]:
+        """{config key: K} of the clusterings of the training images that the method runs besides
+        `cluster.num_clusters` (PCL's levels): training refuses fewer images than K before it starts.
+        Evaluating the weights does not need them."""
+        return {}
+
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
         return self.training_step(views, indices, progress)
 

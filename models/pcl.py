@@ -75,9 +75,6 @@ class PCL(MoCo):
 
     def __init__(self, cfg: PCLConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__(cfg, backbone=backbone, norm=norm, data=data)
-        if max(cfg.num_clusters_per_level) > data.num_samples:
-            raise ValueError(f"method.num_clusters_per_level: {max(cfg.num_clusters_per_level)} clusters, but the "
-                             f"data have only {data.num_samples} images")
         self.num_clusters_per_level = list(cfg.num_clusters_per_level)
         # EM-loop state, one row / pair of buffers per granularity m: the cluster of every dataset
         # position (-1 = not clustered yet), the normalised prototypes c (K_m, D) and their phi (K_m,).
@@ -86,6 +83,9 @@ class PCL(MoCo):
         for m, k in enumerate(self.num_clusters_per_level):
             self.register_buffer(f"prototypes_{m}", torch.zeros(k, cfg.feature_dim))
             self.register_buffer(f"concentration_{m}", torch.full((k,), cfg.temperature))
+
+    def training_cluster_counts(self) -> dict[str, int]:
+        return {"method.num_clusters_per_level": max(self.num_clusters_per_level)}
 
     def prototypes(self, level: int) -> torch.Tensor:
         return getattr(self, f"prototypes_{level}")

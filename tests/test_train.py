@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,11 +258,18 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     assert len({r["cluster"] for r in rows}) > 1
     # --eval assign puts them in the checkpoint's clusters instead: the ids the run gave those images.
     trained = {Path(r["file"]).name: r["cluster"] for r in unlabeled_rows}
-    for folder, count in ((subset, 54), (flat, 160)):
+    few = tmp_path / "few"  # fewer images than clusters: nothing to fit k-means to, but they can be assigned
+    few.mkdir()
+    for path in sorted(subset.iterdir())[::12]:
+        shutil.copy(path, few / path.name)
+    for folder, count in ((subset, 54), (flat, 160), (few, 5)):
         launcher.main([*common, "run.name=flat", f"data.root={folder}", "--eval", "assign",
                        "--checkpoint", str(tmp_path / "flat" / "last.pt")])
         rows = read_clusters(tmp_path / "flat" / "last.assigned.csv")
         assert len(rows) == count and [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
+    with pytest.raises(SystemExit, match=r"^error: --eval cluster: eval.num_clusters: 10 clusters, but the data have "
+                                         r"only 5 images \(--eval assign puts them into the checkpoint's clusters\)$"):
+        launcher.main([*common, f"data.root={few}", "--eval", "cluster", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
     # A checkpoint without the read-out (written before it was kept) is one line, and nothing is written.
     state = torch.load(tmp_path / "flat" / "last.pt", weights_only=True)
     del state["readout"]
@@ -304,6 +312,25 @@ def test_a_checkpoint_clusters_other_images_as_it_clustered_its_own(tmp_path, di
     # --eval assign reads out the same per-image clusters (it needs no k-means read-out here).
     launcher.main([*common, f"data.root={subset}", "--eval", "assign", "--checkpoint", str(tmp_path / "run" / "last.pt")])
     assert read_clusters(tmp_path / "run" / "last.assigned.csv") == rows
+
+
+def test_a_pcl_checkpoint_assigns_fewer_images_than_its_levels_have_clusters(tmp_path, digit_folders):
+    flat, _, _, subset = digit_folders
+    common = [str(REPO_ROOT / "config" / "mnist_cnn_pcl.yml"), f"run.output_dir={tmp_path}", "run.name=pcl",
+              "data.name=imagefolder", "data.num_workers=0", "train.batch_size_per_rank=32", "train.epochs=2",
+              "method.warmup_epochs=1", "method.num_clusters_per_level=[10, 40]", "method.queue_size=64",
+              "cluster.num_clusters=10", "cluster.n_init=1", "eval.n_init=1", "logging.progress_bar=false"]
+    launcher.main([*common, f"data.root={flat}"])
+    trained = {Path(r["file"]).name: r["cluster"] for r in read_clusters(tmp_path / "pcl" / "clusters.csv")}
+    # 18 images: fewer than the 40 clusters of PCL's second level, which only training needs.
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(subset.iterdir())[::3]:
+        shutil.copy(path, few / path.name)
+    launcher.main([*common, f"data.root={few}", "--eval", "assign", "--checkpoint", str(tmp_path / "pcl" / "last.pt")])
+    rows = read_clusters(tmp_path / "pcl" / "last.assigned.csv")
+    assert len(rows) == 18 and len(set(trained.values())) > 1
+    assert [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
 
 
 NO_K = (r"^error: cluster.num_clusters: the training data have no classes to take the number of clusters from "

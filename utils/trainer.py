@@ -67,7 +67,9 @@ class FitResult:
 
 class Trainer:
     def __init__(self, cfg: Config, method: Method, train_data, eval_data, *, dist_info: du.DistInfo,
-                 run_dir: Path, writer: MetricWriter | None):
+                 run_dir: Path, writer: MetricWriter | None, evaluate_only: bool = False):
+        """`evaluate_only`: the weights are only evaluated (`main.py --eval`), so what only training
+        needs of the data (at least K images for each clustering) is not asked."""
         from data.loaders import build_train_loader
 
         self.cfg = cfg
@@ -83,9 +85,10 @@ class Trainer:
             raise ValueError(f"eval.knn_every_epochs: the kNN monitor needs labels, and {train_data.name} has none; "
                              "set eval.knn_every_epochs=0")
         # k-means needs at least K points: refused here rather than at the first E-step, mid-run.
-        for key, requested, data in (("cluster.num_clusters", cfg.cluster.num_clusters, train_data),
-                                     ("eval.num_clusters", cfg.eval.num_clusters, eval_data)):
-            k = self.num_clusters(requested)
+        cluster_counts = [("cluster.num_clusters", self.num_clusters(cfg.cluster.num_clusters), train_data),
+                          ("eval.num_clusters", self.num_clusters(cfg.eval.num_clusters), eval_data),
+                          *((key, k, train_data) for key, k in method.training_cluster_counts().items())]
+        for key, k, data in ([] if evaluate_only else cluster_counts):
             if k > len(data):
                 raise ValueError(f"{key}: {k} clusters, but the data have only {len(data)} images")
 
