@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 main.py config/cifar10_r18_propos.yml
     python main.py CONFIG --resume auto                            # continue the newest checkpoint of the run
     python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | assign | knn | linear
+                                                                     # | features (export them)
     srun python main.py CONFIG                                     # SLURM, one task per GPU (see scripts/)
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval", default="", metavar="MODE",
                         help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), assign (the "
                              "images to the checkpoint's clusters: its k-means centroids or its head), knn "
-                             "(weighted kNN top-1, eval.knn_*) or linear (linear probe, eval.linear_*); writes "
+                             "(weighted kNN top-1, eval.knn_*), linear (linear probe, eval.linear_*) or features "
+                             "(CHECKPOINT.features.npz: eval.features of every image); writes "
                              "CHECKPOINT.eval_MODE.json")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
     # Intermixed: overrides may also follow the options (`CONFIG --resume auto train.epochs=200`),
@@ -41,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-EVAL_MODES = ("cluster", "assign", "knn", "linear")
+EVAL_MODES = ("cluster", "assign", "knn", "linear", "features")
+# Modes that need no labels: they write what the model makes of each image.
+UNLABELED_MODES = ("cluster", "assign", "features")
 # The modes that write each image's cluster, and where (beside the checkpoint, as this suffix).
 CLUSTER_CSV_SUFFIX = {"cluster": ".clusters.csv", "assign": ".assigned.csv"}
 
@@ -167,7 +171,7 @@ def check_eval_args(args: argparse.Namespace) -> Path:
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
-    from utils.assignments import write_cluster_assignments
+    from utils.assignments import write_cluster_assignments, write_features
     from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
 
@@ -176,15 +180,17 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
     datasets = build_datasets(cfg)
-    if mode not in CLUSTER_CSV_SUFFIX and not (datasets.train.has_labels and datasets.eval.has_labels):
+    if mode not in UNLABELED_MODES and not (datasets.train.has_labels and datasets.eval.has_labels):
         raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
-                         "(--eval cluster|assign write the clusters of unlabeled data)")
+                         "(--eval cluster|assign|features write the clusters or features of unlabeled data)")
     # Evaluation never trains, but the Trainer builds the training loader: a training batch larger than
     # the images evaluated (a few images of another set) must not stop it.
     per_rank = max(1, len(datasets.train) // dist_info.world_size)
     if cfg.train.batch_size_per_rank > per_rank:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size_per_rank=per_rank))
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
+    per_image = None  # (path, write) of the per-image file the mode writes beside its JSON
+    summary = None    # the result line's text, when not the scores
     if mode == "cluster":
         k = trainer.num_clusters(cfg.eval.num_clusters)
         if not trainer.method.has_head and k > len(datasets.eval):  # k-means of the images evaluated
@@ -198,24 +204,32 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                              "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
                              "evaluation; --eval cluster fits k-means again)")
         results = trainer.assign(readout)
+    elif mode == "features":
+        kind, features = trainer.eval_set_features()
+        results = {"features": kind, "shape": list(features.shape)}
+        per_image = (checkpoint.with_suffix(".features.npz"),
+                     lambda path: write_features(path, features, datasets.eval, kind))
+        summary = f"{kind} features of {features.shape[0]} images, {features.shape[1]}-d"
     elif mode == "knn":
         results = {"knn_acc": trainer.knn_evaluate(), "knn_k": cfg.eval.knn_k,
                    "knn_temperature": cfg.eval.knn_temperature}
     else:
         results = trainer.linear_evaluate()
+    if mode in CLUSTER_CSV_SUFFIX:
+        per_image = (checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode]),
+                     lambda path: write_cluster_assignments(path, trainer.last_clusters, datasets.eval))
     results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(weights.state["epoch"]),
                "config": cfg.source, "world_size": dist_info.world_size, **results}
     out = checkpoint.with_suffix(f".eval_{mode}.json")
-    if dist_info.is_main:  # rank 0 only: the results file, the clusters and the one-line summary
+    if dist_info.is_main:  # rank 0 only: the results file, the per-image file and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         written = str(out)
-        if mode in CLUSTER_CSV_SUFFIX:
-            clusters = checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode])
-            write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
-            written += f", {clusters}"
+        if per_image is not None:
+            per_image[1](per_image[0])
+            written += f", {per_image[0]}"
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
                            if k in results) or "no labels to score"
-        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {scores} -> {written}", flush=True)
+        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {summary or scores} -> {written}", flush=True)
     du.cleanup_distributed()
     return results
 

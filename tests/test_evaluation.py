@@ -175,6 +175,35 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         assert written["protocol"] == "train/test" and written["train_rows"] == written["test_rows"] == 640
 
 
+def test_exported_features_are_those_the_run_clustered(trained, capsys):
+    import numpy as np
+    from sklearn.metrics import pairwise_distances_argmin
+
+    import main as launcher
+    from tests.test_train import DEMO, SMALL, read_clusters
+
+    checkpoint = trained / "last.pt"
+    before = checkpoint.read_bytes()
+    results = launcher.main([str(DEMO), *SMALL, "--eval", "features", "--checkpoint", str(checkpoint)])
+    assert checkpoint.read_bytes() == before
+    exported = np.load(trained / "last.features.npz")
+    features, readout = exported["features"], torch.load(checkpoint, weights_only=True)["readout"]
+    assert sorted(exported.files) == ["features", "kind", "labels"]  # no files: MNIST comes from an array
+    assert features.dtype == np.float32 and features.shape == (640, readout["centroids"].shape[1])
+    kind = readout["features"]  # the demo config's eval.features
+    assert str(exported["kind"]) == results["features"] == kind
+    assert results["shape"] == [640, features.shape[1]]
+    rows = read_clusters(trained / "clusters.csv")
+    assert exported["labels"].tolist() == [int(r["label"]) for r in rows]
+    # Row i is image i: the run's cluster of every image is the nearest of its k-means centroids to
+    # the exported row (scikit-learn's nearest centroid).
+    nearest = pairwise_distances_argmin(features, readout["centroids"].numpy(), metric=readout["metric"])
+    assert nearest.tolist() == [int(r["cluster"]) for r in rows] and len(set(nearest.tolist())) > 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith(f"{kind} features of 640 images, {features.shape[1]}-d -> "
+                         f"{trained / 'last.eval_features.json'}, {trained / 'last.features.npz'}")
+
+
 def test_linear_eval_with_augmentation_re_extracts(trained):
     import main as launcher
     from tests.test_train import DEMO, SMALL
@@ -205,7 +234,7 @@ def test_best_checkpoint_can_follow_the_knn_monitor(tmp_path):
     assert best["epoch"] == best_epoch + 1 and best["best"]["knn_acc"] == pytest.approx(knn[best_epoch])
 
 
-@pytest.mark.parametrize("mode", ["knn", "assign"])
+@pytest.mark.parametrize("mode", ["knn", "assign", "features"])
 def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path, mode):
     import shutil
 
@@ -224,15 +253,25 @@ def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path, mode):
     assert two["world_size"] == 2
     if mode == "knn":
         assert two["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
-    else:  # every image in the cluster the one-process run gave it
+    elif mode == "assign":  # every image in the cluster the one-process run gave it
         assert read_clusters(tmp_path / "last.assigned.csv") == read_clusters(trained / "clusters.csv")
         assert two["acc"] == pytest.approx(one[-1]["eval/acc"], abs=1e-12)
+    else:  # gathered from both ranks: every image's row, in dataset order, as one process extracts them
+        import numpy as np
+
+        import main as launcher
+
+        launcher.main([str(DEMO), *SMALL, "--eval", "features", "--checkpoint", str(trained / "last.pt")])
+        one_process = np.load(trained / "last.features.npz")["features"]
+        two_processes = np.load(tmp_path / "last.features.npz")
+        assert two_processes["features"].shape == one_process.shape == (640, one_process.shape[1])
+        np.testing.assert_allclose(two_processes["features"], one_process, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--eval", "knn"], r"^error: --eval needs --checkpoint PATH$"),
     (["--eval", "probe", "--checkpoint", "x.pt"],
-     r"^error: --eval: expected one of cluster, assign, knn, linear, got 'probe'$"),
+     r"^error: --eval: expected one of cluster, assign, knn, linear, features, got 'probe'$"),
     (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"],
      r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
 ])

@@ -270,6 +270,11 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     with pytest.raises(SystemExit, match=r"^error: --eval cluster: eval.num_clusters: 10 clusters, but the data have "
                                          r"only 5 images \(--eval assign puts them into the checkpoint's clusters\)$"):
         launcher.main([*common, f"data.root={few}", "--eval", "cluster", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    # --eval features exports their features, in the same order, with their files.
+    launcher.main([*common, f"data.root={subset}", "--eval", "features", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    exported = np.load(tmp_path / "flat" / "last.features.npz")
+    assert exported["files"].tolist() == sorted(str(p) for p in subset.iterdir())
+    assert exported["labels"].tolist() == [-1] * 54 and exported["features"].shape[0] == 54
     # A checkpoint without the read-out (written before it was kept) is one line, and nothing is written.
     state = torch.load(tmp_path / "flat" / "last.pt", weights_only=True)
     del state["readout"]
@@ -281,7 +286,7 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
         launcher.main([*common, f"data.root={subset}", "--eval", "assign", "--checkpoint", str(tmp_path / "old.pt")])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("old")] == ["old.pt"]
     with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval "
-                                         r"cluster\|assign write the clusters of unlabeled data\)$"):
+                                         r"cluster\|assign\|features write the clusters or features of unlabeled data\)$"):
         launcher.main([*common, f"data.root={flat}", "--eval", "knn",
                        "--checkpoint", str(tmp_path / "flat" / "last.pt")])
 

@@ -1,9 +1,12 @@
-"""The run's answer for every image: its cluster, written as CSV beside the run's checkpoints.
+"""The run's answer for every image, written beside the run's checkpoints: its cluster as CSV, and
+its features as `.npz`.
 
 `clusters.csv` (after training) and `CHECKPOINT.clusters.csv` (`main.py --eval cluster`) hold one
 row per image of the evaluation set, in dataset order: `index`, `cluster` (the method's read-out:
 k-means of the evaluation features, or the head's argmax), `label` (-1 where the data have none,
 e.g. an unlabeled image folder) and, for datasets read from files, `file`.
+`CHECKPOINT.features.npz` (`main.py --eval features`) holds the same images' features in the same
+order, for plots (t-SNE, UMAP) and for clustering them with other tools.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.datasets import ImageData
@@ -32,3 +36,20 @@ def write_cluster_assignments(path: Path, clusters: torch.Tensor, data: ImageDat
         columns.append(data.files)
     writer.writerows(zip(*columns))
     write_text_atomic(path, buffer.getvalue())
+
+
+def write_features(path: Path, features: torch.Tensor, data: ImageData, kind: str) -> None:
+    """Write `features` (N, D), those of each image of `data` (N images), to `path` as `.npz` with
+    `features` (float32), `labels` (int64, -1 where unknown), `kind` (which features) and, for
+    datasets read from files, `files`; atomically (a reader never sees half a file)."""
+    features = features.detach().float().cpu()
+    if features.dim() != 2 or features.shape[0] != len(data):
+        raise ValueError(f"{path}: features of shape {tuple(features.shape)} for {len(data)} images")
+    arrays = {"features": features.numpy(), "labels": data.labels.cpu().numpy().astype(np.int64),
+              "kind": np.array(kind)}
+    if data.files is not None:
+        arrays["files"] = np.array(data.files)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    tmp.replace(path)

@@ -409,6 +409,12 @@ class Trainer:
             self._feature_cache[key] = feats
         return self._feature_cache[key]
 
+    def eval_set_features(self) -> tuple[str, torch.Tensor]:
+        """(kind, features (N_eval, D)) of the evaluation set, the kind k-means reads out
+        (`eval.features`, or the method's default), gathered across ranks in dataset order."""
+        kind = self.cfg.eval.features or self.method.default_eval_features
+        return kind, self._features(self.eval_data, kind)
+
     def num_clusters(self, requested: int) -> int:
         """K for `requested` = `cluster.num_clusters` or `eval.num_clusters` (see `resolve_num_clusters`)."""
         return resolve_num_clusters(self.cfg, self.train_data, requested)
@@ -440,8 +446,7 @@ class Trainer:
             predictions = self.method.predict_from_features(self._features(self.eval_data,
                                                                            self.method.head_feature_kind))
         else:
-            kind = self.cfg.eval.features or self.method.default_eval_features
-            feats = self._features(self.eval_data, kind)
+            kind, feats = self.eval_set_features()
             predictions, centroids = cluster_features(
                 feats, num_clusters=self.num_clusters(self.cfg.eval.num_clusters), metric=self.cfg.cluster.metric,
                 n_init=self.cfg.eval.n_init, max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol,
