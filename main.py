@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import random
@@ -183,11 +182,6 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     if mode not in UNLABELED_MODES and not (datasets.train.has_labels and datasets.eval.has_labels):
         raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
                          "(--eval cluster|assign|features write the clusters or features of unlabeled data)")
-    # Evaluation never trains, but the Trainer builds the training loader: a training batch larger than
-    # the images evaluated (a few images of another set) must not stop it.
-    per_rank = max(1, len(datasets.train) // dist_info.world_size)
-    if cfg.train.batch_size_per_rank > per_rank:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size_per_rank=per_rank))
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     per_image = None  # (path, write) of the per-image file the mode writes beside its JSON
     summary = None    # the result line's text, when not the scores

@@ -69,7 +69,8 @@ class Trainer:
     def __init__(self, cfg: Config, method: Method, train_data, eval_data, *, dist_info: du.DistInfo,
                  run_dir: Path, writer: MetricWriter | None, evaluate_only: bool = False):
         """`evaluate_only`: the weights are only evaluated (`main.py --eval`), so what only training
-        needs of the data (at least K images for each clustering) is not asked."""
+        needs of the data (at least K images for each clustering, one full training batch per rank)
+        is not asked."""
         from data.loaders import build_train_loader
 
         self.cfg = cfg
@@ -106,8 +107,11 @@ class Trainer:
         if len(set(names)) != len(names):
             raise ValueError(f"{type(method).__name__}: stage names must be unique, got {names}")
 
+        batch_size_per_rank = cfg.train.batch_size_per_rank
+        if evaluate_only:  # never trains: a few images of another set must not fail the "one full batch" check
+            batch_size_per_rank = min(batch_size_per_rank, max(1, len(train_data) // dist_info.world_size))
         self.loader = build_train_loader(
-            train_data, cfg.augment, batch_size_per_rank=cfg.train.batch_size_per_rank, num_views=method.num_views,
+            train_data, cfg.augment, batch_size_per_rank=batch_size_per_rank, num_views=method.num_views,
             device=self.device, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
             mode=cfg.data.loader, num_workers=cfg.data.num_workers)
         self.steps_per_epoch = len(self.loader)
