@@ -167,6 +167,20 @@ def check_eval_args(args: argparse.Namespace) -> Path:
     return checkpoint
 
 
+def check_assign_overrides(cfg, readout: dict, checkpoint: Path) -> None:
+    """--eval assign puts images into the checkpoint's k-means clusters, on the features and with the
+    metric those were fitted with: an eval.features or eval.num_clusters that asks for others is a
+    one-line error rather than silently not applied."""
+    k = int(readout["centroids"].shape[0])
+    asked = [f"{key}={value}" for key, value, fitted in (("eval.features", cfg.eval.features, readout["features"]),
+                                                         ("eval.num_clusters", cfg.eval.num_clusters, k))
+             if value and value != fitted]
+    if asked:
+        raise SystemExit(f"error: --eval assign: {' '.join(asked)}, but {checkpoint}'s k-means read-out has {k} "
+                         f"clusters of {readout['features']} features ({readout['metric']}); assign uses those "
+                         "(drop the override), --eval cluster fits k-means again")
+
+
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
@@ -175,6 +189,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     from utils.logger import setup_logging
 
     weights = read_checkpoint(checkpoint)
+    if mode == "assign" and weights.state.get("readout") is not None:
+        check_assign_overrides(cfg, weights.state["readout"], checkpoint)
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
@@ -185,6 +201,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
     per_image = None  # (path, write) of the per-image file the mode writes beside its JSON
     summary = None    # the result line's text, when not the scores
+    detail = ""       # what the result line adds after them
     if mode == "cluster":
         k = trainer.num_clusters(cfg.eval.num_clusters)
         if not trainer.method.has_head and k > len(datasets.eval):  # k-means of the images evaluated
@@ -192,12 +209,16 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                              f"{len(datasets.eval)} images (--eval assign puts them into the checkpoint's clusters)")
         results = trainer.evaluate()
     elif mode == "assign":
-        readout = weights.state.get("readout")
+        readout = None if trainer.method.has_head else weights.state.get("readout")  # a head assigns per image
         if readout is None and not trainer.method.has_head:
             raise SystemExit(f"error: --eval assign: {checkpoint} has no k-means read-out to assign to (a checkpoint "
                              "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
                              "evaluation; --eval cluster fits k-means again)")
         results = trainer.assign(readout)
+        if readout is not None:
+            results["readout"] = fitted = {"features": readout["features"], "metric": readout["metric"],
+                                           "num_clusters": int(readout["centroids"].shape[0])}
+            detail = f"; the run's {fitted['num_clusters']} clusters of {fitted['features']} features ({fitted['metric']})"
     elif mode == "features":
         kind, features = trainer.eval_set_features()
         results = {"features": kind, "shape": list(features.shape)}
@@ -223,7 +244,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
             written += f", {per_image[0]}"
         scores = "  ".join(f"{k} {results[k]:.4f}" for k in ("nmi", "acc", "ari", "knn_acc", "linear_acc")
                            if k in results) or "no labels to score"
-        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {summary or scores} -> {written}", flush=True)
+        print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {summary or scores}{detail} -> {written}",
+              flush=True)
     du.cleanup_distributed()
     return results
 

@@ -1,9 +1,11 @@
 """kNN monitor and linear probe on synthetic features; evaluation-only runs of a saved checkpoint."""
 import json
 import math
+import re
 
 import pytest
 import torch
+import yaml
 
 from utils.evaluation import knn_accuracy, knn_predict, linear_probe
 
@@ -168,11 +170,37 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         assert rows == read_clusters(trained / "clusters.csv")
         records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
         assert written["acc"] == [r["eval/acc"] for r in records if "eval/acc" in r][-1]
+        config = yaml.safe_load((trained / "config.yml").read_text())
+        assert written["readout"] == {"features": config["eval"]["features"], "metric": config["cluster"]["metric"],
+                                      "num_clusters": 10}
+        assert (f"; the run's 10 clusters of {config['eval']['features']} features ({config['cluster']['metric']}) "
+                f"-> {out_file}") in line
     if mode == "knn":  # the same number as the monitor logged at the end of training (same weights, same rows)
         records = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
         assert written["knn_acc"] == pytest.approx([r["eval/knn_acc"] for r in records if "eval/knn_acc" in r][-1])
     if mode == "linear":
         assert written["protocol"] == "train/test" and written["train_rows"] == written["test_rows"] == 640
+
+
+@pytest.mark.parametrize("overrides, asked", [
+    (["eval.features=projector"], "eval.features=projector"),
+    (["eval.num_clusters=20"], "eval.num_clusters=20"),
+    (["eval.features=online_backbone", "eval.num_clusters=3"], "eval.features=online_backbone eval.num_clusters=3"),
+])
+def test_assign_refuses_eval_settings_its_read_out_was_not_fitted_with(trained, overrides, asked):
+    """The read-out's features and K are the checkpoint's: asking for others would be silently ignored."""
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    checkpoint = trained / "last.pt"
+    config = yaml.safe_load((trained / "config.yml").read_text())
+    files_before = sorted(p.name for p in trained.iterdir())
+    message = (f"error: --eval assign: {asked}, but {checkpoint}'s k-means read-out has 10 clusters of "
+               f"{config['eval']['features']} features ({config['cluster']['metric']}); assign uses those (drop the "
+               "override), --eval cluster fits k-means again")
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        launcher.main([str(DEMO), *SMALL, *overrides, "--eval", "assign", "--checkpoint", str(checkpoint)])
+    assert sorted(p.name for p in trained.iterdir()) == files_before
 
 
 def test_exported_features_are_those_the_run_clustered(trained, capsys):

@@ -462,7 +462,8 @@ class Trainer:
     def assign(self, readout: dict[str, Any] | None) -> dict[str, float]:
         """Like `evaluate`, but a k-means read-out is not fitted again: each image of the evaluation set
         goes to the nearest of `readout`'s centroids (a checkpoint's), so other images get the cluster
-        ids of the run that wrote it (the features and metric are `readout`'s, whatever `eval.*` says).
+        ids of the run that wrote it (the features and metric are `readout`'s; `main.py --eval assign`
+        refuses an `eval.*` that asks for others).
         A head's read-out is per image already: `readout` may then be None."""
         if self.method.has_head:
             return self.evaluate()
