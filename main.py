@@ -273,7 +273,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     written only after that, and a run directory this call created is removed again, so bad input
     leaves nothing behind."""
     from utils import distributed as du
-    from utils.config import save_resolved_config
+    from utils.config import config_changes, save_resolved_config
     from utils.logger import MetricWriter, setup_logging
 
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
@@ -293,6 +293,10 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
         trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
         if resume_point is not None:
             trainer.load(resume_point.state, resume_point.path)
+            changes = config_changes(resume_point.state.get("config") or {}, cfg.to_dict())
+            if changes and dist_info.is_main:  # rank 0 only: say what the overrides changed (config.yml will say the new)
+                log.warning("resuming with another config than %s was saved with (%d key(s)): %s", resume_point.path,
+                            len(changes), "; ".join(changes))
         else:
             if resume:
                 log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)

@@ -124,3 +124,22 @@ def test_every_shipped_config_loads_and_builds(path):
     with torch.no_grad():
         feats = method.eval_features(torch.rand(2, channels, image_size, image_size), method.default_eval_features)
     assert feats.shape[0] == 2 and torch.isfinite(feats).all()
+
+
+def test_config_changes_names_each_changed_key_with_both_values():
+    from utils.config import config_changes, flatten
+
+    saved = {"train": {"epochs": 10, "amp": "none"}, "optim": {"lr": 0.05, "betas": [0.9, 0.999]},
+             "data": {"root": "/a"}, "old": {"gone": 1}}
+    current = {"train": {"epochs": 20, "amp": "none"}, "optim": {"lr": 0.05, "betas": [0.9, 0.99]},
+               "data": {"root": "/a"}, "eval": {"new_key": True}}
+    assert flatten(current) == {"train.epochs": 20, "train.amp": "none", "optim.lr": 0.05, "optim.betas": [0.9, 0.99],
+                                "data.root": "/a", "eval.new_key": True}
+    assert config_changes(saved, current) == ["train.epochs: 10 -> 20", "optim.betas: [0.9, 0.999] -> [0.9, 0.99]",
+                                              "eval.new_key: (absent) -> True", "old.gone: 1 -> (absent)"]
+    assert config_changes(current, current) == []
+    # A run's real config against itself with one override.
+    demo = Path(__file__).resolve().parents[1] / "config" / "mnist_cnn_propos.yml"
+    base = load_config(demo).to_dict()
+    assert config_changes(base, load_config(demo, ["cluster.n_init=7"]).to_dict()) == [
+        f"cluster.n_init: {base['cluster']['n_init']!r} -> 7"]

@@ -94,12 +94,23 @@ def straight_run(tmp_path_factory) -> Path:
     return out / "straight"
 
 
+def config_change_lines(run_dir: Path) -> list[str]:
+    """The messages of train.log's "resuming with another config" warnings."""
+    marker = " WARNING main: "
+    return [line.split(marker, 1)[1] for line in (run_dir / "train.log").read_text().splitlines()
+            if marker + "resuming with another config" in line]
+
+
 def test_resume_reproduces_the_uninterrupted_next_step_losses(tmp_path, straight_run):
     # The same run, stopped after its first epoch by a tiny time budget, then resumed.
     launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "train.time_budget_minutes=1e-6"])
     assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     assert step_losses(tmp_path / "split", 1) == []
     launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL, "--resume", "auto"])
+    # The one key the resume changed (the time budget) is named in train.log, with both values.
+    assert config_change_lines(tmp_path / "split") == [
+        f"resuming with another config than {tmp_path / 'split' / 'last.pt'} was saved with (1 key(s)): "
+        "train.time_budget_minutes: 1e-06 -> 0.0"]
     straight, resumed = step_losses(straight_run, 1), step_losses(tmp_path / "split", 1)
     assert len(straight) == 10
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)
@@ -134,6 +145,7 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
     # network, and the loader starts at the next batch: the uninterrupted run's every step and weight.
     assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "split", straight_run)
+    assert config_change_lines(tmp_path / "split") == []  # resumed with the config it was saved with
     # One record for epoch 1, averaging its 10 steps (those before the stop too), as uninterrupted.
     straight_averages = epoch_term_averages(straight_run, 1)
     assert len(straight_averages) >= 3 and "train/psl" in straight_averages
@@ -558,7 +570,10 @@ def test_each_method_resumes_through_the_launcher(tmp_path, method, straight_met
     config = str(REPO_ROOT / "config" / f"mnist_cnn_{method}.yml")
     launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "train.time_budget_minutes=1e-6"])
     assert step_losses(tmp_path / "split", 1) == []
+    # The resume names the one key it changed.
     launcher.main([config, f"run.output_dir={tmp_path}", "run.name=split", *TINY, "--resume", "auto"])
+    assert [line.split("): ", 1)[1] for line in config_change_lines(tmp_path / "split")] == [
+        "train.time_budget_minutes: 1e-06 -> 0.0"]
     straight, resumed = step_losses(straight_method_run(method), 1), step_losses(tmp_path / "split", 1)
     assert len(straight) == 4 and all(torch.isfinite(torch.tensor(straight)))
     assert resumed == pytest.approx(straight, rel=1e-6, abs=1e-7)

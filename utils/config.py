@@ -413,6 +413,32 @@ def _check_min(key: str, value: float, minimum: float) -> None:
         raise ConfigError(f"{key}: expected a value >= {minimum}, got {value!r}")
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a nested config dict keyed by its dotted (override) keys."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two `Config.to_dict()` trees (a checkpoint's and this
+    run's), as "key: saved -> current" in the order of `current`; a key one of them lacks (a
+    checkpoint from an older version) shows as absent."""
+    old, new = flatten(saved), flatten(current)
+    missing = object()
+
+    def shown(tree: dict[str, Any], key: str) -> str:
+        return repr(tree[key]) if key in tree else "(absent)"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}" for key in [*new, *(k for k in old if k not in new)]
+            if old.get(key, missing) != new.get(key, missing)]
+
+
 def save_resolved_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (after bases and overrides) as YAML, atomically."""
     from utils.checkpoint import write_text_atomic

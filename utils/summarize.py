@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from utils.config import flatten
 from utils.logger import read_metric_records
 
 log = logging.getLogger(__name__)
@@ -60,17 +61,6 @@ class Group:
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _ignored(key: str) -> bool:
