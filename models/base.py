@@ -128,6 +128,10 @@ class Method(nn.Module):
         Evaluating the weights does not need them."""
         return {}
 
+    def check_batch(self, *, batch_size_per_rank: int, world_size: int) -> None:
+        """Raise a one-line ValueError if the method cannot train with this batch (MoCo: more keys per
+        step than its queue holds); the Trainer asks before training starts, not at the first step."""
+
     def forward(self, views: list[torch.Tensor], indices: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
         return self.training_step(views, indices, progress)
 

@@ -75,6 +75,17 @@ class MoCo(Method):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))     # next row to overwrite
         self._pending_keys: torch.Tensor | None = None                           # this step's keys, enqueued after it
 
+    def keys_per_step(self, *, batch_size_per_rank: int, world_size: int) -> int:
+        """Keys enqueued per step: every rank's batch, twice when both views serve as queries."""
+        return batch_size_per_rank * world_size * (2 if self.cfg.symmetric else 1)
+
+    def check_batch(self, *, batch_size_per_rank: int, world_size: int) -> None:
+        keys = self.keys_per_step(batch_size_per_rank=batch_size_per_rank, world_size=world_size)
+        if keys > self.cfg.queue_size:
+            raise ValueError(f"method.queue_size: {self.cfg.queue_size} rows, fewer than the {keys} keys enqueued per "
+                             f"step (train.batch_size_per_rank={batch_size_per_rank} x {world_size} rank(s)"
+                             f"{' x 2 views, method.symmetric' if self.cfg.symmetric else ''}); expected at least {keys}")
+
     def key_parameters(self):
         yield from self.key_backbone.parameters()
         yield from self.key_projector.parameters()
@@ -128,9 +139,8 @@ class MoCo(Method):
         """Write the keys (B, D) of every rank, in rank order, over the oldest queue rows (wrapping)."""
         keys = du.all_gather_no_grad(keys.detach().contiguous())
         size = self.queue.shape[0]
-        if keys.shape[0] > size:
-            raise RuntimeError(f"method.queue_size={size} is smaller than the {keys.shape[0]} keys enqueued "
-                               f"per step (global batch, x2 when symmetric)")
+        if keys.shape[0] > size:  # check_batch refuses such a config before training
+            raise RuntimeError(f"method.queue_size={size} is smaller than the {keys.shape[0]} keys enqueued per step")
         rows = (self.queue_ptr + torch.arange(keys.shape[0], device=self.queue.device)) % size
         self.queue[rows] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)

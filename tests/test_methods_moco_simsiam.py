@@ -143,6 +143,40 @@ def test_moco_enqueue_wraps_in_order():
         method.enqueue(torch.zeros(6, 2))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_moco_refuses_a_batch_its_queue_cannot_hold_before_training(symmetric):
+    """check_batch counts the keys a real step enqueues (16 images: 32 keys when symmetric, else 16)."""
+    method = small_moco(symmetric=symmetric)
+    views, indices = fixed_views()
+    method.train()
+    method.training_step(views, indices, progress(0))
+    enqueued = method._pending_keys.shape[0]
+    assert enqueued == views[0].shape[0] * (2 if symmetric else 1)
+    for queue_size in (enqueued, enqueued + 1):
+        small_moco(queue_size=queue_size, symmetric=symmetric).check_batch(batch_size_per_rank=views[0].shape[0] // 2,
+                                                                           world_size=2)
+    views_note = " x 2 views, method.symmetric" if symmetric else ""
+    with pytest.raises(ValueError, match=rf"^method.queue_size: {enqueued - 1} rows, fewer than the {enqueued} keys "
+                                         rf"enqueued per step \(train.batch_size_per_rank=8 x 2 rank\(s\){views_note}\); "
+                                         rf"expected at least {enqueued}$"):
+        small_moco(queue_size=enqueued - 1, symmetric=symmetric).check_batch(batch_size_per_rank=8, world_size=2)
+
+
+@pytest.mark.parametrize("config", ["moco", "pcl"])
+def test_a_queue_smaller_than_a_step_is_a_one_line_error_before_training(tmp_path, config):
+    import main as launcher
+
+    argv = [str(REPO_ROOT / "config" / f"mnist_cnn_{config}.yml"), f"run.output_dir={tmp_path}", "run.name=run",
+            "data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=128", "method.symmetric=true",
+            "train.batch_size_per_rank=32", "method.queue_size=63", "logging.progress_bar=false",
+            *(["method.num_clusters_per_level=[10, 20]"] if config == "pcl" else [])]
+    with pytest.raises(SystemExit, match=r"^error: method.queue_size: 63 rows, fewer than the 64 keys enqueued per "
+                                         r"step \(train.batch_size_per_rank=32 x 1 rank\(s\) x 2 views, "
+                                         r"method.symmetric\); expected at least 64$"):
+        launcher.main(argv)
+    assert not (tmp_path / "run").exists()
+
+
 def test_moco_queue_round_trips_through_state_dict(tmp_path):
     method = small_moco()
     train_losses(method, steps=2)

@@ -92,6 +92,8 @@ class Trainer:
         for key, k, data in ([] if evaluate_only else cluster_counts):
             if k > len(data):
                 raise ValueError(f"{key}: {k} clusters, but the data have only {len(data)} images")
+        if not evaluate_only:
+            method.check_batch(batch_size_per_rank=cfg.train.batch_size_per_rank, world_size=dist_info.world_size)
 
         method = method.to(self.device)
         if cfg.model.channels_last:
