@@ -1,6 +1,7 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import csv
 import json
+import math
 import re
 import shutil
 import signal
@@ -599,3 +600,29 @@ def test_each_method_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, me
     assert epoch_term_averages(tmp_path / "split", 1) == pytest.approx(epoch_term_averages(straight, 1), rel=1e-6,
                                                                        abs=1e-7)
     assert_same_weights(tmp_path / "split", straight)
+
+
+# train.amp=bf16 (autocast; what a GPU run may set) through each kind of method: an EMA target with
+# prototypes and pseudo-labels (ProPos), a queue with ProtoNCE (PCL), a cluster head (CC), and an
+# autoencoder with Student-t assignment and a decoder (IDEC). CPUs run bf16 autocast too.
+AMP_RUN = {"mnist_cnn_propos": ["method.warmup_epochs=1", "method.projector_hidden_dim=64",
+                                "method.predictor_hidden_dim=64", "method.feature_dim=32"],
+           "mnist_cnn_pcl": METHOD_RUN["pcl"], "mnist_cnn_cc": [],
+           "mnist_conv_idec": ["method.pretrain_epochs=1", "method.cluster_epochs=1"]}
+
+
+@pytest.mark.parametrize("config", list(AMP_RUN))
+def test_bf16_autocast_trains_each_kind_of_method_as_fp32_does(tmp_path, config):
+    losses = {}
+    for amp in ("none", "bf16"):
+        launcher.main([str(REPO_ROOT / "config" / f"{config}.yml"), f"run.output_dir={tmp_path}", f"run.name={amp}",
+                       *TINY, "data.limit=128", "train.max_steps_per_epoch=1", "eval.every_epochs=2",
+                       *AMP_RUN[config], f"train.amp={amp}"])
+        losses[amp] = [step_losses(tmp_path / amp, epoch) for epoch in (0, 1)]
+        assert len(losses[amp][0]) == len(losses[amp][1]) == 1
+        assert all(math.isfinite(v) for epoch in losses[amp] for v in epoch)
+        assert "eval/acc" in records(tmp_path / amp)[-1]
+    # The same weights and batch: bf16's first loss is fp32's to bf16 precision (8 bits of mantissa),
+    # and not equal to it (autocast was on).
+    assert losses["bf16"][0][0] == pytest.approx(losses["none"][0][0], rel=0.03)
+    assert losses["bf16"][0][0] != losses["none"][0][0]
