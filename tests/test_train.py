@@ -602,7 +602,7 @@ def test_each_method_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch, me
     assert_same_weights(tmp_path / "split", straight)
 
 
-# train.amp=bf16 (autocast; what a GPU run may set) through each kind of method: an EMA target with
+# train.amp=bf16 and fp16 (autocast; what a GPU run may set) through each kind of method: an EMA target with
 # prototypes and pseudo-labels (ProPos), a queue with ProtoNCE (PCL), a cluster head (CC), and an
 # autoencoder with Student-t assignment and a decoder (IDEC). CPUs run bf16 autocast too.
 AMP_RUN = {"mnist_cnn_propos": ["method.warmup_epochs=1", "method.projector_hidden_dim=64",
@@ -611,10 +611,12 @@ AMP_RUN = {"mnist_cnn_propos": ["method.warmup_epochs=1", "method.projector_hidd
            "mnist_conv_idec": ["method.pretrain_epochs=1", "method.cluster_epochs=1"]}
 
 
-@pytest.mark.parametrize("config", list(AMP_RUN))
-def test_bf16_autocast_trains_each_kind_of_method_as_fp32_does(tmp_path, config):
+@pytest.mark.parametrize("config, amp", [*((config, "bf16") for config in AMP_RUN), ("mnist_cnn_propos", "fp16")])
+def test_autocast_trains_each_kind_of_method_as_fp32_does(tmp_path, config, amp):
+    """fp16 (with its gradient scaler) runs on a CPU too, so a GPU config can be debugged on one."""
+    low = amp
     losses = {}
-    for amp in ("none", "bf16"):
+    for amp in ("none", low):
         launcher.main([str(REPO_ROOT / "config" / f"{config}.yml"), f"run.output_dir={tmp_path}", f"run.name={amp}",
                        *TINY, "data.limit=128", "train.max_steps_per_epoch=1", "eval.every_epochs=2",
                        *AMP_RUN[config], f"train.amp={amp}"])
@@ -622,7 +624,23 @@ def test_bf16_autocast_trains_each_kind_of_method_as_fp32_does(tmp_path, config)
         assert len(losses[amp][0]) == len(losses[amp][1]) == 1
         assert all(math.isfinite(v) for epoch in losses[amp] for v in epoch)
         assert "eval/acc" in records(tmp_path / amp)[-1]
-    # The same weights and batch: bf16's first loss is fp32's to bf16 precision (8 bits of mantissa),
-    # and not equal to it (autocast was on).
-    assert losses["bf16"][0][0] == pytest.approx(losses["none"][0][0], rel=0.03)
-    assert losses["bf16"][0][0] != losses["none"][0][0]
+    # The same weights and batch: the first loss is fp32's to bf16's precision (8 bits of mantissa;
+    # fp16 has 11), and not equal to it (autocast was on).
+    assert losses[low][0][0] == pytest.approx(losses["none"][0][0], rel=0.03)
+    assert losses[low][0][0] != losses["none"][0][0]
+
+
+def test_sync_batch_is_refused_across_cpu_ranks_and_is_batch_norm_in_one_process(tmp_path):
+    from utils.trainer import check_sync_batch_device
+
+    with pytest.raises(ValueError, match=r"^model.norm: sync_batch needs CUDA, and this run's 2 ranks are on cpu "
+                                         r"\(run.device=auto found no GPU, or run.device=cpu\); use model.norm=batch$"):
+        check_sync_batch_device(torch.device("cpu"), 2)
+    check_sync_batch_device(torch.device("cuda", 1), 2)
+    # One process never converts: a GPU config's sync_batch trains on the CPU as plain batch norm.
+    common = [str(DEMO), f"run.output_dir={tmp_path}", *TINY, "data.limit=128", "train.epochs=1",
+              "train.max_steps_per_epoch=2", "method.warmup_epochs=1", "run.device=cpu"]
+    for norm in ("batch", "sync_batch"):
+        launcher.main([*common, f"run.name={norm}", f"model.norm={norm}"])
+    assert step_losses(tmp_path / "sync_batch", 0) == step_losses(tmp_path / "batch", 0)
+    assert len(step_losses(tmp_path / "batch", 0)) == 2

@@ -65,6 +65,15 @@ class FitResult:
     stopped_on_request: bool = False   # should_stop ended the run before its last epoch (last.pt resumes it)
 
 
+def check_sync_batch_device(device: torch.device, world_size: int) -> None:
+    """SyncBatchNorm across ranks has CUDA kernels only (DDP refuses it on CPU modules): refuse it in
+    one line that names the key, rather than torch's "only work with GPU modules". One process never
+    converts, so a GPU config with model.norm=sync_batch still debugs on a CPU."""
+    if device.type != "cuda":
+        raise ValueError(f"model.norm: sync_batch needs CUDA, and this run's {world_size} ranks are on {device.type} "
+                         "(run.device=auto found no GPU, or run.device=cpu); use model.norm=batch")
+
+
 class Trainer:
     def __init__(self, cfg: Config, method: Method, train_data, eval_data, *, dist_info: du.DistInfo,
                  run_dir: Path, writer: MetricWriter | None, evaluate_only: bool = False):
@@ -99,6 +108,7 @@ class Trainer:
         if cfg.model.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if cfg.model.norm == "sync_batch" and du.is_dist():
+            check_sync_batch_device(self.device, dist_info.world_size)
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
         if method.has_head and method.head_feature_kind is None:
