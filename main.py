@@ -187,6 +187,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     from utils.assignments import write_cluster_assignments, write_features
     from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
+    from utils.trainer import format_cluster_sizes
 
     weights = read_checkpoint(checkpoint)
     if mode == "assign" and weights.state.get("readout") is not None:
@@ -231,6 +232,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     else:
         results = trainer.linear_evaluate()
     if mode in CLUSTER_CSV_SUFFIX:
+        results["cluster_sizes"] = trainer.last_cluster_sizes
+        detail = f"; {format_cluster_sizes(trainer.last_cluster_sizes)}{detail}"
         per_image = (checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode]),
                      lambda path: write_cluster_assignments(path, trainer.last_clusters, datasets.eval))
     results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(weights.state["epoch"]),
@@ -339,6 +342,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     from utils import distributed as du
     from utils.assignments import write_cluster_assignments
     from utils.stop import EXIT_STOPPED
+    from utils.trainer import format_cluster_sizes
 
     dist_info = start_distributed(cfg)
     run_dir = prepare_run_dir(cfg, args.resume)
@@ -362,8 +366,11 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
         if dist_info.is_main:  # rank 0 only
             write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
     if dist_info.is_main and (metrics or clusters):  # rank 0 only: the one-line summary a researcher greps for
-        scores = (f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}" if metrics
-                  else "no labels to score")
+        if metrics:
+            scores = f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}"
+        else:  # unlabeled images: how they spread over the clusters is all there is to say
+            scores = "no labels to score" + (f" ({format_cluster_sizes(trainer.last_cluster_sizes)})"
+                                             if trainer.last_cluster_sizes else "")
         print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): {scores}"
               + (f"; clusters -> {clusters}" if clusters else ""), flush=True)
     du.cleanup_distributed()

@@ -164,6 +164,9 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         rows = read_clusters(trained / csv_name)
         assert len(rows) == 640 and f"-> {out_file}, {trained / csv_name}" in line
         assert_scores_match_clusters(rows, written)
+        from tests.test_train import sizes_of_clusters
+
+        assert written["cluster_sizes"] == pytest.approx(sizes_of_clusters(rows, 10))
     if mode == "assign":  # the checkpoint's own k-means clusters: the training run's clusters.csv, not a new fit
         from tests.test_train import read_clusters
 

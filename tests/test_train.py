@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,18 @@ def assert_scores_match_clusters(rows: list[dict[str, str]], metrics: dict[str, 
     assert adjusted_rand_score(labels, clusters) == pytest.approx(metrics["ari"], abs=1e-6)
 
 
+def sizes_of_clusters(rows: list[dict[str, str]], num_clusters: int) -> dict[str, float]:
+    """The CSV's cluster column counted by hand: what `cluster_size_stats` should report."""
+    counts = Counter(r["cluster"] for r in rows)
+    empty = num_clusters - len(counts)
+    return {"empty_clusters": empty, "largest_cluster_fraction": max(counts.values()) / len(rows),
+            "smallest_cluster_fraction": 0.0 if empty else min(counts.values()) / len(rows)}
+
+
+def logged_sizes(record: dict) -> dict[str, float]:
+    return {k: record[f"eval/{k}"] for k in ("empty_clusters", "largest_cluster_fraction", "smallest_cluster_fraction")}
+
+
 def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     metrics = launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=demo", *SMALL])
     run_dir = tmp_path / "demo"
@@ -76,6 +89,7 @@ def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     assert (run_dir / "config.yml").is_file() and (run_dir / "train.log").is_file()
     evals = [r for r in records(run_dir) if "eval/acc" in r]
     assert [r["epoch"] for r in evals] == [0, 1]
+    assert logged_sizes(evals[-1]) == pytest.approx(sizes_of_clusters(rows, 10))  # how the clusters spread
     assert len(step_losses(run_dir, 1)) == 10 and "step/psl" in records(run_dir)[-2]  # clustering terms ran
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / name, weights_only=True)
@@ -246,9 +260,12 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     flat, classes, labels, subset = digit_folders
     common = [str(DEMO), f"run.output_dir={tmp_path}", *FOLDER_RUN, "cluster.num_clusters=10"]
     assert launcher.main([*common, "run.name=flat", f"data.root={flat}"]) == {}  # nothing to score
-    assert f"no labels to score; clusters -> {tmp_path / 'flat' / 'clusters.csv'}" in capsys.readouterr().out
-    labelled = launcher.main([*common, "run.name=classes", f"data.root={classes}"])
     unlabeled_rows = read_clusters(tmp_path / "flat" / "clusters.csv")
+    sizes = sizes_of_clusters(unlabeled_rows, 10)  # what there is to say instead: how the images spread
+    assert (f"no labels to score (largest cluster {100 * sizes['largest_cluster_fraction']:.1f}%, smallest "
+            f"{100 * sizes['smallest_cluster_fraction']:.1f}%, {sizes['empty_clusters']} empty); clusters -> "
+            f"{tmp_path / 'flat' / 'clusters.csv'}") in capsys.readouterr().out
+    labelled = launcher.main([*common, "run.name=classes", f"data.root={classes}"])
     labelled_rows = read_clusters(tmp_path / "classes" / "clusters.csv")
     assert [r["file"] for r in unlabeled_rows] == sorted(str(p) for p in flat.iterdir())
     assert {r["label"] for r in unlabeled_rows} == {"-1"}
@@ -514,6 +531,7 @@ def test_two_process_training_run(two_process_run):
     final = [r for r in records(run_dir) if "eval/acc" in r][-1]
     assert len(rows) == 640
     assert_scores_match_clusters(rows, {k: final[f"eval/{k}"] for k in ("nmi", "ari")})
+    assert logged_sizes(final) == pytest.approx(sizes_of_clusters(rows, 10))
     assert "Warning" not in proc.stderr  # e.g. DDP's broadcast_buffers deprecation, once per rank and stage
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20
@@ -655,3 +673,18 @@ def test_gpu_config_options_run_on_one_cpu_process(tmp_path):
     assert convs["batch"] and all(t.is_contiguous() for t in convs["batch"])
     assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
                for t in convs["channels_last"])
+
+
+def test_cluster_size_stats_count_every_cluster_including_empty_ones():
+    from utils.assignments import cluster_size_stats
+
+    clusters = torch.tensor([0, 0, 0, 2, 2, 5])  # K=7: clusters 1, 3, 4 and 6 are empty
+    assert cluster_size_stats(clusters, 7) == {"empty_clusters": 4, "largest_cluster_fraction": 0.5,
+                                               "smallest_cluster_fraction": 0.0}
+    assert cluster_size_stats(torch.tensor([1, 0, 1, 0]), 2) == {"empty_clusters": 0, "largest_cluster_fraction": 0.5,
+                                                                  "smallest_cluster_fraction": 0.5}
+    rows = [{"cluster": str(c)} for c in np.random.default_rng(0).integers(0, 9, size=500)]
+    assert cluster_size_stats(torch.tensor([int(r["cluster"]) for r in rows]), 12) == pytest.approx(
+        sizes_of_clusters(rows, 12))
+    with pytest.raises(ValueError, match=r"^cluster ids: expected a non-empty \(N,\) tensor, got shape \(0,\)$"):
+        cluster_size_stats(torch.tensor([], dtype=torch.long), 3)

@@ -38,6 +38,20 @@ def write_cluster_assignments(path: Path, clusters: torch.Tensor, data: ImageDat
     write_text_atomic(path, buffer.getvalue())
 
 
+def cluster_size_stats(clusters: torch.Tensor, num_clusters: int) -> dict[str, float]:
+    """How the images spread over the K clusters, from `clusters` (N,) int64 ids in [0, K): the
+    label-free signs of a collapse (a head that puts everything in a few clusters, k-means with a
+    giant cluster): `empty_clusters` (count), `largest_cluster_fraction` and
+    `smallest_cluster_fraction` (of the N images; the smallest is 0 when a cluster is empty)."""
+    if clusters.dim() != 1 or clusters.numel() == 0:
+        raise ValueError(f"cluster ids: expected a non-empty (N,) tensor, got shape {tuple(clusters.shape)}")
+    k = max(num_clusters, int(clusters.max()) + 1)
+    counts = torch.bincount(clusters.long().cpu(), minlength=k)
+    n = clusters.numel()
+    return {"empty_clusters": int((counts == 0).sum()), "largest_cluster_fraction": float(counts.max()) / n,
+            "smallest_cluster_fraction": float(counts.min()) / n}
+
+
 def write_features(path: Path, features: torch.Tensor, data: ImageData, kind: str) -> None:
     """Write `features` (N, D), those of each image of `data` (N images), to `path` as `.npz` with
     `features` (float32), `labels` (int64, -1 where unknown), `kind` (which features) and, for

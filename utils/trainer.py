@@ -35,6 +35,7 @@ from utils import distributed as du
 from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
                               save_checkpoint)
 from utils.config import Config
+from utils.assignments import cluster_size_stats
 from utils.features import assign_to_centroids, cluster_features, extract_features
 from utils.logger import MetricWriter
 from utils.optim import LRSchedule, build_optimizer
@@ -63,6 +64,12 @@ class FitResult:
     best: dict[str, float]
     seconds: float
     stopped_on_request: bool = False   # should_stop ended the run before its last epoch (last.pt resumes it)
+
+
+def format_cluster_sizes(sizes: dict[str, float]) -> str:
+    """`cluster_size_stats` for a log line: "largest cluster 12.3%, smallest 4.5%, 0 empty"."""
+    return (f"largest cluster {100 * sizes['largest_cluster_fraction']:.1f}%, smallest "
+            f"{100 * sizes['smallest_cluster_fraction']:.1f}%, {sizes['empty_clusters']} empty")
 
 
 def check_sync_batch_device(device: torch.device, world_size: int) -> None:
@@ -150,6 +157,7 @@ class Trainer:
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
+        self.last_cluster_sizes: dict[str, float] = {}  # how last_clusters spread (utils.assignments.cluster_size_stats)
         # The k-means read-out of the last evaluation ({"centroids": (K, D), "features", "metric"}), and the
         # step it was fitted at: a checkpoint keeps it only with the weights it belongs to (`state_dict`).
         self.readout: dict[str, Any] | None = None
@@ -289,8 +297,9 @@ class Trainer:
                 if self.epoch % cfg.eval.every_epochs == 0 or stage_done or last:
                     self.last_metrics = self.evaluate()
                     epoch_metrics.update(self.last_metrics)
-                    log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
-                             or "clustered (no labels to score)")
+                    record.update({f"eval/{k}": v for k, v in self.last_cluster_sizes.items()})
+                    log.info("epoch %d: %s  (%s)", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
+                             or "no labels to score", format_cluster_sizes(self.last_cluster_sizes))
                 if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
                     epoch_metrics["knn_acc"] = self.knn_evaluate()
                     log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
@@ -443,9 +452,11 @@ class Trainer:
         self.stage_stopped = bool(self.method.stop_requested())
         metrics = self.evaluate()
         record = {"epoch": epoch, "stage": self.stage.name, "stage_step": self.global_step - self.stage_start_step,
-                  **{f"refresh/{k}": v for k, v in stats.items()}, **{f"eval/{k}": v for k, v in metrics.items()}}
-        log.info("%s step %d: %s  (%.2fs)%s", self.stage.name, record["stage_step"],
-                 "  ".join(f"{k} {v:.4f}" for k, v in {**stats, **metrics}.items()), time.perf_counter() - start,
+                  **{f"refresh/{k}": v for k, v in stats.items()}, **{f"eval/{k}": v for k, v in metrics.items()},
+                  **{f"eval/{k}": v for k, v in self.last_cluster_sizes.items()}}
+        log.info("%s step %d: %s  (%s; %.2fs)%s", self.stage.name, record["stage_step"],
+                 "  ".join(f"{k} {v:.4f}" for k, v in {**stats, **metrics}.items()),
+                 format_cluster_sizes(self.last_cluster_sizes), time.perf_counter() - start,
                  "  -> stop" if self.stage_stopped else "")
         if self.dist.is_main and self.writer is not None:  # rank 0 only
             self.writer.write(record, step=self.global_step)
@@ -461,15 +472,15 @@ class Trainer:
         if self.method.has_head:
             predictions = self.method.predict_from_features(self._features(self.eval_data,
                                                                            self.method.head_feature_kind))
-        else:
-            kind, feats = self.eval_set_features()
-            predictions, centroids = cluster_features(
-                feats, num_clusters=self.num_clusters(self.cfg.eval.num_clusters), metric=self.cfg.cluster.metric,
-                n_init=self.cfg.eval.n_init, max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol,
-                seed=self.cfg.run.seed)
-            self.readout = {"centroids": centroids.cpu(), "features": kind, "metric": self.cfg.cluster.metric}
-            self.readout_step = self.global_step
-        return self._score(predictions)
+            return self._score(predictions, self.num_clusters(self.cfg.cluster.num_clusters))
+        kind, feats = self.eval_set_features()
+        k = self.num_clusters(self.cfg.eval.num_clusters)
+        predictions, centroids = cluster_features(
+            feats, num_clusters=k, metric=self.cfg.cluster.metric, n_init=self.cfg.eval.n_init,
+            max_iter=self.cfg.eval.max_iter, tol=self.cfg.cluster.tol, seed=self.cfg.run.seed)
+        self.readout = {"centroids": centroids.cpu(), "features": kind, "metric": self.cfg.cluster.metric}
+        self.readout_step = self.global_step
+        return self._score(predictions, k)
 
     def assign(self, readout: dict[str, Any] | None) -> dict[str, float]:
         """Like `evaluate`, but a k-means read-out is not fitted again: each image of the evaluation set
@@ -480,13 +491,16 @@ class Trainer:
         if self.method.has_head:
             return self.evaluate()
         feats = self._features(self.eval_data, readout["features"])
-        return self._score(assign_to_centroids(feats, readout["centroids"], metric=readout["metric"]))
+        return self._score(assign_to_centroids(feats, readout["centroids"], metric=readout["metric"]),
+                           readout["centroids"].shape[0])
 
-    def _score(self, predictions: torch.Tensor) -> dict[str, float]:
-        """Keep `predictions` (N_eval,) as `last_clusters`; their NMI / ACC / ARI on the labelled rows."""
+    def _score(self, predictions: torch.Tensor, num_clusters: int) -> dict[str, float]:
+        """Keep `predictions` (N_eval,) as `last_clusters` and how they spread over the `num_clusters`
+        clusters as `last_cluster_sizes` (label-free); their NMI / ACC / ARI on the labelled rows."""
         from torch_clustering import evaluate_clustering
 
         self.last_clusters = predictions.cpu()
+        self.last_cluster_sizes = cluster_size_stats(self.last_clusters, num_clusters)
         labels = self.eval_data.labels
         known = labels >= 0
         if not known.any():
