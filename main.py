@@ -184,10 +184,9 @@ def check_assign_overrides(cfg, readout: dict, checkpoint: Path) -> None:
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
     from utils import distributed as du
-    from utils.assignments import write_cluster_assignments, write_features
+    from utils.assignments import format_cluster_sizes, write_cluster_assignments, write_features
     from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
-    from utils.trainer import format_cluster_sizes
 
     weights = read_checkpoint(checkpoint)
     if mode == "assign" and weights.state.get("readout") is not None:
@@ -219,7 +218,8 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
         if readout is not None:
             results["readout"] = fitted = {"features": readout["features"], "metric": readout["metric"],
                                            "num_clusters": int(readout["centroids"].shape[0])}
-            detail = f"; the run's {fitted['num_clusters']} clusters of {fitted['features']} features ({fitted['metric']})"
+            detail = (f"; the run's {fitted['num_clusters']} clusters of {fitted['features']} features "
+                      f"({fitted['metric']})")
     elif mode == "features":
         kind, features = trainer.eval_set_features()
         results = {"features": kind, "shape": list(features.shape)}
@@ -297,7 +297,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
         if resume_point is not None:
             trainer.load(resume_point.state, resume_point.path)
             changes = config_changes(resume_point.state.get("config") or {}, cfg.to_dict())
-            if changes and dist_info.is_main:  # rank 0 only: say what the overrides changed (config.yml will say the new)
+            if changes and dist_info.is_main:  # rank 0 only: what the overrides changed (config.yml gets the new)
                 log.warning("resuming with another config than %s was saved with (%d key(s)): %s", resume_point.path,
                             len(changes), "; ".join(changes))
         else:
@@ -340,9 +340,8 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
     from utils import distributed as du
-    from utils.assignments import write_cluster_assignments
+    from utils.assignments import format_cluster_sizes, write_cluster_assignments
     from utils.stop import EXIT_STOPPED
-    from utils.trainer import format_cluster_sizes
 
     dist_info = start_distributed(cfg)
     run_dir = prepare_run_dir(cfg, args.resume)

@@ -82,9 +82,10 @@ class MoCo(Method):
     def check_batch(self, *, batch_size_per_rank: int, world_size: int) -> None:
         keys = self.keys_per_step(batch_size_per_rank=batch_size_per_rank, world_size=world_size)
         if keys > self.cfg.queue_size:
+            views = " x 2 views, method.symmetric" if self.cfg.symmetric else ""
             raise ValueError(f"method.queue_size: {self.cfg.queue_size} rows, fewer than the {keys} keys enqueued per "
-                             f"step (train.batch_size_per_rank={batch_size_per_rank} x {world_size} rank(s)"
-                             f"{' x 2 views, method.symmetric' if self.cfg.symmetric else ''}); expected at least {keys}")
+                             f"step (train.batch_size_per_rank={batch_size_per_rank} x {world_size} rank(s){views}); "
+                             f"expected at least {keys}")
 
     def key_parameters(self):
         yield from self.key_backbone.parameters()

@@ -157,8 +157,8 @@ def test_moco_refuses_a_batch_its_queue_cannot_hold_before_training(symmetric):
                                                                            world_size=2)
     views_note = " x 2 views, method.symmetric" if symmetric else ""
     with pytest.raises(ValueError, match=rf"^method.queue_size: {enqueued - 1} rows, fewer than the {enqueued} keys "
-                                         rf"enqueued per step \(train.batch_size_per_rank=8 x 2 rank\(s\){views_note}\); "
-                                         rf"expected at least {enqueued}$"):
+                                         rf"enqueued per step \(train.batch_size_per_rank=8 x 2 "
+                                         rf"rank\(s\){views_note}\); expected at least {enqueued}$"):
         small_moco(queue_size=enqueued - 1, symmetric=symmetric).check_batch(batch_size_per_rank=8, world_size=2)
 
 

@@ -52,6 +52,12 @@ def cluster_size_stats(clusters: torch.Tensor, num_clusters: int) -> dict[str, f
             "smallest_cluster_fraction": float(counts.min()) / n}
 
 
+def format_cluster_sizes(sizes: dict[str, float]) -> str:
+    """`cluster_size_stats` for a log line: "largest cluster 12.3%, smallest 4.5%, 0 empty"."""
+    return (f"largest cluster {100 * sizes['largest_cluster_fraction']:.1f}%, smallest "
+            f"{100 * sizes['smallest_cluster_fraction']:.1f}%, {sizes['empty_clusters']} empty")
+
+
 def write_features(path: Path, features: torch.Tensor, data: ImageData, kind: str) -> None:
     """Write `features` (N, D), those of each image of `data` (N images), to `path` as `.npz` with
     `features` (float32), `labels` (int64, -1 where unknown), `kind` (which features) and, for

@@ -44,7 +44,8 @@ class RunConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     backbone: str = "resnet18_cifar"   # backbone registry name (models/backbones.py)
-    norm: str = "batch"                # batch | sync_batch (SyncBN across ranks: CUDA; one process: batch) | none (exact-gradient tests)
+    # batch | sync_batch (SyncBN across ranks, CUDA only; one process runs it as batch) | none (exact-gradient tests)
+    norm: str = "batch"
     channels_last: bool = False        # memory format for conv backbones (faster on GPUs and often on CPUs)
 
     def validate(self) -> None:

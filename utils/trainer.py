@@ -32,10 +32,10 @@ from tqdm import tqdm
 from data.datasets import ImageData
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
+from utils.assignments import cluster_size_stats, format_cluster_sizes
 from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
                               save_checkpoint)
 from utils.config import Config
-from utils.assignments import cluster_size_stats
 from utils.features import assign_to_centroids, cluster_features, extract_features
 from utils.logger import MetricWriter
 from utils.optim import LRSchedule, build_optimizer
@@ -64,12 +64,6 @@ class FitResult:
     best: dict[str, float]
     seconds: float
     stopped_on_request: bool = False   # should_stop ended the run before its last epoch (last.pt resumes it)
-
-
-def format_cluster_sizes(sizes: dict[str, float]) -> str:
-    """`cluster_size_stats` for a log line: "largest cluster 12.3%, smallest 4.5%, 0 empty"."""
-    return (f"largest cluster {100 * sizes['largest_cluster_fraction']:.1f}%, smallest "
-            f"{100 * sizes['smallest_cluster_fraction']:.1f}%, {sizes['empty_clusters']} empty")
 
 
 def check_sync_batch_device(device: torch.device, world_size: int) -> None:
@@ -157,7 +151,7 @@ class Trainer:
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
-        self.last_cluster_sizes: dict[str, float] = {}  # how last_clusters spread (utils.assignments.cluster_size_stats)
+        self.last_cluster_sizes: dict[str, float] = {}  # how last_clusters spread (`cluster_size_stats`)
         # The k-means read-out of the last evaluation ({"centroids": (K, D), "features", "metric"}), and the
         # step it was fitted at: a checkpoint keeps it only with the weights it belongs to (`state_dict`).
         self.readout: dict[str, Any] | None = None
@@ -298,8 +292,9 @@ class Trainer:
                     self.last_metrics = self.evaluate()
                     epoch_metrics.update(self.last_metrics)
                     record.update({f"eval/{k}": v for k, v in self.last_cluster_sizes.items()})
-                    log.info("epoch %d: %s  (%s)", epoch, "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
-                             or "no labels to score", format_cluster_sizes(self.last_cluster_sizes))
+                    log.info("epoch %d: %s  (%s)", epoch,
+                             "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()) or "no labels to score",
+                             format_cluster_sizes(self.last_cluster_sizes))
                 if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
                     epoch_metrics["knn_acc"] = self.knn_evaluate()
                     log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
