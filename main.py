@@ -167,18 +167,24 @@ def check_eval_args(args: argparse.Namespace) -> Path:
     return checkpoint
 
 
+def readout_summary(readout: dict) -> dict:
+    """What a checkpoint's k-means read-out was fitted with: {features, metric, num_clusters}."""
+    return {"features": readout["features"], "metric": readout["metric"],
+            "num_clusters": int(readout["centroids"].shape[0])}
+
+
 def check_assign_overrides(cfg, readout: dict, checkpoint: Path) -> None:
     """--eval assign puts images into the checkpoint's k-means clusters, on the features and with the
     metric those were fitted with: an eval.features or eval.num_clusters that asks for others is a
     one-line error rather than silently not applied."""
-    k = int(readout["centroids"].shape[0])
-    asked = [f"{key}={value}" for key, value, fitted in (("eval.features", cfg.eval.features, readout["features"]),
-                                                         ("eval.num_clusters", cfg.eval.num_clusters, k))
-             if value and value != fitted]
+    fitted = readout_summary(readout)
+    asked = [f"eval.{key}={value}" for key, value in (("features", cfg.eval.features),
+                                                      ("num_clusters", cfg.eval.num_clusters))
+             if value and value != fitted[key]]
     if asked:
-        raise SystemExit(f"error: --eval assign: {' '.join(asked)}, but {checkpoint}'s k-means read-out has {k} "
-                         f"clusters of {readout['features']} features ({readout['metric']}); assign uses those "
-                         "(drop the override), --eval cluster fits k-means again")
+        raise SystemExit(f"error: --eval assign: {' '.join(asked)}, but {checkpoint}'s k-means read-out has "
+                         f"{fitted['num_clusters']} clusters of {fitted['features']} features ({fitted['metric']}); "
+                         "assign uses those (drop the override), --eval cluster fits k-means again")
 
 
 def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
@@ -216,8 +222,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                              "evaluation; --eval cluster fits k-means again)")
         results = trainer.assign(readout)
         if readout is not None:
-            results["readout"] = fitted = {"features": readout["features"], "metric": readout["metric"],
-                                           "num_clusters": int(readout["centroids"].shape[0])}
+            results["readout"] = fitted = readout_summary(readout)
             detail = (f"; the run's {fitted['num_clusters']} clusters of {fitted['features']} features "
                       f"({fitted['metric']})")
     elif mode == "features":
@@ -296,7 +301,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
         trainer = build_trainer(cfg, dist_info, run_dir, writer, datasets)
         if resume_point is not None:
             trainer.load(resume_point.state, resume_point.path)
-            changes = config_changes(resume_point.state.get("config") or {}, cfg.to_dict())
+            changes = config_changes(resume_point.state["config"], cfg.to_dict())  # load_checkpoint checked the key
             if changes and dist_info.is_main:  # rank 0 only: what the overrides changed (config.yml gets the new)
                 log.warning("resuming with another config than %s was saved with (%d key(s)): %s", resume_point.path,
                             len(changes), "; ".join(changes))

@@ -75,12 +75,9 @@ class MoCo(Method):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))     # next row to overwrite
         self._pending_keys: torch.Tensor | None = None                           # this step's keys, enqueued after it
 
-    def keys_per_step(self, *, batch_size_per_rank: int, world_size: int) -> int:
-        """Keys enqueued per step: every rank's batch, twice when both views serve as queries."""
-        return batch_size_per_rank * world_size * (2 if self.cfg.symmetric else 1)
-
     def check_batch(self, *, batch_size_per_rank: int, world_size: int) -> None:
-        keys = self.keys_per_step(batch_size_per_rank=batch_size_per_rank, world_size=world_size)
+        # Keys enqueued per step: every rank's batch, twice when both views serve as queries.
+        keys = batch_size_per_rank * world_size * (2 if self.cfg.symmetric else 1)
         if keys > self.cfg.queue_size:
             views = " x 2 views, method.symmetric" if self.cfg.symmetric else ""
             raise ValueError(f"method.queue_size: {self.cfg.queue_size} rows, fewer than the {keys} keys enqueued per "

@@ -632,20 +632,19 @@ AMP_RUN = {"mnist_cnn_propos": ["method.warmup_epochs=1", "method.projector_hidd
 @pytest.mark.parametrize("config, amp", [*((config, "bf16") for config in AMP_RUN), ("mnist_cnn_propos", "fp16")])
 def test_autocast_trains_each_kind_of_method_as_fp32_does(tmp_path, config, amp):
     """fp16 (with its gradient scaler) runs on a CPU too, so a GPU config can be debugged on one."""
-    low = amp
     losses = {}
-    for amp in ("none", low):
-        launcher.main([str(REPO_ROOT / "config" / f"{config}.yml"), f"run.output_dir={tmp_path}", f"run.name={amp}",
-                       *TINY, "data.limit=128", "train.max_steps_per_epoch=1", "eval.every_epochs=2",
-                       *AMP_RUN[config], f"train.amp={amp}"])
-        losses[amp] = [step_losses(tmp_path / amp, epoch) for epoch in (0, 1)]
-        assert len(losses[amp][0]) == len(losses[amp][1]) == 1
-        assert all(math.isfinite(v) for epoch in losses[amp] for v in epoch)
-        assert "eval/acc" in records(tmp_path / amp)[-1]
+    for precision in ("none", amp):
+        launcher.main([str(REPO_ROOT / "config" / f"{config}.yml"), f"run.output_dir={tmp_path}",
+                       f"run.name={precision}", *TINY, "data.limit=128", "train.max_steps_per_epoch=1",
+                       "eval.every_epochs=2", *AMP_RUN[config], f"train.amp={precision}"])
+        losses[precision] = [step_losses(tmp_path / precision, epoch) for epoch in (0, 1)]
+        assert len(losses[precision][0]) == len(losses[precision][1]) == 1
+        assert all(math.isfinite(v) for epoch in losses[precision] for v in epoch)
+        assert "eval/acc" in records(tmp_path / precision)[-1]
     # The same weights and batch: the first loss is fp32's to bf16's precision (8 bits of mantissa;
     # fp16 has 11), and not equal to it (autocast was on).
-    assert losses[low][0][0] == pytest.approx(losses["none"][0][0], rel=0.03)
-    assert losses[low][0][0] != losses["none"][0][0]
+    assert losses[amp][0][0] == pytest.approx(losses["none"][0][0], rel=0.03)
+    assert losses[amp][0][0] != losses["none"][0][0]
 
 
 def test_gpu_config_options_run_on_one_cpu_process(tmp_path):
