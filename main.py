@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=4 main.py config/cifar10_r18_propos.yml
     python main.py CONFIG --resume auto                            # continue the newest checkpoint of the run
     python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | assign | knn | linear
-                                                                     # | features (export them)
+                                                                     # | features (export them), or several:
+                                                                     # --eval cluster,knn,features
     srun python main.py CONFIG                                     # SLURM, one task per GPU (see scripts/)
 """
 from __future__ import annotations
@@ -30,12 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config file (config/*.yml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=2")
     parser.add_argument("--resume", default="", help="checkpoint path, or 'auto' for the newest in the run directory")
-    parser.add_argument("--eval", default="", metavar="MODE",
+    parser.add_argument("--eval", default="", metavar="MODE[,MODE...]",
                         help="evaluate --checkpoint instead of training: cluster (NMI/ACC/ARI), assign (the "
                              "images to the checkpoint's clusters: its k-means centroids or its head), knn "
                              "(weighted kNN top-1, eval.knn_*), linear (linear probe, eval.linear_*) or features "
                              "(CHECKPOINT.features.npz: eval.features of every image); writes "
-                             "CHECKPOINT.eval_MODE.json")
+                             "CHECKPOINT.eval_MODE.json. Several modes, comma-separated, run in that order on "
+                             "one loaded model and share its feature extraction")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
     # Intermixed: overrides may also follow the options (`CONFIG --resume auto train.epochs=200`),
     # which plain parse_args rejects as unrecognized arguments.
@@ -154,9 +156,23 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
         raise SystemExit(f"error: {exc}") from None
 
 
-def check_eval_args(args: argparse.Namespace) -> Path:
-    if args.eval not in EVAL_MODES:
-        raise SystemExit(f"error: --eval: expected one of {', '.join(EVAL_MODES)}, got {args.eval!r}")
+def parse_eval_modes(value: str) -> tuple[str, ...]:
+    """--eval's value: one mode, or several comma-separated (`cluster,knn,features`), which then run in
+    that order on one loaded model and share its feature extraction."""
+    modes = tuple(value.split(","))
+    for mode in modes:
+        if mode not in EVAL_MODES:
+            raise SystemExit(f"error: --eval: expected one of {', '.join(EVAL_MODES)}, or several comma-separated, "
+                             f"got {mode!r}")
+    repeated = [mode for i, mode in enumerate(modes) if mode in modes[:i]]
+    if repeated:
+        raise SystemExit(f"error: --eval: {repeated[0]} appears twice in {value!r}; each mode runs once")
+    return modes
+
+
+def check_eval_args(args: argparse.Namespace) -> tuple[tuple[str, ...], Path]:
+    """(the --eval modes, the --checkpoint path), or a one-line error."""
+    modes = parse_eval_modes(args.eval)
     if args.resume:
         raise SystemExit("error: --eval evaluates a checkpoint and never trains; drop --resume")
     if not args.checkpoint:
@@ -164,7 +180,7 @@ def check_eval_args(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise SystemExit(f"error: --checkpoint: no such file {checkpoint}")
-    return checkpoint
+    return modes, checkpoint
 
 
 def readout_summary(readout: dict) -> dict:
@@ -187,39 +203,55 @@ def check_assign_overrides(cfg, readout: dict, checkpoint: Path) -> None:
                          "assign uses those (drop the override), --eval cluster fits k-means again")
 
 
-def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
-    """Evaluate a checkpoint's model (read-only, weights_only) and write CHECKPOINT.eval_MODE.json."""
+def run_evaluation(cfg, modes: tuple[str, ...], checkpoint: Path) -> dict:
+    """Evaluate a checkpoint's model (read-only, weights_only) in each of `modes`, in order, and write
+    CHECKPOINT.eval_MODE.json for each. Every precondition of every mode is checked before the first
+    runs; the modes share one model and its extracted features. Returns the results of the one mode,
+    or {mode: results} for several."""
     from utils import distributed as du
-    from utils.assignments import format_cluster_sizes, write_cluster_assignments, write_features
-    from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
 
     weights = read_checkpoint(checkpoint)
-    if mode == "assign" and weights.state.get("readout") is not None:
+    if "assign" in modes and weights.state.get("readout") is not None:
         check_assign_overrides(cfg, weights.state["readout"], checkpoint)
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
     seed_everything(cfg.run.seed, dist_info.rank)
     datasets = build_datasets(cfg)
-    if mode not in UNLABELED_MODES and not (datasets.train.has_labels and datasets.eval.has_labels):
-        raise SystemExit(f"error: --eval {mode}: needs labels, and {datasets.train.name} has none "
+    labelled = [mode for mode in modes if mode not in UNLABELED_MODES]
+    if labelled and not (datasets.train.has_labels and datasets.eval.has_labels):
+        raise SystemExit(f"error: --eval {labelled[0]}: needs labels, and {datasets.train.name} has none "
                          "(--eval cluster|assign|features write the clusters or features of unlabeled data)")
     trainer = build_trainer(cfg, dist_info, checkpoint.parent, None, datasets, weights=weights)
-    per_image = None  # (path, write) of the per-image file the mode writes beside its JSON
-    summary = None    # the result line's text, when not the scores
-    detail = ""       # what the result line adds after them
-    if mode == "cluster":
+    if "cluster" in modes:
         k = trainer.num_clusters(cfg.eval.num_clusters)
         if not trainer.method.has_head and k > len(datasets.eval):  # k-means of the images evaluated
             raise SystemExit(f"error: --eval cluster: eval.num_clusters: {k} clusters, but the data have only "
                              f"{len(datasets.eval)} images (--eval assign puts them into the checkpoint's clusters)")
+    if "assign" in modes and not trainer.method.has_head and weights.state.get("readout") is None:
+        raise SystemExit(f"error: --eval assign: {checkpoint} has no k-means read-out to assign to (a checkpoint "
+                         "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
+                         "evaluation; --eval cluster fits k-means again)")
+    results = {mode: evaluate_checkpoint(cfg, mode, trainer, weights, datasets.eval) for mode in modes}
+    du.cleanup_distributed()
+    return results[modes[0]] if len(modes) == 1 else results
+
+
+def evaluate_checkpoint(cfg, mode: str, trainer, weights: Checkpoint, eval_data) -> dict:
+    """One --eval mode of `weights`' model, loaded in `trainer` (whose checks `run_evaluation` made):
+    its results, also written to CHECKPOINT.eval_MODE.json with the mode's per-image file, and its
+    one-line summary printed (by rank 0)."""
+    from utils.assignments import format_cluster_sizes, write_cluster_assignments, write_features
+    from utils.checkpoint import write_text_atomic
+
+    checkpoint = weights.path
+    per_image = None  # (path, write) of the per-image file the mode writes beside its JSON
+    summary = None    # the result line's text, when not the scores
+    detail = ""       # what the result line adds after them
+    if mode == "cluster":
         results = trainer.evaluate()
     elif mode == "assign":
-        readout = None if trainer.method.has_head else weights.state.get("readout")  # a head assigns per image
-        if readout is None and not trainer.method.has_head:
-            raise SystemExit(f"error: --eval assign: {checkpoint} has no k-means read-out to assign to (a checkpoint "
-                             "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
-                             "evaluation; --eval cluster fits k-means again)")
+        readout = None if trainer.method.has_head else weights.state["readout"]  # a head assigns per image
         results = trainer.assign(readout)
         if readout is not None:
             results["readout"] = fitted = readout_summary(readout)
@@ -229,7 +261,7 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
         kind, features = trainer.eval_set_features()
         results = {"features": kind, "shape": list(features.shape)}
         per_image = (checkpoint.with_suffix(".features.npz"),
-                     lambda path: write_features(path, features, datasets.eval, kind))
+                     lambda path: write_features(path, features, eval_data, kind))
         summary = f"{kind} features of {features.shape[0]} images, {features.shape[1]}-d"
     elif mode == "knn":
         results = {"knn_acc": trainer.knn_evaluate(), "knn_k": cfg.eval.knn_k,
@@ -237,14 +269,15 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
     else:
         results = trainer.linear_evaluate()
     if mode in CLUSTER_CSV_SUFFIX:
-        results["cluster_sizes"] = trainer.last_cluster_sizes
-        detail = f"; {format_cluster_sizes(trainer.last_cluster_sizes)}{detail}"
+        results["cluster_sizes"] = sizes = trainer.last_cluster_sizes
+        clusters = trainer.last_clusters
+        detail = f"; {format_cluster_sizes(sizes)}{detail}"
         per_image = (checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode]),
-                     lambda path: write_cluster_assignments(path, trainer.last_clusters, datasets.eval))
+                     lambda path: write_cluster_assignments(path, clusters, eval_data))
     results = {"mode": mode, "checkpoint": str(checkpoint), "epoch": int(weights.state["epoch"]),
-               "config": cfg.source, "world_size": dist_info.world_size, **results}
+               "config": cfg.source, "world_size": trainer.dist.world_size, **results}
     out = checkpoint.with_suffix(f".eval_{mode}.json")
-    if dist_info.is_main:  # rank 0 only: the results file, the per-image file and the one-line summary
+    if trainer.dist.is_main:  # rank 0 only: the results file, the per-image file and the one-line summary
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         written = str(out)
         if per_image is not None:
@@ -254,7 +287,6 @@ def run_evaluation(cfg, mode: str, checkpoint: Path) -> dict:
                            if k in results) or "no labels to score"
         print(f"eval {mode} of {checkpoint} (epoch {results['epoch']}): {summary or scores}{detail} -> {written}",
               flush=True)
-    du.cleanup_distributed()
     return results
 
 
@@ -331,8 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {exc}") from None
 
     if args.eval or args.checkpoint:
-        checkpoint = check_eval_args(args)
-        return run_evaluation(cfg, args.eval, checkpoint)
+        modes, checkpoint = check_eval_args(args)
+        return run_evaluation(cfg, modes, checkpoint)
     from utils.stop import StopOnSignal
 
     # SIGUSR1 (a cluster's time limit is near) from here on: every rank ends the same step,

@@ -265,10 +265,52 @@ def test_best_checkpoint_can_follow_the_knn_monitor(tmp_path):
     assert best["epoch"] == best_epoch + 1 and best["best"]["knn_acc"] == pytest.approx(knn[best_epoch])
 
 
-@pytest.mark.parametrize("mode", ["knn", "assign", "features"])
-def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path, mode):
+def test_several_eval_modes_in_one_run_give_what_each_gives_alone(trained, tmp_path, capsys):
+    """One --eval with every mode writes the files each mode writes on its own, with the same contents,
+    from one extraction per (image set, feature kind)."""
     import shutil
 
+    import numpy as np
+
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    modes = ["cluster", "knn", "linear", "assign", "features"]
+    args = [str(DEMO), *SMALL, "eval.knn_k=20", "eval.linear_epochs=20"]
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    for folder in (together, alone):
+        folder.mkdir()
+        shutil.copy(trained / "last.pt", folder / "last.pt")
+    capsys.readouterr()
+    results = launcher.main([*args, "--eval", ",".join(modes), "--checkpoint", str(together / "last.pt")])
+    extractions = [line for line in capsys.readouterr().err.splitlines() if " utils.trainer: extracted " in line]
+    # The evaluation set (also the training set: train+test) once for cluster, knn, assign and features,
+    # and the probe's train and test splits once each.
+    assert len(extractions) == 3
+    for mode in modes:
+        launcher.main([*args, "--eval", mode, "--checkpoint", str(alone / "last.pt")])
+    assert sorted(p.name for p in together.iterdir()) == sorted(p.name for p in alone.iterdir())
+    assert list(results) == modes
+    for mode in modes:
+        one, other = (json.loads((folder / f"last.eval_{mode}.json").read_text()) for folder in (together, alone))
+        assert one == results[mode] and one["mode"] == mode
+        assert {**one, "checkpoint": None} == {**other, "checkpoint": None}
+    for name in ("last.clusters.csv", "last.assigned.csv"):
+        assert (together / name).read_text() == (alone / name).read_text()
+    features = [np.load(folder / "last.features.npz") for folder in (together, alone)]
+    assert features[0].files == features[1].files
+    for key in features[0].files:
+        np.testing.assert_array_equal(features[0][key], features[1][key])
+
+
+def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
+    """--eval knn,assign,features under torchrun (2 ranks): each mode's numbers, clusters and gathered
+    features are the one-process run's."""
+    import shutil
+
+    import numpy as np
+
+    import main as launcher
     from tests.test_train import DEMO, SMALL, read_clusters
     from tests.torchrun_util import REPO_ROOT, run_torchrun
 
@@ -276,33 +318,38 @@ def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path, mode):
     shutil.copy(trained / "last.pt", checkpoint)
     before = checkpoint.read_bytes()
     proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), *SMALL, "train.batch_size_per_rank=32", "eval.knn_k=20",
-                        "--eval", mode, "--checkpoint", str(checkpoint), nproc=2)
-    assert proc.stdout.count(f"eval {mode} of ") == 1  # rank 0 only
+                        "--eval", "knn,assign,features", "--checkpoint", str(checkpoint), nproc=2)
     assert checkpoint.read_bytes() == before
-    two = json.loads((tmp_path / f"last.eval_{mode}.json").read_text())
     one = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines() if "eval/acc" in r]
-    assert two["world_size"] == 2
-    if mode == "knn":
-        assert two["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
-    elif mode == "assign":  # every image in the cluster the one-process run gave it
-        assert read_clusters(tmp_path / "last.assigned.csv") == read_clusters(trained / "clusters.csv")
-        assert two["acc"] == pytest.approx(one[-1]["eval/acc"], abs=1e-12)
-    else:  # gathered from both ranks: every image's row, in dataset order, as one process extracts them
-        import numpy as np
-
-        import main as launcher
-
-        launcher.main([str(DEMO), *SMALL, "--eval", "features", "--checkpoint", str(trained / "last.pt")])
-        one_process = np.load(trained / "last.features.npz")["features"]
-        two_processes = np.load(tmp_path / "last.features.npz")
-        assert two_processes["features"].shape == one_process.shape == (640, one_process.shape[1])
-        np.testing.assert_allclose(two_processes["features"], one_process, rtol=1e-4, atol=1e-5)
+    two = {}
+    for mode in ("knn", "assign", "features"):
+        assert proc.stdout.count(f"eval {mode} of ") == 1  # rank 0 only
+        two[mode] = json.loads((tmp_path / f"last.eval_{mode}.json").read_text())
+        assert two[mode]["world_size"] == 2 and two[mode]["mode"] == mode
+    assert two["knn"]["knn_acc"] == pytest.approx(one[-1]["eval/knn_acc"], abs=1e-6)
+    # every image in the cluster the one-process run gave it
+    assert read_clusters(tmp_path / "last.assigned.csv") == read_clusters(trained / "clusters.csv")
+    assert two["assign"]["acc"] == pytest.approx(one[-1]["eval/acc"], abs=1e-12)
+    # gathered from both ranks: every image's row, in dataset order, as one process extracts them
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(trained / "last.pt", alone / "last.pt")
+    launcher.main([str(DEMO), *SMALL, "--eval", "features", "--checkpoint", str(alone / "last.pt")])
+    one_process = np.load(alone / "last.features.npz")["features"]
+    two_processes = np.load(tmp_path / "last.features.npz")
+    assert two_processes["features"].shape == one_process.shape == (640, one_process.shape[1])
+    np.testing.assert_allclose(two_processes["features"], one_process, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--eval", "knn"], r"^error: --eval needs --checkpoint PATH$"),
     (["--eval", "probe", "--checkpoint", "x.pt"],
-     r"^error: --eval: expected one of cluster, assign, knn, linear, features, got 'probe'$"),
+     r"^error: --eval: expected one of cluster, assign, knn, linear, features, or several comma-separated, "
+     r"got 'probe'$"),
+    (["--eval", "knn,probe", "--checkpoint", "x.pt"], r"^error: --eval: expected one of .*, got 'probe'$"),
+    (["--eval", "knn,", "--checkpoint", "x.pt"], r"^error: --eval: expected one of .*, got ''$"),
+    (["--eval", "cluster,knn,cluster", "--checkpoint", "x.pt"],
+     r"^error: --eval: cluster appears twice in 'cluster,knn,cluster'; each mode runs once$"),
     (["--eval", "knn", "--checkpoint", "/nonexistent/last.pt"],
      r"^error: --checkpoint: no such file /nonexistent/last.pt$"),
 ])

@@ -297,9 +297,12 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
                        "--checkpoint", str(tmp_path / "flat" / "last.pt")])
         rows = read_clusters(tmp_path / "flat" / "last.assigned.csv")
         assert len(rows) == count and [r["cluster"] for r in rows] == [trained[Path(r["file"]).name] for r in rows]
+    # Every mode's precondition is checked before the first mode runs: features (first) writes nothing.
     with pytest.raises(SystemExit, match=r"^error: --eval cluster: eval.num_clusters: 10 clusters, but the data have "
                                          r"only 5 images \(--eval assign puts them into the checkpoint's clusters\)$"):
-        launcher.main([*common, f"data.root={few}", "--eval", "cluster", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+        launcher.main([*common, f"data.root={few}", "--eval", "features,cluster",
+                       "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    assert not (tmp_path / "flat" / "last.features.npz").exists()
     # --eval features exports their features, in the same order, with their files.
     launcher.main([*common, f"data.root={subset}", "--eval", "features", "--checkpoint", str(tmp_path / "flat" / "last.pt")])
     exported = np.load(tmp_path / "flat" / "last.features.npz")
@@ -313,12 +316,15 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
                                          r"to assign to \(a checkpoint keeps the one fitted with its weights: use "
                                          r"best.pt, or a last.pt saved at an evaluation; --eval cluster fits k-means "
                                          r"again\)$"):
-        launcher.main([*common, f"data.root={subset}", "--eval", "assign", "--checkpoint", str(tmp_path / "old.pt")])
+        launcher.main([*common, f"data.root={subset}", "--eval", "features,assign", "--checkpoint",
+                       str(tmp_path / "old.pt")])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("old")] == ["old.pt"]
+    exported_at = (tmp_path / "flat" / "last.features.npz").stat().st_mtime_ns
     with pytest.raises(SystemExit, match=r"^error: --eval knn: needs labels, and flat has none \(--eval "
                                          r"cluster\|assign\|features write the clusters or features of unlabeled data\)$"):
-        launcher.main([*common, f"data.root={flat}", "--eval", "knn",
+        launcher.main([*common, f"data.root={flat}", "--eval", "features,knn",
                        "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    assert (tmp_path / "flat" / "last.features.npz").stat().st_mtime_ns == exported_at
 
 
 # A method that reads clusters out per image (CC's head, DEC's soft assignment) gives a checkpoint's
