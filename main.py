@@ -241,7 +241,7 @@ def evaluate_checkpoint(cfg, mode: str, trainer, weights: Checkpoint, eval_data)
     """One --eval mode of `weights`' model, loaded in `trainer` (whose checks `run_evaluation` made):
     its results, also written to CHECKPOINT.eval_MODE.json with the mode's per-image file, and its
     one-line summary printed (by rank 0)."""
-    from utils.assignments import format_cluster_sizes, write_cluster_assignments, write_features
+    from utils.assignments import class_matching, format_cluster_sizes, write_cluster_assignments, write_features
     from utils.checkpoint import write_text_atomic
 
     checkpoint = weights.path
@@ -271,6 +271,9 @@ def evaluate_checkpoint(cfg, mode: str, trainer, weights: Checkpoint, eval_data)
     if mode in CLUSTER_CSV_SUFFIX:
         results["cluster_sizes"] = sizes = trainer.last_cluster_sizes
         clusters = trainer.last_clusters
+        matching = class_matching(clusters, eval_data, trainer.last_num_clusters)
+        if matching is not None:
+            results["class_matching"] = matching
         detail = f"; {format_cluster_sizes(sizes)}{detail}"
         per_image = (checkpoint.with_suffix(CLUSTER_CSV_SUFFIX[mode]),
                      lambda path: write_cluster_assignments(path, clusters, eval_data))

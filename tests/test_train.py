@@ -277,9 +277,10 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     assert len({r["cluster"] for r in unlabeled_rows}) > 1
     assert_scores_match_clusters([{**r, "label": str(y)} for r, y in zip(unlabeled_rows, labels)], labelled)
     # --eval cluster of the checkpoint writes the same clusters beside it.
-    launcher.main([*common, "run.name=flat", f"data.root={flat}", "--eval", "cluster",
-                   "--checkpoint", str(tmp_path / "flat" / "last.pt")])
+    results = launcher.main([*common, "run.name=flat", f"data.root={flat}", "--eval", "cluster",
+                             "--checkpoint", str(tmp_path / "flat" / "last.pt")])
     assert read_clusters(tmp_path / "flat" / "last.clusters.csv") == unlabeled_rows
+    assert "class_matching" not in results and "cluster_sizes" in results  # no classes to match clusters to
     # ... and of other images (another N than the pseudo-labels in the checkpoint): k-means of their features.
     launcher.main([*common, "run.name=flat", f"data.root={subset}", "--eval", "cluster",
                    "--checkpoint", str(tmp_path / "flat" / "last.pt")])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from data.datasets import ImageData
 from utils.checkpoint import write_text_atomic
@@ -73,3 +74,31 @@ def write_features(path: Path, features: torch.Tensor, data: ImageData, kind: st
     with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
     tmp.replace(path)
+
+
+def class_matching(clusters: torch.Tensor, data: ImageData, num_clusters: int) -> dict | None:
+    """How the clusters map onto the classes, over the images of `data` that have a label, from
+    `clusters` (N,) int64 ids in [0, K), K = `num_clusters` (or the largest id + 1):
+    `class_names` (C,); `confusion`, (C, K) image counts, row = class, column = cluster;
+    `cluster_class` (K,), each cluster's class under the best one-to-one matching, the one ACC scores
+    (Hungarian), -1 for a cluster left unmatched (K > C); `class_accuracy` (C,), the fraction of each
+    class's images in its matched cluster (0 for a class left unmatched, K < C; None for a class
+    with no images). None when no image has a label."""
+    clusters = clusters.reshape(-1).long().cpu()
+    if clusters.shape[0] != len(data):
+        raise ValueError(f"class matching: {clusters.shape[0]} cluster ids for {len(data)} images")
+    known = data.labels >= 0
+    if not known.any():
+        return None
+    k, c = max(num_clusters, int(clusters.max()) + 1), data.num_classes
+    confusion = torch.bincount(data.labels[known] * k + clusters[known], minlength=c * k).reshape(c, k).numpy()
+    sizes = confusion.sum(1)
+    present = np.flatnonzero(sizes > 0)  # a class without images takes no cluster from one that has some
+    cluster_class = [-1] * k
+    class_accuracy: list[float | None] = [0.0 if size else None for size in sizes.tolist()]
+    for row, cluster in zip(*linear_sum_assignment(confusion[present], maximize=True)):
+        cls = int(present[row])
+        cluster_class[int(cluster)] = cls
+        class_accuracy[cls] = float(confusion[cls, cluster]) / float(sizes[cls])
+    return {"class_names": list(data.class_names), "confusion": confusion.tolist(), "cluster_class": cluster_class,
+            "class_accuracy": class_accuracy}

@@ -152,6 +152,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
         self.last_cluster_sizes: dict[str, float] = {}  # how last_clusters spread (`cluster_size_stats`)
+        self.last_num_clusters = 0  # the K that last_clusters' ids are read against
         # The k-means read-out of the last evaluation ({"centroids": (K, D), "features", "metric"}), and the
         # step it was fitted at: a checkpoint keeps it only with the weights it belongs to (`state_dict`).
         self.readout: dict[str, Any] | None = None
@@ -490,11 +491,13 @@ class Trainer:
                            readout["centroids"].shape[0])
 
     def _score(self, predictions: torch.Tensor, num_clusters: int) -> dict[str, float]:
-        """Keep `predictions` (N_eval,) as `last_clusters` and how they spread over the `num_clusters`
-        clusters as `last_cluster_sizes` (label-free); their NMI / ACC / ARI on the labelled rows."""
+        """Keep `predictions` (N_eval,) as `last_clusters` (of `num_clusters`, kept as `last_num_clusters`)
+        and how they spread over them as `last_cluster_sizes` (label-free); their NMI / ACC / ARI on the
+        labelled rows."""
         from torch_clustering import evaluate_clustering
 
         self.last_clusters = predictions.cpu()
+        self.last_num_clusters = num_clusters
         self.last_cluster_sizes = cluster_size_stats(self.last_clusters, num_clusters)
         labels = self.eval_data.labels
         known = labels >= 0
