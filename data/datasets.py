@@ -494,10 +494,12 @@ def _class_dirs(folder: Path) -> list[str]:
 def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """root/<class>/... or root/{train, val|test}/<class>/... (images found recursively under each
     class folder, sorted by path). `data.classes` keeps those classes, labelled by position in that
-    list (ImageNet-10/-Dogs: the wnids); empty = every class, sorted. A folder with no subfolders is
-    unlabeled: its images, sorted by name, get label -1 (K then comes from cluster.num_clusters). A
-    tree without train/ is all the data: split train or train+test reads it whole. Files are decoded
-    lazily."""
+    list (ImageNet-10/-Dogs: the wnids); empty = every class folder of the training split, sorted, so
+    a class has the same label in every split. A val/ (or test/) laid out as Tiny-ImageNet's, images/
+    with `val_annotations.txt` naming each file's class, is read as class folders would be. A folder
+    with no subfolders is unlabeled: its images, sorted by name, get label -1 (K then comes from
+    cluster.num_clusters). A tree without train/ is all the data: split train or train+test reads it
+    whole. Files are decoded lazily."""
     _no_unlabeled("imagefolder", parts)
     _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:
@@ -516,12 +518,13 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         if folders[part] is None:
             raise ValueError(f"data.split: {root} has no {part} images (a split tree needs {root}/train "
                              f"and {root}/val or {root}/test)")
-    if not _class_dirs(folders[parts[0]]):
-        files = _unlabeled_files([folders[part] for part in parts], cfg)
-        classes: list[str] = []
+    # The training split's class folders say whether the tree is labelled, and which label each class has.
+    classes = list(cfg.classes) or _class_dirs(folders["train"])
+    if not _class_dirs(folders["train"]):
+        files = _unlabeled_files([folders[part] for part in parts], cfg, folders["train"])
         labels = [-1] * len(files)
     else:
-        files, labels, classes = _labelled_files([folders[part] for part in parts], cfg)
+        files, labels = _labelled_files([folders[part] for part in parts], classes, cfg)
     if not files:
         raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     image_size = cfg.image_size
@@ -539,40 +542,85 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _unlabeled_files(folders: list[Path], cfg: DataConfig) -> list[str]:
-    """The images directly inside each of `folders` (none may have class folders), sorted by name."""
+def _unlabeled_files(folders: list[Path], cfg: DataConfig, train: Path) -> list[str]:
+    """The images directly inside each of `folders` (none may have class folders, as `train`, the
+    training split's folder, has none), sorted by name."""
     if cfg.classes:
-        raise ValueError(f"data.classes: {folders[0]} has no class folders (its images are unlabeled); "
+        raise ValueError(f"data.classes: {train} has no class folders (its images are unlabeled); "
                          "leave data.classes empty")
     files: list[str] = []
     for folder in folders:
         if _class_dirs(folder):
-            raise ValueError(f"data.root: {folders[0]} has no class folders but {folder} has; give every "
+            raise ValueError(f"data.root: {train} has no class folders but {folder} has; give every "
                              "split class folders, or none")
         files += sorted(str(p) for p in folder.iterdir() if _is_image(p))
     return files[: cfg.limit] if cfg.limit else files
 
 
-def _labelled_files(folders: list[Path], cfg: DataConfig) -> tuple[list[str], list[int], list[str]]:
-    """(files, labels, classes) of the class folders in each of `folders`, class by class."""
-    classes = list(cfg.classes) or _class_dirs(folders[0])
+# Tiny-ImageNet's val/: the images in images/, each one's class on a line of this file
+# ("<file>\t<wnid>\t<bounding box>").
+CLASS_LIST_FILE = "val_annotations.txt"
+
+
+def _labelled_files(folders: list[Path], classes: list[str], cfg: DataConfig) -> tuple[list[str], list[int]]:
+    """(files, labels) of `classes` (label = position) in each of `folders`, class by class."""
     files: list[str] = []
     labels: list[int] = []
     for folder in folders:
-        present = set(_class_dirs(folder))
-        missing = [c for c in classes if c not in present]
-        if missing:
-            raise ValueError(f"data.classes: {folder} has no folder {missing[0]!r} "
-                             f"({len(missing)} of {len(classes)} missing)")
-        for label, cls in enumerate(classes):
-            found = sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p))
+        listed = _listed_class_files if (folder / CLASS_LIST_FILE).is_file() else _class_folder_files
+        for label, found in enumerate(listed(folder, classes, every_class=not cfg.classes)):
             files += found
             labels += [label] * len(found)
             if cfg.limit and len(files) >= cfg.limit:
                 break
         if cfg.limit and len(files) >= cfg.limit:
             break
-    return files, labels, classes
+    return files, labels
+
+
+def _class_folder_files(folder: Path, classes: list[str], every_class: bool):
+    """The images of each of `classes` in its folder `folder`/<class> (recursively, sorted by path), one
+    list per class, in order; a missing class folder is an error (`every_class` plays no part: class
+    folders of other classes are simply not read)."""
+    present = set(_class_dirs(folder))
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"data.classes: {folder} has no folder {missing[0]!r} "
+                         f"({len(missing)} of {len(classes)} missing)")
+    for cls in classes:
+        yield sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p))
+
+
+def _listed_class_files(folder: Path, classes: list[str], every_class: bool):
+    """Like `_class_folder_files` for a folder laid out as Tiny-ImageNet's val/: `folder`/images/<file>,
+    with `folder`/val_annotations.txt naming each file's class. A listed class that is not among
+    `classes` is an error when `every_class` (they are all the training split's class folders), and
+    is left out when `classes` is a selection (`data.classes`); a class with no listed image, a
+    malformed line or a listed file that is not there are errors."""
+    path = folder / CLASS_LIST_FILE
+    index = {cls: label for label, cls in enumerate(classes)}
+    per_class: list[list[str]] = [[] for _ in classes]
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0] or not fields[1]:
+            raise ValueError(f"{path} line {number}: expected '<file><TAB><class>...', got {line!r}")
+        name, cls = fields[0], fields[1]
+        if cls not in index:
+            if every_class:
+                raise ValueError(f"{path} line {number}: class {cls!r} has no folder in the training split")
+            continue
+        image = folder / "images" / name
+        if not _is_image(image):
+            raise FileNotFoundError(f"{path} line {number}: no image {image}")
+        per_class[index[cls]].append(str(image))
+    missing = [cls for cls, found in zip(classes, per_class) if not found]
+    if missing:
+        raise ValueError(f"data.classes: {path} lists no image of {missing[0]!r} "
+                         f"({len(missing)} of {len(classes)} missing)")
+    for found in per_class:
+        yield sorted(found)
 
 
 def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 the shared .npz arrays), or against tiny fakes written here in the real on-disk formats."""
 import io
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,74 @@ def test_imagefolder_split_tree_with_class_selection(tmp_path):
     assert every.class_names == ["cat", "dog", "owl"] and len(every) == 6 and every.image_size == 32
     with pytest.raises(ValueError, match=r"data.classes: .* has no folder 'emu'"):
         build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), classes=["emu"]), split="train")
+
+
+def test_imagefolder_splits_label_a_class_as_the_training_split_does(tmp_path):
+    """The evaluation split alone (data.eval_split=test, the linear probe's test rows) takes its labels
+    from the training split's class folders: a class the training split lacks is not read, and one
+    it has is the same label in both (kNN and the probe compare labels across splits)."""
+    colours = {"a": (9, 0, 0), "b": (0, 9, 0), "c": (0, 0, 9)}
+    for cls in ("b", "c"):
+        _write_png(tmp_path / "train" / cls / "0.png", colours[cls])
+    for cls in ("a", "b", "c"):
+        _write_png(tmp_path / "val" / cls / "0.png", colours[cls])
+    train = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train")
+    test = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
+    assert train.class_names == test.class_names == ["b", "c"]
+    for data in (train, test):
+        assert [Image.open(f).getpixel((0, 0)) for f in data.files] == [colours[c] for c in data.class_names]
+        assert data.labels.tolist() == [0, 1]
+    shutil.rmtree(tmp_path / "val" / "c")
+    with pytest.raises(ValueError, match=r"^data.classes: .*val has no folder 'c' \(1 of 2 missing\)$"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
+
+
+def _tiny_imagenet(root: Path, listed: dict[str, str]) -> None:
+    """Tiny-ImageNet's layout: train/<wnid>/images/*.JPEG (+ boxes), val/images with
+    val_annotations.txt (`listed`: file -> wnid), test/images unlabeled."""
+    rng = np.random.default_rng(0)
+    for i, wnid in enumerate(("n02", "n01", "n03")):
+        for j in range(2):
+            _write_png(root / "train" / wnid / "images" / f"{wnid}_{j}.JPEG", (i * 50, j * 50, 0))
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t5\t5\n")
+    (root / "val" / "images").mkdir(parents=True)
+    for name in listed:
+        _write_png(root / "val" / "images" / name, tuple(int(v) for v in rng.integers(0, 255, 3)))
+    (root / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{wnid}\t0\t0\t5\t5\n" for name, wnid in listed.items()))
+    _write_png(root / "test" / "images" / "test_0.JPEG", (1, 1, 1))
+
+
+def test_imagefolder_reads_tiny_imagenet_val_from_its_annotations(tmp_path):
+    listed = {"val_0.JPEG": "n03", "val_1.JPEG": "n01", "val_2.JPEG": "n02", "val_3.JPEG": "n01"}
+    _tiny_imagenet(tmp_path, listed)
+    train = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train")
+    assert train.class_names == ["n01", "n02", "n03"] and train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert all(Path(f).parent.name == "images" and Path(f).parent.parent.name == train.class_names[y]
+               for f, y in zip(train.files, train.labels.tolist()))
+    test = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
+    assert test.class_names == train.class_names
+    assert {Path(f).name: test.class_names[y] for f, y in zip(test.files, test.labels.tolist())} == listed
+    assert [Path(f).name for f in test.files] == ["val_1.JPEG", "val_3.JPEG", "val_2.JPEG", "val_0.JPEG"]
+    both = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train+test")
+    assert both.files == train.files + test.files and both.labels.tolist() == train.labels.tolist() + [0, 0, 1, 2]
+    selected = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), classes=["n03", "n01"]), split="test")
+    assert [Path(f).name for f in selected.files] == ["val_0.JPEG", "val_1.JPEG", "val_3.JPEG"]
+    assert selected.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("listed, lines, message", [
+    ({"val_0.JPEG": "n09"}, None, r"val_annotations.txt line 1: class 'n09' has no folder in the training split$"),
+    ({"val_0.JPEG": "n01"}, None, r"^data.classes: .*val_annotations.txt lists no image of 'n02' \(2 of 3 missing\)$"),
+    ({}, "val_0.JPEG n01\n", r"val_annotations.txt line 1: expected '<file><TAB><class>...', got 'val_0.JPEG n01'$"),
+    ({}, "val_9.JPEG\tn01\n", r"val_annotations.txt line 1: no image .*val_9.JPEG$"),
+])
+def test_bad_tiny_imagenet_annotations_are_one_line_errors(tmp_path, listed, lines, message):
+    _tiny_imagenet(tmp_path, listed)
+    if lines is not None:
+        (tmp_path / "val" / "val_annotations.txt").write_text(lines)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="test")
 
 
 def test_imagefolder_flat_tree_has_no_test_part(tmp_path):
