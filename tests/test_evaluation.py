@@ -313,6 +313,29 @@ def test_several_eval_modes_in_one_run_give_what_each_gives_alone(trained, tmp_p
         np.testing.assert_array_equal(features[0][key], features[1][key])
 
 
+def test_linear_probe_reuses_the_runs_train_and_test_features(trained, tmp_path, capsys):
+    """With data.split=train and data.eval_split=test, --eval linear,knn extracts each split once: the
+    probe reads the features kNN extracted from the run's own sets, and scores what it scores when it
+    builds both splits itself."""
+    import shutil
+
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    shutil.copy(trained / "last.pt", tmp_path / "last.pt")
+    args = [str(DEMO), *SMALL, "eval.knn_k=20", "eval.linear_epochs=20"]
+    capsys.readouterr()
+    results = launcher.main([*args, "data.split=train", "data.eval_split=test", "--eval", "linear,knn",
+                             "--checkpoint", str(tmp_path / "last.pt")])
+    extractions = [line for line in capsys.readouterr().err.splitlines() if " utils.trainer: extracted " in line]
+    assert len(extractions) == 2  # the train split and the test split, 640 rows each
+    assert (results["linear"]["train_rows"], results["linear"]["test_rows"]) == (640, 640)
+    # The default split (train+test) is neither probe split: the probe builds both, as it always did.
+    built = launcher.main([*args, "--eval", "linear", "--checkpoint", str(tmp_path / "last.pt")])
+    assert built["protocol"] == results["linear"]["protocol"] == "train/test"
+    assert built["linear_acc"] == results["linear"]["linear_acc"]
+
+
 def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
     """--eval knn,assign,features under torchrun (2 ranks): each mode's numbers, clusters and gathered
     features are the one-process run's."""

@@ -525,13 +525,12 @@ class Trainer:
     def linear_evaluate(self) -> dict[str, Any]:
         """Linear probe on frozen `eval.linear_features`: trained on the train split's labels, top-1 on the
         test split; a seeded 80/20 split of the train split when the dataset has no test split."""
-        from data.datasets import build_dataset
         from utils.evaluation import linear_probe
 
         e = self.cfg.eval
-        train = build_dataset(self.cfg.data, split="train")
+        train = self._dataset_of_split("train")
         try:
-            test = build_dataset(self.cfg.data, split="test")
+            test = self._dataset_of_split("test")
             protocol = "train/test"
         except ValueError:  # e.g. mnist_5k: training images only
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.cfg.run.seed))
@@ -553,6 +552,19 @@ class Trainer:
                  time.perf_counter() - start)
         return {"linear_acc": acc, "protocol": protocol, "features": e.linear_features,
                 "augment": e.linear_augment, "train_rows": len(train), "test_rows": len(test)}
+
+    def _dataset_of_split(self, split: str):
+        """The images of `split` (train | test): the run's training or evaluation set when it holds exactly
+        that split's rows, so that features another mode extracted at this step are reused (on
+        ImageNet-size data a pass takes minutes); otherwise built."""
+        from data.datasets import build_dataset
+
+        data_cfg = self.cfg.data
+        if data_cfg.split == split and not data_cfg.stl10_unlabeled:
+            return self.train_data
+        if data_cfg.resolved_eval_split == split:
+            return self.eval_data
+        return build_dataset(data_cfg, split=split)
 
     def _augmented_features(self, data, kind: str):
         """epoch -> (features, labels) of the labelled rows of `data` under the training augmentation
