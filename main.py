@@ -380,7 +380,8 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
     from utils import distributed as du
-    from utils.assignments import format_cluster_sizes, write_cluster_assignments
+    from utils.assignments import class_matching, format_cluster_sizes, write_cluster_assignments
+    from utils.checkpoint import write_text_atomic
     from utils.stop import EXIT_STOPPED
 
     dist_info = start_distributed(cfg)
@@ -400,10 +401,18 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
         raise SystemExit(EXIT_STOPPED)
     metrics = result.metrics
     clusters = None
+    written = ""  # the final line's list of the per-image and per-class files
     if trainer.last_clusters is not None:  # this process evaluated the final model (not a finished run resumed)
         clusters = run_dir / "clusters.csv"
+        written = str(clusters)
+        # The confusion of the final clusters with the classes (None on unlabeled images): which classes
+        # the run merged, without a second pass through --eval.
+        matching = class_matching(trainer.last_clusters, datasets.eval, trainer.last_num_clusters)
         if dist_info.is_main:  # rank 0 only
             write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
+            if matching is not None:
+                write_text_atomic(run_dir / "class_matching.json", json.dumps(matching, indent=2) + "\n")
+                written += f", {run_dir / 'class_matching.json'}"
     if dist_info.is_main and (metrics or clusters):  # rank 0 only: the one-line summary a researcher greps for
         if metrics:
             scores = f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}"
@@ -411,7 +420,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
             scores = "no labels to score" + (f" ({format_cluster_sizes(trainer.last_cluster_sizes)})"
                                              if trainer.last_cluster_sizes else "")
         print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): {scores}"
-              + (f"; clusters -> {clusters}" if clusters else ""), flush=True)
+              + (f"; clusters -> {written}" if clusters else ""), flush=True)
     du.cleanup_distributed()
     return metrics
 

@@ -167,16 +167,9 @@ def test_eval_only_run_writes_json_and_leaves_the_checkpoint_alone(trained, mode
         from tests.test_train import sizes_of_clusters
 
         assert written["cluster_sizes"] == pytest.approx(sizes_of_clusters(rows, 10))
-        # The confusion counted from the CSV; the matched cells are what ACC scores.
-        matching = written["class_matching"]
-        confusion = [[0] * 10 for _ in range(10)]
-        for r in rows:
-            confusion[int(r["label"])][int(r["cluster"])] += 1
-        assert matching["confusion"] == confusion and len(matching["class_names"]) == 10
-        assert sorted(matching["cluster_class"]) == list(range(10))  # K = C: a one-to-one map
-        matched = {cls: confusion[cls][cluster] for cluster, cls in enumerate(matching["cluster_class"])}
-        assert sum(matched.values()) / 640 == pytest.approx(written["acc"], abs=1e-12)
-        assert matching["class_accuracy"] == pytest.approx([matched[c] / sum(confusion[c]) for c in range(10)])
+        from tests.test_train import assert_matching_of_clusters
+
+        assert_matching_of_clusters(written["class_matching"], rows, written["acc"], 10)
     if mode == "assign":  # the checkpoint's own k-means clusters: the training run's clusters.csv, not a new fit
         from tests.test_train import read_clusters
 

@@ -70,6 +70,19 @@ def sizes_of_clusters(rows: list[dict[str, str]], num_clusters: int) -> dict[str
             "smallest_cluster_fraction": 0.0 if empty else min(counts.values()) / len(rows)}
 
 
+def assert_matching_of_clusters(matching: dict, rows: list[dict[str, str]], acc: float, num_classes: int) -> None:
+    """`matching` (utils.assignments.class_matching) is the confusion counted from the CSV's (label,
+    cluster) columns, with K = C clusters mapped one-to-one, and its matched cells are what ACC scored."""
+    confusion = [[0] * num_classes for _ in range(num_classes)]
+    for r in rows:
+        confusion[int(r["label"])][int(r["cluster"])] += 1
+    assert matching["confusion"] == confusion and len(matching["class_names"]) == num_classes
+    assert sorted(matching["cluster_class"]) == list(range(num_classes))  # K = C: a one-to-one map
+    matched = {cls: confusion[cls][cluster] for cluster, cls in enumerate(matching["cluster_class"])}
+    assert sum(matched.values()) / len(rows) == pytest.approx(acc, abs=1e-12)
+    assert matching["class_accuracy"] == pytest.approx([matched[c] / sum(confusion[c]) for c in range(num_classes)])
+
+
 def logged_sizes(record: dict) -> dict[str, float]:
     return {k: record[f"eval/{k}"] for k in ("empty_clusters", "largest_cluster_fraction", "smallest_cluster_fraction")}
 
@@ -80,12 +93,16 @@ def test_demo_config_end_to_end_at_reduced_size(tmp_path, capsys):
     assert set(metrics) == {"nmi", "acc", "ari"} and all(0.0 <= v <= 1.0 for v in metrics.values())
     out = capsys.readouterr().out
     assert f"ACC {metrics['acc']:.4f}" in out and "NMI" in out and "ARI" in out
-    assert f"clusters -> {run_dir / 'clusters.csv'}" in out
+    assert f"clusters -> {run_dir / 'clusters.csv'}, {run_dir / 'class_matching.json'}" in out
     rows = read_clusters(run_dir / "clusters.csv")  # the final read-out of every image, in dataset order
     assert [r["index"] for r in rows] == [str(i) for i in range(640)] and "file" not in rows[0]
     labels = np.load(SHARED_DATA / "mnist.npz")["y_train"][:640]
     assert [int(r["label"]) for r in rows] == labels.tolist()
     assert_scores_match_clusters(rows, metrics)
+    # which digits the final clusters merged: the confusion of the same read-out
+    matching = json.loads((run_dir / "class_matching.json").read_text())
+    assert matching["class_names"] == [str(d) for d in range(10)]
+    assert_matching_of_clusters(matching, rows, metrics["acc"], 10)
     assert (run_dir / "config.yml").is_file() and (run_dir / "train.log").is_file()
     evals = [r for r in records(run_dir) if "eval/acc" in r]
     assert [r["epoch"] for r in evals] == [0, 1]
@@ -274,6 +291,9 @@ def test_an_unlabeled_image_folder_is_clustered_as_its_labelled_copy(tmp_path, c
     # The labels play no part in training: the same images in the same order give the same clusters,
     # and those score as the labelled run reported.
     assert [r["cluster"] for r in unlabeled_rows] == [r["cluster"] for r in labelled_rows]
+    assert not (tmp_path / "flat" / "class_matching.json").exists()  # no classes to match clusters to
+    assert_matching_of_clusters(json.loads((tmp_path / "classes" / "class_matching.json").read_text()),
+                                labelled_rows, labelled["acc"], 10)
     assert len({r["cluster"] for r in unlabeled_rows}) > 1
     assert_scores_match_clusters([{**r, "label": str(y)} for r, y in zip(unlabeled_rows, labels)], labelled)
     # --eval cluster of the checkpoint writes the same clusters beside it.
