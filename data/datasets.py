@@ -170,6 +170,10 @@ def _missing(name: str, path: Path, hint: str) -> FileNotFoundError:
     return FileNotFoundError(f"{name}: {path} not found; {hint}")
 
 
+# data.download fetches a folder only when it is absent, so an incomplete one has to go first.
+REFETCH_HINT = "the folder is incomplete; delete it and set data.download=true to fetch it again"
+
+
 def _no_download(name: str, cfg: DataConfig, source: str) -> None:
     """data.download=true on a dataset that never downloads would be silently ignored: refuse it."""
     if cfg.download:
@@ -401,7 +405,7 @@ def _build_cifar10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     for part in parts:
         for file in files[part]:
             if not (base / file).is_file():
-                raise _missing("cifar10", base / file, "the folder is incomplete; set data.download=true")
+                raise _missing("cifar10", base / file, REFETCH_HINT)
             batches.append(_read_pickle(base / file))
     meta = _read_pickle(base / "batches.meta") if (base / "batches.meta").is_file() else {}
     names = list(meta.get("label_names", [str(i) for i in range(10)]))
@@ -423,7 +427,7 @@ def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     batches = []
     for part in parts:
         if not (base / part).is_file():
-            raise _missing("cifar100", base / part, "the folder is incomplete; set data.download=true")
+            raise _missing("cifar100", base / part, REFETCH_HINT)
         batches.append(_read_pickle(base / part))
     meta = _read_pickle(base / "meta") if (base / "meta").is_file() else {}
     fine = np.concatenate([np.asarray(b["fine_labels"], dtype=np.int64) for b in batches])
@@ -465,20 +469,27 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     for part in parts:
         x_path = base / f"{part}_X.bin"
         if not x_path.is_file():
-            raise _missing("stl10", x_path, "the folder is incomplete; set data.download=true")
+            raise _missing("stl10", x_path, REFETCH_HINT)
         pixels = np.fromfile(x_path, dtype=np.uint8)
         if pixels.size % (3 * 96 * 96):
             raise ValueError(f"stl10: {x_path} is not a whole number of 3x96x96 images")
         pixels = pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        count = len(pixels)
         if cfg.limit:
             pixels = pixels[:cfg.limit]
         images.append(np.ascontiguousarray(pixels))
         if part == "unlabeled":
             labels.append(np.full(len(pixels), -1, dtype=np.int64))
             continue
-        y = np.fromfile(base / f"{part}_y.bin", dtype=np.uint8).astype(np.int64)
+        y_path = base / f"{part}_y.bin"
+        if not y_path.is_file():
+            raise _missing("stl10", y_path, REFETCH_HINT)
+        y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
+        if y.size != count:  # a truncated download: every later image would take another's label
+            raise ValueError(f"stl10: {y_path} holds {y.size} labels for the {count} images of {x_path}, "
+                             f"expected one per image; {REFETCH_HINT}")
         if y.size and (y.min() < 1 or y.max() > 10):
-            raise ValueError(f"stl10: {base / f'{part}_y.bin'} should hold 1-based labels 1..10")
+            raise ValueError(f"stl10: {y_path} should hold 1-based labels 1..10")
         labels.append(y[:len(pixels)] - 1)
     tensor = torch.from_numpy(np.concatenate(images))
     names_file = base / "class_names.txt"

@@ -3,6 +3,7 @@ the shared .npz arrays), or against tiny fakes written here in the real on-disk 
 import io
 import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,23 @@ def test_stl10_binaries(tmp_path):
     assert len(trained) == 7 and trained.labels[5:].tolist() == [-1, -1]
     assert torch.equal(trained.images[:5], evaluated.images)  # labeled rows first, at the same positions
     assert np.array_equal(trained.images[5:].permute(0, 2, 3, 1).numpy(), written["unlabeled"][0])
+
+
+def test_stl10_label_files_must_hold_one_label_per_image(tmp_path):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    np.zeros((3, 3, 96, 96), dtype=np.uint8).tofile(base / "train_X.bin")
+    cfg = DataConfig(name="stl10", root=str(tmp_path), split="train")
+    with pytest.raises(FileNotFoundError, match=r"stl10: .*train_y\.bin not found; the folder is incomplete; del"):
+        build_train_dataset(cfg)
+    np.array([1, 2], dtype=np.uint8).tofile(base / "train_y.bin")  # a truncated label file
+    message = r"stl10: .*train_y\.bin holds 2 labels for the 3 images of .*train_X\.bin, expected one per image"
+    with pytest.raises(ValueError, match=message):
+        build_train_dataset(cfg)
+    with pytest.raises(ValueError, match=message):  # also when data.limit reads fewer rows than either file holds
+        build_train_dataset(replace(cfg, limit=2))
+    np.array([1, 2, 3], dtype=np.uint8).tofile(base / "train_y.bin")
+    assert build_train_dataset(replace(cfg, limit=2)).labels.tolist() == [0, 1]
 
 
 def _write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> None:
