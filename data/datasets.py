@@ -386,7 +386,9 @@ def _cifar_folder(cfg: DataConfig, root: Path, folder: str, name: str, download_
         raise _missing(name, base, f"set data.download=true, or data.root=<folder holding {folder}>")
     import torchvision.datasets
 
-    getattr(torchvision.datasets, download_cls)(str(root), train=True, download=True)
+    # torchvision creates <folder> inside the directory it is given: base's parent, also when
+    # data.root names the folder itself.
+    getattr(torchvision.datasets, download_cls)(str(base.parent), train=True, download=True)
     return base
 
 
@@ -464,7 +466,7 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
             raise _missing("stl10", base, "set data.download=true, or data.root=<folder holding stl10_binary>")
         from torchvision.datasets import STL10
 
-        STL10(str(root), split="train", download=True)
+        STL10(str(base.parent), split="train", download=True)  # it creates stl10_binary there, as for CIFAR
     images, labels = [], []
     for part in parts:
         x_path = base / f"{part}_X.bin"

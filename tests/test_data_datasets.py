@@ -274,6 +274,47 @@ def test_cifar100_pickles_coarse_and_fine(tmp_path):
     assert fine.class_names == CIFAR100_FINE_NAMES
 
 
+@pytest.mark.parametrize("named", ["parent", "folder itself"])
+def test_download_creates_the_folder_data_root_names(tmp_path, monkeypatch, named):
+    """data.root may be the folder holding cifar-100-python or that folder: the download (a double of
+    torchvision's class, which creates the folder inside the directory it is given) lands where the
+    builder then reads."""
+    import torchvision.datasets
+
+    calls = []
+
+    def fake_cifar100(root, train, download):
+        calls.append((root, train, download))
+        parts.update(_fake_cifar100(Path(root), np.random.default_rng(3)))
+
+    parts: dict = {}
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake_cifar100)
+    root = tmp_path / "data" if named == "parent" else tmp_path / "data" / "cifar-100-python"
+    data = build_dataset(DataConfig(name="cifar100", root=str(root), download=True), split="train")
+    assert calls == [(str(tmp_path / "data"), True, True)]
+    assert data.labels.tolist() == parts["train"][2]
+    build_dataset(DataConfig(name="cifar100", root=str(root), download=True), split="train")
+    assert len(calls) == 1  # a folder already there is read, not fetched again
+
+
+def test_stl10_download_creates_the_folder_data_root_names(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    def fake_stl10(root, split, download):
+        calls.append(root)
+        base = Path(root) / "stl10_binary"
+        base.mkdir(parents=True)
+        np.zeros((2, 3, 96, 96), dtype=np.uint8).tofile(base / "train_X.bin")
+        np.array([3, 1], dtype=np.uint8).tofile(base / "train_y.bin")
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", fake_stl10)
+    root = tmp_path / "data" / "stl10_binary"
+    data = build_dataset(DataConfig(name="stl10", root=str(root), download=True), split="train")
+    assert calls == [str(tmp_path / "data")] and data.labels.tolist() == [2, 0]
+
+
 def test_cifar100_coarse_labels_disagreeing_with_the_table_are_an_error(tmp_path):
     _fake_cifar100(tmp_path, np.random.default_rng(2), coarse_of=lambda fine: fine % 20)
     with pytest.raises(ValueError, match=r"cifar100: .* the superclass table says"):
