@@ -661,19 +661,23 @@ def _listed_class_files(folder: Path, classes: list[str], every_class: bool):
 
 
 def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:
-    """Decode one file to (C, S, S) uint8: shorter side resized to S (antialiased), centre crop."""
+    """Decode one file to (C, S, S) uint8: shorter side resized to S (antialiased), centre crop.
+    A file Pillow cannot decode (truncated, not an image, gone) is a ValueError naming it."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        width, height = image.size
-        scale = image_size / min(width, height)
-        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        array = np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            width, height = image.size
+            scale = image_size / min(width, height)
+            size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+            if size != image.size:
+                image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+            left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+            image = image.crop((left, top, left + image_size, top + image_size))
+            array = np.asarray(image)
+    except (OSError, SyntaxError) as exc:  # Pillow's errors; a truncated JPEG's message names no file
+        raise ValueError(f"{path}: not a readable image ({exc}); remove or replace the file") from exc
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 

@@ -2,6 +2,7 @@
 the shared .npz arrays), or against tiny fakes written here in the real on-disk formats."""
 import io
 import pickle
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from data.config import DataConfig
 from data.datasets import (CIFAR10_STATS, CIFAR100_FINE_TO_COARSE, CIFAR100_SUPERCLASSES, DATASETS, MNIST_STATS,
                            ImageData, build_dataset, build_eval_dataset, build_train_dataset, channel_stats,
-                           class_balanced_rows)
+                           class_balanced_rows, load_image_file)
 
 # The official CIFAR-100 page's superclass listing, by fine-label name (independent of the id table).
 CIFAR100_FINE_NAMES = (
@@ -365,6 +366,23 @@ def test_stl10_label_files_must_hold_one_label_per_image(tmp_path):
 def _write_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
+
+
+def test_an_undecodable_file_is_an_error_naming_it(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(good)
+    assert load_image_file(str(good), image_size=16, channels=3).shape == (3, 16, 16)
+    data = good.read_bytes()
+    cases = {"truncated.jpg": (data[: len(data) // 2], r"[Tt]runcated"),
+             "text.png": (b"not an image", r"cannot identify image file")}
+    for name, (content, cause) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    cases["gone.jpg"] = (None, r"No such file")
+    for name, (_, cause) in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^{re.escape(path)}: not a readable image \([^\n]*{cause}[^\n]*\); "
+                                             r"remove or replace the file$"):
+            load_image_file(path, image_size=16, channels=3)
 
 
 def test_imagefolder_split_tree_with_class_selection(tmp_path):

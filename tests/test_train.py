@@ -1,5 +1,6 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import csv
+import io
 import json
 import math
 import re
@@ -397,6 +398,24 @@ def test_a_pcl_checkpoint_assigns_fewer_images_than_its_levels_have_clusters(tmp
 
 NO_K = (r"^error: cluster.num_clusters: the training data have no classes to take the number of clusters from "
         r"\(flat is unlabeled\); set cluster.num_clusters=K$")
+
+
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, digit_folders):
+    """A truncated file in a folder the device loader decodes up front: the error names the file
+    (Pillow's own message does not) and the run directory is not left behind."""
+    tree = tmp_path / "classes"
+    shutil.copytree(digit_folders[1], tree)
+    broken = sorted((tree / "3").iterdir())[2]
+    buffer = io.BytesIO()
+    Image.open(broken).save(buffer, "JPEG")
+    broken.unlink()
+    broken = broken.with_suffix(".jpg")
+    broken.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(broken))}: not a readable image \([^\n]*"
+                                         r"[Tt]runcated[^\n]*\); remove or replace the file$"):
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=b", *FOLDER_RUN,
+                       f"data.root={tree}", "data.loader=device"])
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("config, overrides, message", [
