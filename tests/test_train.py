@@ -578,6 +578,8 @@ def test_two_process_training_run(two_process_run):
     assert len(rows) == 640
     assert_scores_match_clusters(rows, {k: final[f"eval/{k}"] for k in ("nmi", "ari")})
     assert logged_sizes(final) == pytest.approx(sizes_of_clusters(rows, 10))
+    assert proc.stdout.count("class_matching.json") == 1  # written and named by rank 0 alone
+    assert_matching_of_clusters(json.loads((run_dir / "class_matching.json").read_text()), rows, final["eval/acc"], 10)
     assert "Warning" not in proc.stderr  # e.g. DDP's broadcast_buffers deprecation, once per rank and stage
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20
