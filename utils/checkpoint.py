@@ -66,10 +66,15 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file (resolved config, evaluation results) atomically: a temporary file in
-    the same folder, then os.replace, so a reader never sees half a file."""
+    the same folder, then os.replace, so a reader never sees half a file. A failed write (a full disk)
+    leaves the old file and no temporary one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
