@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from data.datasets import ImageData
-from utils.checkpoint import write_text_atomic
+from utils.checkpoint import write_file_atomic, write_text_atomic
 
 
 def write_cluster_assignments(path: Path, clusters: torch.Tensor, data: ImageData) -> None:
@@ -70,10 +70,8 @@ def write_features(path: Path, features: torch.Tensor, data: ImageData, kind: st
               "kind": np.array(kind)}
     if data.files is not None:
         arrays["files"] = np.array(data.files)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, **arrays)
-    tmp.replace(path)
+    # to a file object: np.savez would append ".npz" to a name
+    write_file_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def class_matching(clusters: torch.Tensor, data: ImageData, num_clusters: int) -> dict | None:

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -64,17 +64,23 @@ def gather_rng_states() -> list[dict[str, Any]]:
     return out
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file (resolved config, evaluation results) atomically: a temporary file in
-    the same folder, then os.replace, so a reader never sees half a file. A failed write (a full disk)
-    leaves the old file and no temporary one."""
+def write_file_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
+    """Write a file through `write(f)` atomically: a temporary file in the same folder, then
+    os.replace, so a reader never sees half a file. A failed write (a full disk) leaves the old file
+    and no temporary one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (resolved config, evaluation results) with `write_file_atomic`."""
+    write_file_atomic(path, lambda f: f.write(text))
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
