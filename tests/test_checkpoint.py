@@ -19,8 +19,8 @@ def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_a_failed_features_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    data = ImageData(name="toy", labels=torch.tensor([0, 1, -1]), num_classes=2, class_names=["a", "b"],
-                     mean=(0.5,), std=(0.2,), channels=1, image_size=2, images=torch.zeros(3, 1, 2, 2, dtype=torch.uint8))
+    data = ImageData(name="toy", labels=torch.tensor([0, 1, -1]), num_classes=2, class_names=["a", "b"], mean=(0.5,),
+                     std=(0.2,), channels=1, image_size=2, images=torch.zeros(3, 1, 2, 2, dtype=torch.uint8))
     path = tmp_path / "last.features.npz"
     write_features(path, torch.ones(3, 4), data, "backbone")
 
