@@ -400,27 +400,25 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
         du.cleanup_distributed()
         raise SystemExit(EXIT_STOPPED)
     metrics = result.metrics
-    clusters = None
-    written = ""  # the final line's list of the per-image and per-class files
-    if trainer.last_clusters is not None:  # this process evaluated the final model (not a finished run resumed)
-        clusters = run_dir / "clusters.csv"
-        written = str(clusters)
+    written: list[Path] = []  # the per-image and per-class files of the final read-out
+    # rank 0 only, when this process evaluated the final model (not a finished run resumed)
+    if trainer.last_clusters is not None and dist_info.is_main:
+        written.append(run_dir / "clusters.csv")
+        write_cluster_assignments(written[-1], trainer.last_clusters, datasets.eval)
         # The confusion of the final clusters with the classes (None on unlabeled images): which classes
         # the run merged, without a second pass through --eval.
         matching = class_matching(trainer.last_clusters, datasets.eval, trainer.last_num_clusters)
-        if dist_info.is_main:  # rank 0 only
-            write_cluster_assignments(clusters, trainer.last_clusters, datasets.eval)
-            if matching is not None:
-                write_text_atomic(run_dir / "class_matching.json", json.dumps(matching, indent=2) + "\n")
-                written += f", {run_dir / 'class_matching.json'}"
-    if dist_info.is_main and (metrics or clusters):  # rank 0 only: the one-line summary a researcher greps for
+        if matching is not None:
+            written.append(run_dir / "class_matching.json")
+            write_text_atomic(written[-1], json.dumps(matching, indent=2) + "\n")
+    if dist_info.is_main and (metrics or written):  # rank 0 only: the one-line summary a researcher greps for
         if metrics:
             scores = f"NMI {metrics['nmi']:.4f}  ACC {metrics['acc']:.4f}  ARI {metrics['ari']:.4f}"
         else:  # unlabeled images: how they spread over the clusters is all there is to say
             scores = "no labels to score" + (f" ({format_cluster_sizes(trainer.last_cluster_sizes)})"
                                              if trainer.last_cluster_sizes else "")
         print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): {scores}"
-              + (f"; clusters -> {written}" if clusters else ""), flush=True)
+              + (f"; clusters -> {', '.join(map(str, written))}" if written else ""), flush=True)
     du.cleanup_distributed()
     return metrics
 

@@ -65,14 +65,16 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 
 def write_file_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
-    """Write a file through `write(f)` atomically: a temporary file in the same folder, then
-    os.replace, so a reader never sees half a file. A failed write (a full disk) leaves the old file
-    and no temporary one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a file through `write(f)` atomically: a hidden temporary file in the same folder, fsync,
+    then os.replace, so a reader never sees half a file and a crash never leaves a truncated one. A
+    failed write (a full disk) leaves the old file and no temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
-        tmp.replace(path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -84,21 +86,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace."""
+    """Write `state` with `write_file_atomic`, once it holds every key of the checkpoint contract."""
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise ValueError(f"checkpoint for {path} lacks keys {missing}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_file_atomic(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
