@@ -208,6 +208,7 @@ def run_evaluation(cfg, modes: tuple[str, ...], checkpoint: Path) -> dict:
     CHECKPOINT.eval_MODE.json for each. Every precondition of every mode is checked before the first
     runs; the modes share one model and its extracted features. Returns the results of the one mode,
     or {mode: results} for several."""
+    from data.datasets import UnreadableImageError
     from utils import distributed as du
     from utils.logger import setup_logging
 
@@ -232,7 +233,10 @@ def run_evaluation(cfg, modes: tuple[str, ...], checkpoint: Path) -> dict:
         raise SystemExit(f"error: --eval assign: {checkpoint} has no k-means read-out to assign to (a checkpoint "
                          "keeps the one fitted with its weights: use best.pt, or a last.pt saved at an "
                          "evaluation; --eval cluster fits k-means again)")
-    results = {mode: evaluate_checkpoint(cfg, mode, trainer, weights, datasets.eval) for mode in modes}
+    try:
+        results = {mode: evaluate_checkpoint(cfg, mode, trainer, weights, datasets.eval) for mode in modes}
+    except UnreadableImageError as exc:  # the images are decoded as the passes reach them
+        raise SystemExit(f"error: {exc.one_line}") from None
     du.cleanup_distributed()
     return results[modes[0]] if len(modes) == 1 else results
 
@@ -381,7 +385,9 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
     from utils import distributed as du
     from utils.assignments import class_matching, format_cluster_sizes, write_cluster_assignments
+    from data.datasets import UnreadableImageError
     from utils.checkpoint import write_text_atomic
+    from utils.logger import setup_logging
     from utils.stop import EXIT_STOPPED
 
     dist_info = start_distributed(cfg)
@@ -389,7 +395,15 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
     trainer, writer = set_up_run(cfg, dist_info, run_dir, datasets, resume_point, resume=args.resume)
-    result = trainer.fit(should_stop=stop)
+    try:
+        result = trainer.fit(should_stop=stop)
+    except UnreadableImageError as exc:  # decoded when a batch or feature pass needs it, mid-run
+        message = f"{exc.one_line}, then continue the run with --resume auto"
+        log.error("%s", message)  # train.log says why the run ended; its checkpoints are as they were
+        if writer is not None:
+            writer.close()
+        setup_logging(dist_info.rank, None)  # let go of train.log
+        raise SystemExit(f"error: {message}") from None
     if writer is not None:
         writer.close()
     if result.stopped_on_request:

@@ -547,10 +547,7 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         raise FileNotFoundError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     image_size = cfg.image_size
     if not image_size:
-        from PIL import Image
-
-        with Image.open(files[0]) as first:
-            image_size = min(first.size)
+        image_size = min(read_image_file(files[0], "RGB").size)
     return ImageData(name=root.name, labels=torch.tensor(labels, dtype=torch.long), num_classes=len(classes),
                      class_names=classes, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1], channels=3,
                      image_size=image_size, files=files)
@@ -660,24 +657,46 @@ def _listed_class_files(folder: Path, classes: list[str], every_class: bool):
         yield sorted(found)
 
 
-def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:
-    """Decode one file to (C, S, S) uint8: shorter side resized to S (antialiased), centre crop.
-    A file Pillow cannot decode (truncated, not an image, gone) is a ValueError naming it."""
+class UnreadableImageError(ValueError):
+    """An image file Pillow cannot decode (truncated, not an image, gone), named in the message.
+
+    A DataLoader worker's exception reaches the main process re-raised as the same type, with the
+    worker's whole traceback as its message; `one_line` is the original message either way."""
+
+    @property
+    def one_line(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        if "Original Traceback" not in text:
+            return text
+        last = text.rstrip().splitlines()[-1]   # "data.datasets.UnreadableImageError: <the message>"
+        return last.split(": ", 1)[1] if ": " in last else last
+
+
+def read_image_file(path: str, mode: str):
+    """The decoded PIL image at `path` in `mode` ("L" or "RGB"); an UnreadableImageError names a file
+    Pillow cannot decode (its own message for a truncated JPEG names none)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            width, height = image.size
-            scale = image_size / min(width, height)
-            size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-            if size != image.size:
-                image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-            left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-            image = image.crop((left, top, left + image_size, top + image_size))
-            array = np.asarray(image)
-    except (OSError, SyntaxError) as exc:  # Pillow's errors; a truncated JPEG's message names no file
-        raise ValueError(f"{path}: not a readable image ({exc}); remove or replace the file") from exc
+            return image.convert(mode)  # decodes every pixel now, inside the try
+    except (OSError, SyntaxError) as exc:  # Pillow's errors
+        raise UnreadableImageError(f"{path}: not a readable image ({exc}); remove or replace the file") from exc
+
+
+def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tensor:
+    """Decode one file to (C, S, S) uint8: shorter side resized to S (antialiased), centre crop.
+    A file Pillow cannot decode is an UnreadableImageError naming it."""
+    from PIL import Image
+
+    image = read_image_file(path, "L" if channels == 1 else "RGB")
+    width, height = image.size
+    scale = image_size / min(width, height)
+    size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    array = np.asarray(image.crop((left, top, left + image_size, top + image_size)))
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 

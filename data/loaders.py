@@ -28,7 +28,7 @@ import torch
 
 from data.augment import BatchAugment, EvalTransform, build_batch_augments, build_sample_transform
 from data.config import AugmentConfig
-from data.datasets import ImageData, decode_files, load_image_file
+from data.datasets import ImageData, decode_files, load_image_file, read_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +196,7 @@ class _ViewsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, sample_seed = key
-        if self.images is not None:
-            image = self.images[index]
-        else:
-            from PIL import Image
-
-            with Image.open(self.files[index]) as file:
-                image = file.convert(self.mode)
+        image = self.images[index] if self.images is not None else read_image_file(self.files[index], self.mode)
         if torch.utils.data.get_worker_info() is None:  # in the main process: leave its RNG alone
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)

@@ -385,6 +385,20 @@ def test_an_undecodable_file_is_an_error_naming_it(tmp_path):
             load_image_file(path, image_size=16, channels=3)
 
 
+def test_native_size_from_an_undecodable_first_file_is_an_error_naming_it(tmp_path):
+    """data.image_size=0 takes the size from the first file, which is then decoded: one that is not an
+    image is the same one-line ValueError as at training, not Pillow's traceback."""
+    _write_png(tmp_path / "b" / "0.png", (0, 0, 255))
+    first = tmp_path / "a" / "0.png"
+    first.parent.mkdir()
+    first.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(first))}: not a readable image \([^\n]*"
+                                         r"cannot identify image file[^\n]*\); remove or replace the file$"):
+        build_train_dataset(DataConfig(name="imagefolder", root=str(tmp_path)))
+    _write_png(first, (255, 0, 0), size=(12, 9))
+    assert build_train_dataset(DataConfig(name="imagefolder", root=str(tmp_path))).image_size == 9
+
+
 def test_imagefolder_split_tree_with_class_selection(tmp_path):
     colours = {"cat": (255, 0, 0), "dog": (0, 255, 0), "owl": (0, 0, 255)}
     for part, count in (("train", 3), ("val", 2)):

@@ -400,22 +400,66 @@ NO_K = (r"^error: cluster.num_clusters: the training data have no classes to tak
         r"\(flat is unlabeled\); set cluster.num_clusters=K$")
 
 
-def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, digit_folders):
-    """A truncated file in a folder the device loader decodes up front: the error names the file
-    (Pillow's own message does not) and the run directory is not left behind."""
-    tree = tmp_path / "classes"
-    shutil.copytree(digit_folders[1], tree)
+def _truncate_one_image(tree: Path) -> Path:
+    """Replace one image of `tree`/3 by the first half of its JPEG encoding; the new file's path."""
     broken = sorted((tree / "3").iterdir())[2]
     buffer = io.BytesIO()
     Image.open(broken).save(buffer, "JPEG")
     broken.unlink()
     broken = broken.with_suffix(".jpg")
     broken.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return broken
+
+
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, digit_folders):
+    """A truncated file in a folder the device loader decodes up front: the error names the file
+    (Pillow's own message does not) and the run directory is not left behind."""
+    tree = tmp_path / "classes"
+    shutil.copytree(digit_folders[1], tree)
+    broken = _truncate_one_image(tree)
     with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(broken))}: not a readable image \([^\n]*"
                                          r"[Tt]runcated[^\n]*\); remove or replace the file$"):
         launcher.main([str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=b", *FOLDER_RUN,
                        f"data.root={tree}", "data.loader=device"])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("pass_overrides", [
+    pytest.param(["method.warmup_epochs=2", "eval.every_epochs=2"], id="training-batch"),
+    pytest.param([], id="feature-pass"),  # epoch 1 starts with k-means of every image's features
+])
+def test_an_unreadable_image_met_while_training_is_a_one_line_error_and_the_run_continues(tmp_path, digit_folders,
+                                                                                         pass_overrides, workers):
+    """The workers loader decodes files only when a batch or a feature pass needs them: a file that
+    breaks in the middle of a run (here after epoch 0's checkpoint) ends it with one line naming the
+    file, raised in the main process or re-raised from a DataLoader worker. The checkpoint is left as
+    it was, and once the file is replaced the run continues from it to its end."""
+    tree = tmp_path / "classes"
+    shutil.copytree(digit_folders[1], tree)
+    run = [str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=r", *FOLDER_RUN, *pass_overrides,
+           f"data.root={tree}", "data.loader=workers", f"data.num_workers={workers}"]
+    launcher.main([*run, "train.epochs=1"])
+    last = tmp_path / "runs" / "r" / "last.pt"
+    saved = last.read_bytes()
+    original = sorted((tree / "3").iterdir())[2]
+    kept = original.read_bytes()
+    broken = _truncate_one_image(tree)
+    with pytest.raises(SystemExit) as raised:
+        launcher.main([*run, "--resume", "auto"])
+    assert re.fullmatch(rf"error: {re.escape(str(broken))}: not a readable image \([^\n]*[Tt]runcated[^\n]*\); "
+                        r"remove or replace the file, then continue the run with --resume auto", str(raised.value.code))
+    assert last.read_bytes() == saved
+    broken.unlink()
+    original.write_bytes(kept)
+    assert set(launcher.main([*run, "--resume", "auto"])) >= {"nmi", "acc", "ari"}
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
+    broken = _truncate_one_image(tree)  # --eval decodes the files as its passes reach them, too
+    with pytest.raises(SystemExit) as raised:
+        launcher.main([*run, "--eval", "cluster", "--checkpoint", str(last)])
+    assert re.fullmatch(rf"error: {re.escape(str(broken))}: not a readable image \([^\n]*[Tt]runcated[^\n]*\); "
+                        r"remove or replace the file", str(raised.value.code))
+    assert not last.with_suffix(".eval_cluster.json").exists()
 
 
 @pytest.mark.parametrize("config, overrides, message", [
