@@ -26,6 +26,32 @@ def train_step_signalling_after(global_step: int, rank: int | None = None):
     return train_step_then_signal
 
 
+def e_step_signalling_at_batch(batch: int, rank: int | None = None):
+    """A `Trainer.update_pseudo_labels` whose feature pass, right after its batch `batch` (from 0), makes
+    the process of `rank` (every rank when None) send itself SIGUSR1."""
+    update_pseudo_labels = Trainer.update_pseudo_labels
+
+    def update_then_signal(self, *args, **kwargs):
+        method, done = self.method, 0
+        eval_features = method.eval_features
+
+        def eval_features_then_signal(images, kind):
+            nonlocal done
+            features = eval_features(images, kind)
+            if done == batch and rank in (None, self.dist.rank):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            done += 1
+            return features
+
+        method.eval_features = eval_features_then_signal  # this instance only, for this E-step
+        try:
+            return update_pseudo_labels(self, *args, **kwargs)
+        finally:
+            del method.eval_features
+
+    return update_then_signal
+
+
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
     """The model tensors of the two runs' last.pt agree to float32 rounding."""
     a, b = (torch.load(run / "last.pt", weights_only=True)["model"] for run in (run_a, run_b))

@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import main as launcher
-from tests.stop_util import assert_same_weights, logged_steps, train_step_signalling_after
+from tests.stop_util import assert_same_weights, e_step_signalling_at_batch, logged_steps, train_step_signalling_after
 from utils.checkpoint import CHECKPOINT_KEYS
 from utils.stop import EXIT_STOPPED
 from utils.trainer import Trainer
@@ -227,6 +227,49 @@ def test_a_stop_signal_at_the_last_step_lets_the_run_finish(tmp_path, monkeypatc
     assert set(metrics) == {"nmi", "acc", "ari"}
     assert [r["epoch"] for r in records(tmp_path / "done") if "eval/acc" in r] == [0, 1]
     assert_same_weights(tmp_path / "done", straight_run)
+
+
+def test_a_stop_signal_during_the_e_step_saves_the_epoch_start_and_the_resumed_run_runs_it_again(
+        tmp_path, monkeypatch, digit_folders):
+    """SIGUSR1 after the first batch of epoch 1's feature pass (image files, whose DataLoader draws its
+    seed from the global RNG): the pass ends at its next batch and last.pt is epoch 1's start, with the
+    RNG state from before the pass. The resumed run ends with the uninterrupted run's weights and RNG."""
+    run = [str(DEMO), f"run.output_dir={tmp_path}", *FOLDER_RUN, f"data.root={digit_folders[1]}",
+           "eval.every_epochs=2", "cluster.extract_batch_size=32"]  # no evaluation's features for the E-step to reuse
+    launcher.main([*run, "run.name=straight"])
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "update_pseudo_labels", e_step_signalling_at_batch(0))
+        with pytest.raises(SystemExit) as exc:
+            launcher.main([*run, "run.name=stopped"])
+    assert exc.value.code == EXIT_STOPPED
+    state = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["global_step"]) == (1, 0, 5)
+    assert ("stop requested during the E-step of epoch 1 (stop requested at batch 1 of the feature pass)"
+            in (tmp_path / "stopped" / "train.log").read_text())
+    launcher.main([*run, "run.name=stopped", "--resume", "auto"])
+    assert_same_weights(tmp_path / "stopped", tmp_path / "straight")
+    straight, resumed = (torch.load(tmp_path / name / "last.pt", weights_only=True)["rng"][0]
+                         for name in ("straight", "stopped"))
+    assert torch.equal(straight["torch"], resumed["torch"])
+
+
+def test_a_stage_stopped_in_its_first_e_step_is_not_started_again_on_resume(tmp_path, monkeypatch):
+    """With the E-step at the stage's first step (no warm-up), a stop during it saves step 0 of the
+    stage; the resumed run must not run the method's one-time `start_stage` a second time."""
+    from models.propos import ProPos
+
+    started = []
+    monkeypatch.setattr(ProPos, "start_stage", lambda self, name, context: started.append(name))
+    run = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "method.warmup_epochs=0", "train.epochs=1",
+           "cluster.extract_batch_size=128"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "update_pseudo_labels", e_step_signalling_at_batch(1))
+        with pytest.raises(SystemExit, match=str(EXIT_STOPPED)):
+            launcher.main(run)
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["stage_started"]) == (0, 0, True) and started == ["train"]
+    launcher.main([*run, "--resume", "auto"])
+    assert started == ["train"]
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
@@ -645,6 +688,23 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, two_pro
     run_torchrun(REPO_ROOT / "main.py", *argv, "--resume", "auto", nproc=2)
     assert step_losses(tmp_path / "ddp", 1) == pytest.approx(step_losses(two_process_run[0], 1), rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "ddp", two_process_run[0])
+
+
+def test_a_stop_signal_to_one_rank_during_the_e_step_stops_both_at_the_same_batch(tmp_path):
+    # Only rank 1 gets SIGUSR1, after the first batch of its shard in epoch 1's feature pass: both ranks
+    # end the pass at the next batch and save epoch 1's start; the resumed run ends with the weights of
+    # the uninterrupted one.
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", *DDP, "eval.every_epochs=2", "cluster.extract_batch_size=128"]
+    run_torchrun(REPO_ROOT / "main.py", *argv, "run.name=straight", nproc=2)
+    stopped = [*argv, "run.name=stopped"]
+    proc = run_torchrun(SCRIPTS / "stop_one_rank.py", *stopped, nproc=2, check=False,
+                        env={"STOP_RANK": "1", "STOP_AT_FEATURE_BATCH": "0"})
+    assert proc.returncode != 0  # torchrun reports the workers' EXIT_STOPPED as a failure
+    assert "stopped by a signal to another rank at epoch 1, step 0 of 10" in proc.stderr
+    state = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["global_step"], len(state["rng"])) == (1, 0, 10, 2)
+    run_torchrun(REPO_ROOT / "main.py", *stopped, "--resume", "auto", nproc=2)
+    assert_same_weights(tmp_path / "stopped", tmp_path / "straight")
 
 
 # Every other single-stage method through the launcher: stopped after one epoch (MoCo, PCL and DEC/IDEC

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from utils import distributed as du
+from utils.stop import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -15,19 +16,29 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *, batch_size: int,
                      device: torch.device, amp_dtype: torch.dtype | None = None,
-                     num_workers: int = 0, normalize: bool = True) -> torch.Tensor:
+                     num_workers: int = 0, normalize: bool = True,
+                     should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Features (N, D) of every image of `data`, in dataset order, identical on every rank.
 
     Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform, normalised
     by the dataset statistics unless `normalize` is false, as `augment.normalize`); the shards are
     all-gathered into exactly N rows (no DistributedSampler padding duplicates).
+    With `should_stop`, every rank asks it before each batch and raises `StopRequested` at the first
+    batch where it is true on any rank (a collective check: all ranks stop at the same batch).
     """
-    from data.loaders import iterate_shard
+    from data.loaders import iterate_shard, shard_bounds
 
+    world_size = du.get_world_size()
+    # The checks are collectives, so every rank makes the same number: one per batch of the
+    # smallest shard (the last rank's); the other ranks' few extra batches go unchecked.
+    first, last = shard_bounds(len(data), world_size - 1, world_size)
+    checked_batches = 0 if should_stop is None else -(-(last - first) // batch_size)
     chunks = []
-    for images, _ in iterate_shard(data, batch_size=batch_size, device=device,
-                                   rank=du.get_rank(), world_size=du.get_world_size(),
-                                   num_workers=num_workers, normalize=normalize):
+    for batch, (images, _) in enumerate(iterate_shard(data, batch_size=batch_size, device=device,
+                                                      rank=du.get_rank(), world_size=world_size,
+                                                      num_workers=num_workers, normalize=normalize)):
+        if batch < checked_batches and du.any_rank([should_stop()], device)[0]:
+            raise StopRequested(f"stop requested at batch {batch} of the feature pass")
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             chunks.append(feature_fn(images).float())
     if chunks:

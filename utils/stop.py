@@ -11,7 +11,9 @@ The scripts in scripts/ ask SLURM for SIGUSR1 a few minutes before the time limi
 (torchrun forwards it with `--signals-to-handle`); DataLoader workers ignore it (data.loaders).
 SIGTERM and SIGINT keep their usual meaning, stop now: torchrun sends SIGTERM to the surviving
 workers when one of them fails, and those may be waiting in a collective that never returns.
-A request made during an E-step or an evaluation takes effect after it, at the next step.
+A request made during the feature pass of an E-step ends that pass at its next batch on every rank
+(`StopRequested`): last.pt keeps the epoch's start, and the resumed run runs the E-step again. A
+request during an evaluation or k-means takes effect after it, at the next step.
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from types import FrameType
 # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGUSR1,)
+
+
+class StopRequested(Exception):
+    """Raised on every rank at the same batch of a whole-dataset pass that was given the stop request
+    (utils.features.extract_features); the trainer saves and ends the run."""
 
 
 class StopOnSignal:

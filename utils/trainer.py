@@ -15,7 +15,9 @@ end the stage early (`stop_requested`, DEC's tol rule).
 A stop requested mid-epoch (`fit(should_stop)`: the launcher's SIGUSR1, utils/stop.py) ends the step
 in progress on every rank and saves the position inside the epoch too; so does `train.save_every_minutes`
 without stopping, so that a crash or a kill loses at most that much. The resumed run continues at the
-next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would.
+next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would. A stop
+requested during the E-step's feature pass ends the pass at its next batch (`StopRequested`) and saves
+the epoch's start, with the RNG state the E-step began with; the resumed run runs that E-step again.
 """
 from __future__ import annotations
 
@@ -33,12 +35,13 @@ from data.datasets import ImageData
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.assignments import cluster_size_stats, format_cluster_sizes
-from utils.checkpoint import (gather_rng_states, load_checkpoint, load_model_state, one_line, restore_rng_state,
-                              save_checkpoint)
+from utils.checkpoint import (capture_rng_state, gather_rng_states, load_checkpoint, load_model_state, one_line,
+                              restore_rng_state, save_checkpoint)
 from utils.config import Config
 from utils.features import assign_to_centroids, cluster_features, extract_features
 from utils.logger import MetricWriter
 from utils.optim import LRSchedule, build_optimizer
+from utils.stop import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,7 @@ class Trainer:
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
+        self.stage_started = False  # the method's `start_stage` ran for the current stage
         self.stage_stopped = False  # the method ended the current stage early
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
@@ -201,6 +205,7 @@ class Trainer:
 
     def _next_stage(self) -> None:
         self.stage_epoch, self.stage_start_step, self.stage_stopped = 0, self.global_step, False
+        self.stage_started = False
         if self.stage_index + 1 < len(self.stages):
             self._enter_stage(self.stage_index + 1)
         else:
@@ -224,6 +229,7 @@ class Trainer:
         context = StageContext(features=lambda kind: self._features(self.train_data, kind), cluster=self._cluster_fn(),
                                num_clusters=self.num_clusters(self.cfg.cluster.num_clusters))
         self.method.start_stage(self.stage.name, context)
+        self.stage_started = True
 
     def load_pretrained(self) -> None:
         """Start from the weights of the earlier run the method names (`pretrained_checkpoint()`), once.
@@ -259,15 +265,15 @@ class Trainer:
         out_of_time = False
         while self.stage_index < len(self.stages) and not (out_of_time or self.interrupted):
             stage = self.stage
-            if self.stage_epoch == 0 and self.epoch_step == 0:
+            if not self.stage_started:
                 self._start_stage()
             while self.stage_epoch < stage.epochs and not self.stage_stopped:
                 epoch = self.epoch
                 # A run resumed mid-epoch has this epoch's pseudo-labels in its checkpoint (buffers).
                 if self.method.wants_pseudo_labels(epoch) and (
                         (epoch % cfg.cluster.every_epochs == 0 and self.epoch_step == 0)
-                        or not self._have_pseudo_labels()):
-                    self.update_pseudo_labels()
+                        or not self._have_pseudo_labels()) and not self._e_step(epoch, should_stop):
+                    break
                 train_stats = self.train_one_epoch(epoch, should_stop)
                 if self.interrupted and self.epoch_step < self.steps_per_epoch:  # saved by train_one_epoch
                     log.info("stop requested: saved epoch %d at its step %d/%d (global step %d) to %s",
@@ -324,6 +330,23 @@ class Trainer:
         return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
                          seconds=time.perf_counter() - start,
                          stopped_on_request=self.interrupted and self.stage_index < len(self.stages))
+
+    def _e_step(self, epoch: int, should_stop: Callable[[], bool] | None) -> bool:
+        """`update_pseudo_labels`; False when a stop request ended its feature pass, after saving last.pt
+        at the epoch's start (its step 0, or the mid-epoch step a resumed run was at), where the resumed
+        run runs the E-step again."""
+        rng_before = capture_rng_state()  # a file-backed pass's DataLoader draws its seed from it
+        try:
+            self.update_pseudo_labels(should_stop)
+            return True
+        except StopRequested as exc:
+            restore_rng_state(rng_before)
+            self.interrupted = True
+            self.save(best=False)  # not save_mid_epoch: the pass averaged the ranks' BN statistics as it began
+            log.info("stop requested during the E-step of epoch %d (%s): saved the epoch's step %d/%d (global step "
+                     "%d) to %s; the E-step runs again on resume", epoch, exc, self.epoch_step, self.steps_per_epoch,
+                     self.global_step, self.run_dir / "last.pt")
+            return False
 
     def _have_pseudo_labels(self) -> bool:
         labels = getattr(self.method, "pseudo_labels", None)
@@ -413,20 +436,23 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ E-step and evaluation
-    def _features(self, data, kind: str) -> torch.Tensor:
+    def _features(self, data, kind: str, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Features of a whole dataset, cached until the next optimiser step (the E-step that follows
-        an evaluation on the same data and features reuses them instead of a second pass)."""
+        an evaluation on the same data and features reuses them instead of a second pass). With
+        `should_stop`, a stop request ends the pass with `StopRequested` (`extract_features`)."""
         key = (id(data), kind, self.global_step)
         if key not in self._feature_cache:
             self.method.eval()
             du.average_buffers(self.method)
             start = time.perf_counter()
-            feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
-                                     batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
-                                     amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers,
-                                     normalize=self.cfg.augment.normalize)
+            try:
+                feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
+                                         batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
+                                         amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers,
+                                         normalize=self.cfg.augment.normalize, should_stop=should_stop)
+            finally:
+                self.model.train()
             log.info("extracted %s features %s in %.2fs", kind, tuple(feats.shape), time.perf_counter() - start)
-            self.model.train()
             self._feature_cache[key] = feats
         return self._feature_cache[key]
 
@@ -457,8 +483,9 @@ class Trainer:
         if self.dist.is_main and self.writer is not None:  # rank 0 only
             self.writer.write(record, step=self.global_step)
 
-    def update_pseudo_labels(self) -> None:
-        feats = self._features(self.train_data, self.method.pseudo_label_feature_kind)
+    def update_pseudo_labels(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """The E-step; `should_stop` may end its feature pass (`StopRequested`) before the method changes."""
+        feats = self._features(self.train_data, self.method.pseudo_label_feature_kind, should_stop)
         self.method.update_from_features(feats, self._cluster_fn(), self.num_clusters(self.cfg.cluster.num_clusters))
 
     def evaluate(self) -> dict[str, float]:
@@ -611,6 +638,7 @@ class Trainer:
             "stage_name": self.stage.name,
             "stage_epoch": self.stage_epoch,
             "stage_start_step": self.stage_start_step,
+            "stage_started": self.stage_started,
             "stage_stopped": self.stage_stopped,
             "best": dict(self.best),
             "last_metrics": dict(self.last_metrics),
@@ -673,6 +701,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.epoch_step = int(state.get("epoch_step", 0))
+        # Checkpoints from before this was saved: a stage was started once a step or an epoch of it ran.
+        self.stage_started = bool(state.get("stage_started", self.stage_epoch > 0 or self.epoch_step > 0))
         if not 0 <= self.epoch_step < self.steps_per_epoch:
             raise ValueError(f"{path}: stopped at step {self.epoch_step} of its epoch, but this config has "
                              f"{self.steps_per_epoch} steps per epoch; resume with the data, batch size and ranks "
