@@ -26,12 +26,13 @@ def train_step_signalling_after(global_step: int, rank: int | None = None):
     return train_step_then_signal
 
 
-def e_step_signalling_at_batch(batch: int, rank: int | None = None):
-    """A `Trainer.update_pseudo_labels` whose feature pass, right after its batch `batch` (from 0), makes
-    the process of `rank` (every rank when None) send itself SIGUSR1."""
-    update_pseudo_labels = Trainer.update_pseudo_labels
+def feature_pass_signalling_at_batch(name: str, batch: int, rank: int | None = None):
+    """A replacement for the Trainer method `name` (update_pseudo_labels: the E-step, or evaluate) whose
+    feature pass, right after its batch `batch` (from 0), makes the process of `rank` (every rank when
+    None) send itself SIGUSR1."""
+    run = getattr(Trainer, name)
 
-    def update_then_signal(self, *args, **kwargs):
+    def run_then_signal(self, *args, **kwargs):
         method, done = self.method, 0
         eval_features = method.eval_features
 
@@ -43,13 +44,13 @@ def e_step_signalling_at_batch(batch: int, rank: int | None = None):
             done += 1
             return features
 
-        method.eval_features = eval_features_then_signal  # this instance only, for this E-step
+        method.eval_features = eval_features_then_signal  # this instance only, for this call
         try:
-            return update_pseudo_labels(self, *args, **kwargs)
+            return run(self, *args, **kwargs)
         finally:
             del method.eval_features
 
-    return update_then_signal
+    return run_then_signal
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:

@@ -19,7 +19,8 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import main as launcher
-from tests.stop_util import assert_same_weights, e_step_signalling_at_batch, logged_steps, train_step_signalling_after
+from tests.stop_util import (assert_same_weights, feature_pass_signalling_at_batch, logged_steps,
+                             train_step_signalling_after)
 from utils.checkpoint import CHECKPOINT_KEYS
 from utils.stop import EXIT_STOPPED
 from utils.trainer import Trainer
@@ -238,7 +239,7 @@ def test_a_stop_signal_during_the_e_step_saves_the_epoch_start_and_the_resumed_r
            "eval.every_epochs=2", "cluster.extract_batch_size=32"]  # no evaluation's features for the E-step to reuse
     launcher.main([*run, "run.name=straight"])
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "update_pseudo_labels", e_step_signalling_at_batch(0))
+        patch.setattr(Trainer, "update_pseudo_labels", feature_pass_signalling_at_batch("update_pseudo_labels", 0))
         with pytest.raises(SystemExit) as exc:
             launcher.main([*run, "run.name=stopped"])
     assert exc.value.code == EXIT_STOPPED
@@ -253,6 +254,38 @@ def test_a_stop_signal_during_the_e_step_saves_the_epoch_start_and_the_resumed_r
     assert torch.equal(straight["torch"], resumed["torch"])
 
 
+def test_a_stop_signal_during_an_evaluation_runs_it_on_resume_as_the_uninterrupted_run_did(tmp_path, monkeypatch,
+                                                                                            straight_run):
+    """SIGUSR1 after the first of the two batches of epoch 0's evaluation pass: the pass ends, last.pt
+    is epoch 1's start and lists the evaluation, which the resumed run runs first, on the same weights:
+    its scores, best.pt and every later step and weight are the uninterrupted run's."""
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=split", *SMALL]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", feature_pass_signalling_at_batch("evaluate", 0))
+        with pytest.raises(SystemExit, match=f"^{EXIT_STOPPED}$"):
+            launcher.main(argv)
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["global_step"]) == (1, 0, 10)
+    assert state["pending_evaluations"] == ["cluster"] and state["best"] == {} and state["readout"] is None
+    assert not any("eval/acc" in r for r in records(tmp_path / "split"))
+    assert not (tmp_path / "split" / "best.pt").exists()
+    launcher.main([*argv, "--resume", "auto"])
+    scores = lambda run: [(r["epoch"], r["eval/acc"], r["eval/nmi"]) for r in records(run) if "eval/acc" in r]  # noqa: E731
+    assert scores(tmp_path / "split") == pytest.approx(scores(straight_run), rel=1e-6)
+    assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
+    assert_same_weights(tmp_path / "split", straight_run)
+    best = [torch.load(run / "best.pt", weights_only=True) for run in (tmp_path / "split", straight_run)]
+    assert best[0]["global_step"] == best[1]["global_step"] and best[0]["best"] == pytest.approx(best[1]["best"])
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["pending_evaluations"] == []
+
+
+def test_a_stop_signal_during_the_last_evaluation_waits_for_the_run_s_result(tmp_path, monkeypatch):
+    run = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "train.epochs=1"]
+    monkeypatch.setattr(Trainer, "evaluate", feature_pass_signalling_at_batch("evaluate", 0))
+    assert set(launcher.main(run)) == {"nmi", "acc", "ari"}  # no SystemExit
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["pending_evaluations"] == []
+
+
 def test_a_stage_stopped_in_its_first_e_step_is_not_started_again_on_resume(tmp_path, monkeypatch):
     """With the E-step at the stage's first step (no warm-up), a stop during it saves step 0 of the
     stage; the resumed run must not run the method's one-time `start_stage` a second time."""
@@ -263,7 +296,7 @@ def test_a_stage_stopped_in_its_first_e_step_is_not_started_again_on_resume(tmp_
     run = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "method.warmup_epochs=0", "train.epochs=1",
            "cluster.extract_batch_size=128"]
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "update_pseudo_labels", e_step_signalling_at_batch(1))
+        patch.setattr(Trainer, "update_pseudo_labels", feature_pass_signalling_at_batch("update_pseudo_labels", 1))
         with pytest.raises(SystemExit, match=str(EXIT_STOPPED)):
             launcher.main(run)
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
@@ -690,21 +723,27 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, two_pro
     assert_same_weights(tmp_path / "ddp", two_process_run[0])
 
 
-def test_a_stop_signal_to_one_rank_during_the_e_step_stops_both_at_the_same_batch(tmp_path):
-    # Only rank 1 gets SIGUSR1, after the first batch of its shard in epoch 1's feature pass: both ranks
-    # end the pass at the next batch and save epoch 1's start; the resumed run ends with the weights of
-    # the uninterrupted one.
-    argv = [str(DEMO), f"run.output_dir={tmp_path}", *DDP, "eval.every_epochs=2", "cluster.extract_batch_size=128"]
+@pytest.mark.parametrize("stop_in, pending", [("update_pseudo_labels", []), ("evaluate", ["cluster"])])
+def test_a_stop_signal_to_one_rank_during_a_feature_pass_stops_both_at_the_same_batch(tmp_path, stop_in, pending):
+    # Only rank 1 gets SIGUSR1, after the first batch of its shard in the feature pass of epoch 1's E-step
+    # or of epoch 0's evaluation (the two kinds of features differ, so both passes run): both ranks end
+    # the pass at the next batch and save epoch 1's start; the resumed run ends with the weights and
+    # scores of the uninterrupted one.
+    argv = [str(DEMO), f"run.output_dir={tmp_path}", *DDP, "method.pseudo_label_features=online_backbone",
+            "cluster.extract_batch_size=128"]
     run_torchrun(REPO_ROOT / "main.py", *argv, "run.name=straight", nproc=2)
     stopped = [*argv, "run.name=stopped"]
     proc = run_torchrun(SCRIPTS / "stop_one_rank.py", *stopped, nproc=2, check=False,
-                        env={"STOP_RANK": "1", "STOP_AT_FEATURE_BATCH": "0"})
+                        env={"STOP_RANK": "1", "STOP_IN": stop_in, "STOP_AT_FEATURE_BATCH": "0"})
     assert proc.returncode != 0  # torchrun reports the workers' EXIT_STOPPED as a failure
     assert "stopped by a signal to another rank at epoch 1, step 0 of 10" in proc.stderr
     state = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["epoch_step"], state["global_step"], len(state["rng"])) == (1, 0, 10, 2)
+    assert (state["epoch"], state["epoch_step"], state["global_step"], state["pending_evaluations"],
+            len(state["rng"])) == (1, 0, 10, pending, 2)
     run_torchrun(REPO_ROOT / "main.py", *stopped, "--resume", "auto", nproc=2)
     assert_same_weights(tmp_path / "stopped", tmp_path / "straight")
+    scores = lambda run: [(r["epoch"], r["eval/acc"]) for r in records(run) if "eval/acc" in r]  # noqa: E731
+    assert scores(tmp_path / "stopped") == pytest.approx(scores(tmp_path / "straight"), rel=1e-6)
 
 
 # Every other single-stage method through the launcher: stopped after one epoch (MoCo, PCL and DEC/IDEC

@@ -11,9 +11,9 @@ The scripts in scripts/ ask SLURM for SIGUSR1 a few minutes before the time limi
 (torchrun forwards it with `--signals-to-handle`); DataLoader workers ignore it (data.loaders).
 SIGTERM and SIGINT keep their usual meaning, stop now: torchrun sends SIGTERM to the surviving
 workers when one of them fails, and those may be waiting in a collective that never returns.
-A request made during the feature pass of an E-step ends that pass at its next batch on every rank
-(`StopRequested`): last.pt keeps the epoch's start, and the resumed run runs the E-step again. A
-request during an evaluation or k-means takes effect after it, at the next step.
+A request made during the feature pass of an E-step, or of an epoch's evaluations (but the run's
+last), ends that pass at its next batch on every rank (`StopRequested`); the resumed run runs the
+E-step or the evaluations again on the same weights. A request during k-means waits for its end.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ without stopping, so that a crash or a kill loses at most that much. The resumed
 next batch with the epoch's pseudo-labels, and trains exactly as the uninterrupted run would. A stop
 requested during the E-step's feature pass ends the pass at its next batch (`StopRequested`) and saves
 the epoch's start, with the RNG state the E-step began with; the resumed run runs that E-step again.
+So does one during the feature passes of the evaluations that end an epoch (but the run's last, which
+is its result): the resumed run first runs them on the same weights, then logs and saves them (best.pt)
+as the uninterrupted run did.
 """
 from __future__ import annotations
 
@@ -152,6 +155,8 @@ class Trainer:
         self.stage_start_step = 0   # global step at which the current stage began
         self.stage_started = False  # the method's `start_stage` ran for the current stage
         self.stage_stopped = False  # the method ended the current stage early
+        # The evaluations due at the end of epoch `epoch - 1` that a stop request ended: they run on resume.
+        self.pending_evaluations: list[str] = []
         self.best: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.last_clusters: torch.Tensor | None = None  # (N_eval,) read-out of this process's last evaluation
@@ -263,6 +268,8 @@ class Trainer:
                  ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
                  cfg.train.batch_size_per_rank * self.dist.world_size, self.device, self.dist.world_size)
         out_of_time = False
+        if self.pending_evaluations:
+            self._run_pending_evaluations(should_stop)
         while self.stage_index < len(self.stages) and not (out_of_time or self.interrupted):
             stage = self.stage
             if not self.stage_started:
@@ -293,24 +300,14 @@ class Trainer:
                 record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
                 if len(self.stages) > 1:
                     record["stage"] = stage.name
-                is_best = False
-                epoch_metrics: dict[str, float] = {}
-                if self.epoch % cfg.eval.every_epochs == 0 or stage_done or last:
-                    self.last_metrics = self.evaluate()
-                    epoch_metrics.update(self.last_metrics)
-                    record.update({f"eval/{k}": v for k, v in self.last_cluster_sizes.items()})
-                    log.info("epoch %d: %s  (%s)", epoch,
-                             "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()) or "no labels to score",
-                             format_cluster_sizes(self.last_cluster_sizes))
-                if cfg.eval.knn_every_epochs and (self.epoch % cfg.eval.knn_every_epochs == 0 or last):
-                    epoch_metrics["knn_acc"] = self.knn_evaluate()
-                    log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
-                record.update({f"eval/{k}": v for k, v in epoch_metrics.items()})
-                key = cfg.eval.best_metric
-                if key in epoch_metrics:  # best.pt: the best `eval.best_metric` among the epochs that measured it
-                    is_best = key not in self.best or epoch_metrics[key] > self.best[key]
-                    if is_best:
-                        self.best = dict(epoch_metrics)
+                due = self._evaluations_due(stage_done=stage_done, last=last)
+                # The run's last evaluation is its result: a stop request waits for that one.
+                done, result = self._stoppable(f"the evaluation of epoch {epoch}", lambda: self._run_evaluations(
+                    epoch, due, None if last else should_stop))
+                evaluated, is_best = result if done else ({}, False)
+                if not done:
+                    self.pending_evaluations = due
+                record.update(evaluated)
                 if self.dist.is_main and self.writer is not None:  # rank 0 only
                     self.writer.write(record, step=self.global_step)
                 if (self.epoch % cfg.train.save_every_epochs == 0 or last or is_best or stage_done
@@ -331,22 +328,83 @@ class Trainer:
                          seconds=time.perf_counter() - start,
                          stopped_on_request=self.interrupted and self.stage_index < len(self.stages))
 
-    def _e_step(self, epoch: int, should_stop: Callable[[], bool] | None) -> bool:
-        """`update_pseudo_labels`; False when a stop request ended its feature pass, after saving last.pt
-        at the epoch's start (its step 0, or the mid-epoch step a resumed run was at), where the resumed
-        run runs the E-step again."""
-        rng_before = capture_rng_state()  # a file-backed pass's DataLoader draws its seed from it
+    def _stoppable(self, what: str, run: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, `run()`), or (False, None) when a stop request ended one of its feature passes
+        (`StopRequested`): `interrupted` is then set and the RNG state is put back to where it was before
+        `run` (a file-backed pass's DataLoader draws its seed from it), where the resumed run starts
+        `what` again."""
+        rng_before = capture_rng_state()
         try:
-            self.update_pseudo_labels(should_stop)
-            return True
+            return True, run()
         except StopRequested as exc:
             restore_rng_state(rng_before)
             self.interrupted = True
+            log.info("stop requested during %s (%s): it runs again on resume", what, exc)
+            return False, None
+
+    def _e_step(self, epoch: int, should_stop: Callable[[], bool] | None) -> bool:
+        """`update_pseudo_labels`; False when a stop request ended its feature pass, after saving last.pt
+        at the epoch's start (its step 0, or the mid-epoch step a resumed run was at)."""
+        done, _ = self._stoppable(f"the E-step of epoch {epoch}", lambda: self.update_pseudo_labels(should_stop))
+        if not done:
             self.save(best=False)  # not save_mid_epoch: the pass averaged the ranks' BN statistics as it began
-            log.info("stop requested during the E-step of epoch %d (%s): saved the epoch's step %d/%d (global step "
-                     "%d) to %s; the E-step runs again on resume", epoch, exc, self.epoch_step, self.steps_per_epoch,
-                     self.global_step, self.run_dir / "last.pt")
+            log.info("saved epoch %d at its step %d/%d (global step %d) to %s", epoch, self.epoch_step,
+                     self.steps_per_epoch, self.global_step, self.run_dir / "last.pt")
+        return done
+
+    def _evaluations_due(self, *, stage_done: bool, last: bool) -> list[str]:
+        """What ends the epoch just done (`self.epoch` is the next one): "cluster" (the read-out's NMI / ACC /
+        ARI) every `eval.every_epochs` and after a stage, "knn" every `eval.knn_every_epochs`; both after
+        the run's last epoch."""
+        e, due = self.cfg.eval, []
+        if self.epoch % e.every_epochs == 0 or stage_done or last:
+            due.append("cluster")
+        if e.knn_every_epochs and (self.epoch % e.knn_every_epochs == 0 or last):
+            due.append("knn")
+        return due
+
+    def _run_evaluations(self, epoch: int, due: list[str],
+                         should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], bool]:
+        """The evaluations `due` at the end of `epoch`, logged: (the epoch record's eval/ entries, whether
+        it is the best epoch so far by `eval.best_metric`, which updates `best`). `should_stop` may end
+        their feature passes (`StopRequested`) before `best` changes."""
+        record: dict[str, float] = {}
+        epoch_metrics: dict[str, float] = {}
+        if "cluster" in due:
+            self.last_metrics = self.evaluate(should_stop)
+            epoch_metrics.update(self.last_metrics)
+            record.update({f"eval/{k}": v for k, v in self.last_cluster_sizes.items()})
+            log.info("epoch %d: %s  (%s)", epoch,
+                     "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()) or "no labels to score",
+                     format_cluster_sizes(self.last_cluster_sizes))
+        if "knn" in due:
+            epoch_metrics["knn_acc"] = self.knn_evaluate(should_stop)
+            log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
+        record.update({f"eval/{k}": v for k, v in epoch_metrics.items()})
+        key = self.cfg.eval.best_metric
+        is_best = key in epoch_metrics and (key not in self.best or epoch_metrics[key] > self.best[key])
+        if is_best:  # best.pt: the best `eval.best_metric` among the epochs that measured it
+            self.best = dict(epoch_metrics)
+        return record, is_best
+
+    def _run_pending_evaluations(self, should_stop: Callable[[], bool] | None) -> bool:
+        """The evaluations a stop request ended at the end of epoch `self.epoch - 1`, run on the weights
+        they were due for (the resumed ones), then logged and saved as they would have been then
+        (best.pt included). False when a stop request ends them again: last.pt still lists them."""
+        epoch = self.epoch - 1
+        done, result = self._stoppable(f"the evaluation of epoch {epoch}", lambda: self._run_evaluations(
+            epoch, self.pending_evaluations, should_stop))
+        if not done:
             return False
+        evaluated, is_best = result
+        self.pending_evaluations = []
+        record = {"epoch": epoch, **evaluated}
+        if len(self.stages) > 1:
+            record["stage"] = self.stage.name  # the stage epoch `epoch` trained in: it ended after the save
+        if self.dist.is_main and self.writer is not None:  # rank 0 only
+            self.writer.write(record, step=self.global_step)
+        self.save(best=is_best)
+        return True
 
     def _have_pseudo_labels(self) -> bool:
         labels = getattr(self.method, "pseudo_labels", None)
@@ -456,11 +514,11 @@ class Trainer:
             self._feature_cache[key] = feats
         return self._feature_cache[key]
 
-    def eval_set_features(self) -> tuple[str, torch.Tensor]:
+    def eval_set_features(self, should_stop: Callable[[], bool] | None = None) -> tuple[str, torch.Tensor]:
         """(kind, features (N_eval, D)) of the evaluation set, the kind k-means reads out
         (`eval.features`, or the method's default), gathered across ranks in dataset order."""
         kind = self.cfg.eval.features or self.method.default_eval_features
-        return kind, self._features(self.eval_data, kind)
+        return kind, self._features(self.eval_data, kind, should_stop)
 
     def num_clusters(self, requested: int) -> int:
         """K for `requested` = `cluster.num_clusters` or `eval.num_clusters` (see `resolve_num_clusters`)."""
@@ -488,15 +546,15 @@ class Trainer:
         feats = self._features(self.train_data, self.method.pseudo_label_feature_kind, should_stop)
         self.method.update_from_features(feats, self._cluster_fn(), self.num_clusters(self.cfg.cluster.num_clusters))
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """NMI / ACC / ARI of the method's read-out on the evaluation set's labelled rows (same on every
         rank; empty for unlabeled data). The read-out itself, (N_eval,), is kept in `last_clusters`; a
-        k-means read-out's centroids in `readout`."""
+        k-means read-out's centroids in `readout`. `should_stop` may end the feature pass (`StopRequested`)."""
         if self.method.has_head:
             predictions = self.method.predict_from_features(self._features(self.eval_data,
-                                                                           self.method.head_feature_kind))
+                                                                           self.method.head_feature_kind, should_stop))
             return self._score(predictions, self.num_clusters(self.cfg.cluster.num_clusters))
-        kind, feats = self.eval_set_features()
+        kind, feats = self.eval_set_features(should_stop)
         k = self.num_clusters(self.cfg.eval.num_clusters)
         predictions, centroids = cluster_features(
             feats, num_clusters=k, metric=self.cfg.cluster.metric, n_init=self.cfg.eval.n_init,
@@ -533,7 +591,7 @@ class Trainer:
         scores = evaluate_clustering(labels[known].cpu(), self.last_clusters[known])
         return {k: float(scores[k]) for k in ("nmi", "acc", "ari")}
 
-    def knn_evaluate(self) -> float:
+    def knn_evaluate(self, should_stop: Callable[[], bool] | None = None) -> float:
         """Weighted kNN top-1 of the eval set's labelled rows against the training set's labelled rows
         (same on every rank). Reuses the features `evaluate()` extracted at this step. When the eval set
         is the training set (the train+test clustering protocol), each query leaves itself out."""
@@ -541,7 +599,8 @@ class Trainer:
 
         e = self.cfg.eval
         kind = e.features or self.method.default_eval_features
-        memory, queries = self._features(self.train_data, kind), self._features(self.eval_data, kind)
+        memory = self._features(self.train_data, kind, should_stop)
+        queries = self._features(self.eval_data, kind, should_stop)
         memory_labels, query_labels = self.train_data.labels.to(memory.device), self.eval_data.labels.to(memory.device)
         known_memory, known_query = memory_labels >= 0, query_labels >= 0
         return knn_accuracy(memory[known_memory], memory_labels[known_memory], queries[known_query],
@@ -640,6 +699,7 @@ class Trainer:
             "stage_start_step": self.stage_start_step,
             "stage_started": self.stage_started,
             "stage_stopped": self.stage_stopped,
+            "pending_evaluations": list(self.pending_evaluations),
             "best": dict(self.best),
             "last_metrics": dict(self.last_metrics),
             # Only with the weights it was fitted on: not after the steps of a mid-epoch save, nor at an
@@ -711,6 +771,7 @@ class Trainer:
         self.epoch_term_sums = {k: float(v) for k, v in state.get("epoch_term_sums", {}).items()}
         self.epoch_term_steps = int(state.get("epoch_term_steps", 0))
         self.best = dict(state["best"])
+        self.pending_evaluations = list(state.get("pending_evaluations", []))
         self.last_metrics = dict(state.get("last_metrics", {}))
         self.readout = state.get("readout")
         self.readout_step = self.global_step if self.readout is not None else -1
