@@ -397,8 +397,9 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     trainer, writer = set_up_run(cfg, dist_info, run_dir, datasets, resume_point, resume=args.resume)
     try:
         result = trainer.fit(should_stop=stop)
-    except UnreadableImageError as exc:  # decoded when a batch or feature pass needs it, mid-run
-        message = f"{exc.one_line}, then continue the run with --resume auto"
+    except (UnreadableImageError, FloatingPointError) as exc:  # mid-run: a file met in a pass, a diverging loss
+        message = (f"{exc.one_line}, then continue the run with --resume auto" if isinstance(exc, UnreadableImageError)
+                   else str(exc))
         log.error("%s", message)  # train.log says why the run ended; its checkpoints are as they were
         if writer is not None:
             writer.close()

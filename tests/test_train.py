@@ -41,6 +41,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def eval_scores(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(epoch, ACC, NMI) of each evaluation the run logged, in order."""
+    return [(r["epoch"], r["eval/acc"], r["eval/nmi"]) for r in records(run_dir) if "eval/acc" in r]
+
+
 def step_losses(run_dir: Path, epoch: int) -> list[float]:
     return [r["step/loss"] for r in records(run_dir) if "step/loss" in r and r["epoch"] == epoch]
 
@@ -270,8 +275,7 @@ def test_a_stop_signal_during_an_evaluation_runs_it_on_resume_as_the_uninterrupt
     assert not any("eval/acc" in r for r in records(tmp_path / "split"))
     assert not (tmp_path / "split" / "best.pt").exists()
     launcher.main([*argv, "--resume", "auto"])
-    scores = lambda run: [(r["epoch"], r["eval/acc"], r["eval/nmi"]) for r in records(run) if "eval/acc" in r]  # noqa: E731
-    assert scores(tmp_path / "split") == pytest.approx(scores(straight_run), rel=1e-6)
+    assert eval_scores(tmp_path / "split") == pytest.approx(eval_scores(straight_run), rel=1e-6)
     assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "split", straight_run)
     best = [torch.load(run / "best.pt", weights_only=True) for run in (tmp_path / "split", straight_run)]
@@ -303,6 +307,25 @@ def test_a_stage_stopped_in_its_first_e_step_is_not_started_again_on_resume(tmp_
     assert (state["epoch"], state["epoch_step"], state["stage_started"]) == (0, 0, True) and started == ["train"]
     launcher.main([*run, "--resume", "auto"])
     assert started == ["train"]
+
+
+def test_a_diverging_loss_ends_the_run_with_one_line_naming_its_last_checkpoint(tmp_path):
+    """optim.lr=1e12 makes the loss NaN within two steps: one line saying so, and which checkpoint is
+    the last (there is none in a fresh run), which the failed steps leave as it was."""
+    run = [str(DEMO), f"run.output_dir={tmp_path}", *SMALL]
+    with pytest.raises(SystemExit) as raised:
+        launcher.main([*run, "run.name=fresh", "optim.lr=1e12"])
+    assert re.fullmatch(r"error: loss is (nan|-?inf) at epoch 0, step [01]: lower optim.lr or check the data; "
+                        r"no checkpoint was saved yet", str(raised.value.code))
+    launcher.main([*run, "run.name=r", "train.epochs=1"])
+    last = tmp_path / "r" / "last.pt"
+    saved = last.read_bytes()
+    with pytest.raises(SystemExit) as raised:
+        launcher.main([*run, "run.name=r", "--resume", "auto", "optim.lr=1e12"])
+    assert re.fullmatch(rf"error: loss is (nan|-?inf) at epoch 1, step 1[01]: lower optim.lr or check the data; "
+                        rf"the last checkpoint, {re.escape(str(last))}, is from global step 10", str(raised.value.code))
+    assert last.read_bytes() == saved
+    assert "ERROR main: loss is" in (tmp_path / "r" / "train.log").read_text()
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
@@ -742,8 +765,7 @@ def test_a_stop_signal_to_one_rank_during_a_feature_pass_stops_both_at_the_same_
             len(state["rng"])) == (1, 0, 10, pending, 2)
     run_torchrun(REPO_ROOT / "main.py", *stopped, "--resume", "auto", nproc=2)
     assert_same_weights(tmp_path / "stopped", tmp_path / "straight")
-    scores = lambda run: [(r["epoch"], r["eval/acc"]) for r in records(run) if "eval/acc" in r]  # noqa: E731
-    assert scores(tmp_path / "stopped") == pytest.approx(scores(tmp_path / "straight"), rel=1e-6)
+    assert eval_scores(tmp_path / "stopped") == pytest.approx(eval_scores(tmp_path / "straight"), rel=1e-6)
 
 
 # Every other single-stage method through the launcher: stopped after one epoch (MoCo, PCL and DEC/IDEC

@@ -150,6 +150,7 @@ class Trainer:
         self.epoch_term_steps = 0
         self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
+        self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step) this run last wrote or resumed
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
@@ -476,8 +477,10 @@ class Trainer:
             terms = self.model(views, indices, progress)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {self.global_step}: "
-                                     f"lower optim.lr or check the data; last good checkpoint is in {self.run_dir}")
+            saved = ("no checkpoint was saved yet" if self.last_checkpoint is None else
+                     "the last checkpoint, {}, is from global step {}".format(*self.last_checkpoint))
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {self.global_step}: lower optim.lr "
+                                     f"or check the data; {saved}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip_norm:
@@ -722,7 +725,7 @@ class Trainer:
 
     def save(self, *, best: bool) -> None:
         """Collective (RNG states come from every rank); rank 0 writes best.pt then last.pt."""
-        self.last_save_time = time.monotonic()
+        self.last_save_time, self.last_checkpoint = time.monotonic(), (self.run_dir / "last.pt", self.global_step)
         state = self.state_dict()
         state["rng"] = gather_rng_states()
         if self.dist.is_main:  # rank 0 only
@@ -760,6 +763,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.last_checkpoint = (path, self.global_step)
         self.epoch_step = int(state.get("epoch_step", 0))
         # Checkpoints from before this was saved: a stage was started once a step or an epoch of it ran.
         self.stage_started = bool(state.get("stage_started", self.stage_epoch > 0 or self.epoch_step > 0))
