@@ -274,6 +274,12 @@ def test_a_stop_signal_during_an_evaluation_runs_it_on_resume_as_the_uninterrupt
     assert state["pending_evaluations"] == ["cluster"] and state["best"] == {} and state["readout"] is None
     assert not any("eval/acc" in r for r in records(tmp_path / "split"))
     assert not (tmp_path / "split" / "best.pt").exists()
+    saved = (tmp_path / "split" / "last.pt").read_bytes()
+    with monkeypatch.context() as patch:  # stopped again, in the resumed run's first pass: last.pt stays as it was
+        patch.setattr(Trainer, "evaluate", feature_pass_signalling_at_batch("evaluate", 0))
+        with pytest.raises(SystemExit, match=f"^{EXIT_STOPPED}$"):
+            launcher.main([*argv, "--resume", "auto"])
+    assert (tmp_path / "split" / "last.pt").read_bytes() == saved
     launcher.main([*argv, "--resume", "auto"])
     assert eval_scores(tmp_path / "split") == pytest.approx(eval_scores(straight_run), rel=1e-6)
     assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)
