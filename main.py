@@ -4,6 +4,7 @@
     python main.py config/mnist_cnn_propos.yml train.epochs=2      # dotted overrides, validated like the YAML
     torchrun --nproc_per_node=4 main.py config/cifar10_r18_propos.yml
     python main.py CONFIG --resume auto                            # continue the newest checkpoint of the run
+    python main.py CONFIG [overrides] --print-config               # the resolved config as YAML, then exit
     python main.py CONFIG --eval linear --checkpoint runs/x/last.pt  # evaluate only: cluster | assign | knn | linear
                                                                      # | features (export them), or several:
                                                                      # --eval cluster,knn,features
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "CHECKPOINT.eval_MODE.json. Several modes, comma-separated, run in that order on "
                              "one loaded model and share its feature extraction")
     parser.add_argument("--checkpoint", default="", help="the checkpoint --eval reads (never modified)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config after its bases and overrides (validated; a file main.py reads "
+                             "back as it is) and exit without touching data or run directories")
     # Intermixed: overrides may also follow the options (`CONFIG --resume auto train.epochs=200`),
     # which plain parse_args rejects as unrecognized arguments.
     return parser.parse_intermixed_args(argv)
@@ -368,7 +372,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.print_config:
+        from utils.config import format_config
 
+        print(format_config(cfg), end="")
+        return {}
     if args.eval or args.checkpoint:
         modes, checkpoint = check_eval_args(args)
         return run_evaluation(cfg, modes, checkpoint)
@@ -383,9 +391,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
+    from data.datasets import UnreadableImageError
     from utils import distributed as du
     from utils.assignments import class_matching, format_cluster_sizes, write_cluster_assignments
-    from data.datasets import UnreadableImageError
     from utils.checkpoint import write_text_atomic
     from utils.logger import setup_logging
     from utils.stop import EXIT_STOPPED

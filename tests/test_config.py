@@ -1,4 +1,5 @@
 """Config loading: validation, suggestions, coercion, bases, overrides, and every shipped YAML."""
+import re
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,24 @@ def test_config_changes_names_each_changed_key_with_both_values():
                                               "eval.new_key: (absent) -> True", "old.gone: 1 -> (absent)"]
     assert config_changes(current, current) == []
     # A run's real config against itself with one override.
-    demo = Path(__file__).resolve().parents[1] / "config" / "mnist_cnn_propos.yml"
+    demo = Path(__file__).resolve().parents[1] / "config" / "cifar10_r18_propos.yml"  # base: base/propos_paper.yml
     base = load_config(demo).to_dict()
     assert config_changes(base, load_config(demo, ["cluster.n_init=7"]).to_dict()) == [
         f"cluster.n_init: {base['cluster']['n_init']!r} -> 7"]
+
+
+def test_print_config_prints_the_resolved_config_that_loads_back_to_itself(tmp_path, capsys):
+    """--print-config: bases and overrides applied, the YAML read back by load_config gives the same
+    config (the oracle), and nothing is created; a bad override is the usual one-line error."""
+    import main as launcher
+
+    demo = Path(__file__).resolve().parents[1] / "config" / "cifar10_r18_propos.yml"  # base: base/propos_paper.yml
+    overrides = ["train.epochs=3", f"run.output_dir={tmp_path / 'runs'}", "cluster.n_init=2"]
+    assert launcher.main([str(demo), *overrides, "--print-config"]) == {}
+    printed = capsys.readouterr().out
+    expected = load_config(demo, overrides)
+    assert load_config(write(tmp_path, printed, "printed.yml")).to_dict() == expected.to_dict()
+    assert expected.train.epochs == 3 and expected.cluster.n_init == 2
+    assert not re.search(r"^base:", printed, re.M) and not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
+        launcher.main([str(demo), "train.epoch=3", "--print-config"])

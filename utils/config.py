@@ -436,8 +436,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             if old.get(key, missing) != new.get(key, missing)]
 
 
+def format_config(cfg: Config) -> str:
+    """The resolved config (after bases and overrides) as YAML that `load_config` reads back to `cfg`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_resolved_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config (after bases and overrides) as YAML, atomically."""
+    """Write `format_config(cfg)` to `path`, atomically."""
     from utils.checkpoint import write_text_atomic
 
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, format_config(cfg))
