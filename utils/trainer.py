@@ -298,9 +298,7 @@ class Trainer:
                 out_of_time, save_due = du.broadcast_object((out_of_time, self._save_due()))
                 stage_done = self.stage_epoch == stage.epochs or self.stage_stopped
                 last = (stage_done and self.stage_index == len(self.stages) - 1) or out_of_time
-                record = {"epoch": epoch, **{f"train/{k}": v for k, v in train_stats.items()}}
-                if len(self.stages) > 1:
-                    record["stage"] = stage.name
+                record = self._epoch_record(epoch, {f"train/{k}": v for k, v in train_stats.items()})
                 due = self._evaluations_due(stage_done=stage_done, last=last)
                 # The run's last evaluation is its result: a stop request waits for that one.
                 done, result = self._stoppable(f"the evaluation of epoch {epoch}", lambda: self._run_evaluations(
@@ -399,13 +397,18 @@ class Trainer:
             return False
         evaluated, is_best = result
         self.pending_evaluations = []
-        record = {"epoch": epoch, **evaluated}
-        if len(self.stages) > 1:
-            record["stage"] = self.stage.name  # the stage epoch `epoch` trained in: it ended after the save
+        record = self._epoch_record(epoch, evaluated)  # still the stage `epoch` trained in: it ended after the save
         if self.dist.is_main and self.writer is not None:  # rank 0 only
             self.writer.write(record, step=self.global_step)
         self.save(best=is_best)
         return True
+
+    def _epoch_record(self, epoch: int, entries: dict[str, float]) -> dict[str, Any]:
+        """metrics.jsonl's record of `epoch` (trained in the current stage, named when there are several)."""
+        record: dict[str, Any] = {"epoch": epoch, **entries}
+        if len(self.stages) > 1:
+            record["stage"] = self.stage.name
+        return record
 
     def _have_pseudo_labels(self) -> bool:
         labels = getattr(self.method, "pseudo_labels", None)
