@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from utils.evaluation import knn_accuracy, knn_predict, linear_probe
+from utils.evaluation import knn_accuracy, knn_predict, linear_probe, nearest_neighbours
 
 
 def separable(n_per_class: int, num_classes: int = 5, dim: int = 16, seed: int = 0, noise: float = 0.1):
@@ -110,6 +110,28 @@ def test_linear_probe_with_augmented_epochs():
                         augmented_train=noisy) > 0.98
     assert linear_probe(train, train_labels, test, test_labels, epochs=30, lr=0.01, batch_size=64, seed=0,
                         augmented_train=shuffled) < 0.4
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 7])
+def test_nearest_neighbours_match_scikit_learn(chunk_size):
+    from sklearn.neighbors import NearestNeighbors
+
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(300, 12, generator=g) * torch.rand(300, 1, generator=g)  # norms differ: cosine, not L2
+    mined = nearest_neighbours(features, 9, chunk_size=chunk_size)
+    # scikit-learn's cosine search over the other rows: asked for 10, its first is the row itself
+    distances, rows = NearestNeighbors(n_neighbors=10, metric="cosine", algorithm="brute").fit(
+        features.double().numpy()).kneighbors(features.double().numpy())
+    assert (rows[:, 0] == range(300)).all()
+    assert mined.dtype == torch.long and mined.shape == (300, 9)
+    assert (mined.numpy() == rows[:, 1:]).all()
+
+
+def test_nearest_neighbours_refuse_bad_k():
+    with pytest.raises(ValueError, match=r"need 1 <= k < N = 5"):
+        nearest_neighbours(torch.randn(5, 3), 5)
+    with pytest.raises(ValueError, match=r"expected features \(N, D\)"):
+        nearest_neighbours(torch.randn(5), 2)
 
 
 def test_knn_rejects_mismatched_shapes():

@@ -3,14 +3,44 @@
 Both are plain functions of feature tensors (no config, no model), so the trainer, the evaluation-only
 runs of `main.py --eval` and the tests call them the same way. The features are whole-dataset features
 that every rank already holds (`utils.features.extract_features`); both functions are deterministic,
-so every rank computes the same number.
+so every rank computes the same number. `nearest_neighbours` is the same exact cosine search without
+labels, which SCAN mines its neighbours with.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+
+def _cosine_top_k(memory: torch.Tensor, query_features: torch.Tensor, k: int, *, leave_one_out: bool,
+                  chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For `chunk_size` queries at a time: (similarities (chunk, k), memory rows (chunk, k)) of the k most
+    cosine-similar rows of `memory` (N, D), already L2-normalised; leave_one_out: query i is memory row i
+    and never its own neighbour. O(chunk_size x N) memory."""
+    device = memory.device
+    for start in range(0, query_features.shape[0], chunk_size):
+        queries = F.normalize(query_features[start:start + chunk_size].to(device).float(), dim=1)
+        similarity = queries @ memory.T                                   # (chunk, N)
+        if leave_one_out:
+            rows = torch.arange(queries.shape[0], device=device)
+            similarity[rows, rows + start] = float("-inf")
+        yield similarity.topk(k, dim=1)
+
+
+@torch.no_grad()
+def nearest_neighbours(features: torch.Tensor, k: int, *, chunk_size: int = 1024) -> torch.Tensor:
+    """(N, k) int64: each row's k most cosine-similar other rows of features (N, D), most similar first
+    (exact search, SCAN's and NNM's mining). Runs on the features' device in chunks of rows."""
+    if features.dim() != 2:
+        raise ValueError(f"nearest_neighbours: expected features (N, D), got {tuple(features.shape)}")
+    if not 1 <= k < features.shape[0] or chunk_size < 1:
+        raise ValueError(f"nearest_neighbours: need 1 <= k < N = {features.shape[0]} and chunk_size >= 1, "
+                         f"got k={k}, chunk_size={chunk_size}")
+    memory = F.normalize(features.float(), dim=1)
+    chunks = [top_idx for _, top_idx in _cosine_top_k(memory, features, k, leave_one_out=True, chunk_size=chunk_size)]
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -41,14 +71,9 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
     if k < 1:
         raise ValueError("knn: the memory has no rows to vote")
     predictions = []
-    for start in range(0, query_features.shape[0], chunk_size):
-        queries = F.normalize(query_features[start:start + chunk_size].to(device).float(), dim=1)
-        similarity = queries @ memory.T                                   # (chunk, N)
-        if leave_one_out:
-            rows = torch.arange(queries.shape[0], device=device)
-            similarity[rows, rows + start] = float("-inf")
-        top_sim, top_idx = similarity.topk(k, dim=1)                      # (chunk, k)
-        votes = torch.zeros(queries.shape[0], num_classes, device=device)
+    for top_sim, top_idx in _cosine_top_k(memory, query_features, k, leave_one_out=leave_one_out,
+                                          chunk_size=chunk_size):
+        votes = torch.zeros(top_sim.shape[0], num_classes, device=device)
         votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())
         predictions.append(votes.argmax(dim=1))
     if not predictions:
