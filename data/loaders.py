@@ -16,6 +16,11 @@ when an epoch starts; the workers loader seeds each sample from (seed, epoch, in
 number of workers. An epoch may start at any batch (`set_epoch(epoch, first_batch=b)`, a run resumed
 mid-epoch) and yields exactly the batches b, b+1, ... of the uninterrupted epoch: the device loader
 first draws, without applying them, the augmentation parameters of the b batches it skips.
+
+Partner views (SCAN's neighbours): after `set_partners(table)`, a (N, M) table of candidate rows per
+image, every odd-numbered view of image i is made from one of its candidates instead of i itself,
+drawn uniformly from its row by a seed of (seed, epoch, i): the same partner in both loaders, with any
+number of workers, and in a resumed epoch.
 """
 from __future__ import annotations
 
@@ -38,10 +43,12 @@ LOADER_MODES = ("device", "workers", "auto")
 @dataclass
 class TrainBatch:
     """views: num_views tensors (B, C, S, S) float32 on the device; indices: (B,) int64 on the device,
-    the rows of the dataset (for pseudo-label look-up)."""
+    the rows of the dataset (for pseudo-label look-up); partners: (B,) int64 on the device, the rows the
+    odd-numbered views show (`set_partners`), or None."""
 
     views: list[torch.Tensor]
     indices: torch.Tensor
+    partners: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -49,6 +56,10 @@ class TrainLoader(Protocol):
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         """Reshuffle (permutation from seed + epoch); the next pass starts at batch `first_batch` of
         the epoch (the batches before it are skipped without being loaded)."""
+
+    def set_partners(self, table: torch.Tensor | None) -> None:
+        """From the next epoch on, odd-numbered views show a partner drawn from table[i] (N, M) int64
+        instead of image i (None: every view shows image i)."""
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank (whatever `first_batch`)."""
@@ -94,6 +105,31 @@ def _sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(1)).astype(np.int64)
 
 
+# Partner draws use their own stream of seeds, apart from the views' augmentation seeds.
+_PARTNER_STREAM = 0x5CA7
+
+
+def check_partner_table(table: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """table as a CPU int64 (n, M) tensor of rows in [0, n), or a ValueError naming what is wrong."""
+    if table is None:
+        return None
+    if table.dim() != 2 or table.shape[0] != n or table.shape[1] < 1:
+        raise ValueError(f"partner table: expected ({n}, M >= 1) rows, got shape {tuple(table.shape)}")
+    table = table.detach().to("cpu", torch.int64)
+    if int(table.min()) < 0 or int(table.max()) >= n:
+        raise ValueError(f"partner table: expected rows in [0, {n}), got values in [{int(table.min())}, "
+                         f"{int(table.max())}]")
+    return table
+
+
+def draw_partners(table: torch.Tensor, indices: torch.Tensor, *, seed: int, epoch: int) -> torch.Tensor:
+    """(B,) int64 CPU: for each of indices (B,) (CPU), one entry of its row of table (N, M), uniformly,
+    from a seed of (seed, epoch, index) alone."""
+    rows = indices.numpy()
+    columns = _sample_seeds(mixed_seed(seed, epoch, _PARTNER_STREAM), rows) % table.shape[1]
+    return table[indices, torch.from_numpy(columns)]
+
+
 def _check_first_batch(first_batch: int, num_batches: int) -> int:
     if not 0 <= first_batch <= num_batches:
         raise ValueError(f"first_batch: expected 0..{num_batches} (batches per epoch), got {first_batch}")
@@ -130,24 +166,36 @@ class DeviceTensorLoader:
         self.batch_size_per_rank = batch_size_per_rank
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.first_batch = 0, 0
+        self.partners: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         self.epoch, self.first_batch = epoch, _check_first_batch(first_batch, self.num_batches)
+
+    def set_partners(self, table: torch.Tensor | None) -> None:
+        self.partners = check_partner_table(table, len(self.images))
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[TrainBatch]:
         order = rank_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size).to(self.device)
+                             world_size=self.world_size)
+        partner_order = None if self.partners is None else draw_partners(
+            self.partners, order, seed=self.seed, epoch=self.epoch).to(self.device)
+        order = order.to(self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mixed_seed(self.seed, self.epoch, self.rank))
         size = self.batch_size_per_rank
         self._draw_skipped_params(generator, self.first_batch)
         for b in range(self.first_batch, self.num_batches):
             indices = order[b * size:(b + 1) * size]
-            images = self.images.index_select(0, indices)
-            yield TrainBatch(views=[augment(images, generator) for augment in self.augments], indices=indices)
+            sources = [self.images.index_select(0, indices)]
+            partners = None
+            if partner_order is not None:
+                partners = partner_order[b * size:(b + 1) * size]
+                sources.append(self.images.index_select(0, partners))
+            views = [augment(sources[k % len(sources)], generator) for k, augment in enumerate(self.augments)]
+            yield TrainBatch(views=views, indices=indices, partners=partners)
 
     def _draw_skipped_params(self, generator: torch.Generator, batches: int) -> None:
         """Advance `generator` past the first `batches` batches of the epoch by drawing their views'
@@ -163,11 +211,13 @@ class DeviceTensorLoader:
 
 
 class _EpochShardSampler(torch.utils.data.Sampler):
-    """Yields (index, sample seed) for this rank's indices of the current epoch, from `first` on."""
+    """Yields (index, sample seed, partner or -1) for this rank's indices of the current epoch, from
+    `first` on. It runs in the main process, so a new partner table reaches persistent workers."""
 
     def __init__(self, n: int, *, seed: int, rank: int, world_size: int):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch, self.first = 0, 0
+        self.partners: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int, first: int = 0) -> None:
         self.epoch, self.first = epoch, first
@@ -175,15 +225,19 @@ class _EpochShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n // self.world_size - self.first
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                               world_size=self.world_size).numpy()[self.first:]
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        order = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                             world_size=self.world_size)[self.first:]
+        indices = order.numpy()
         seeds = _sample_seeds(mixed_seed(self.seed, self.epoch), indices)
-        return iter(zip(indices.tolist(), seeds.tolist()))
+        partners = ([-1] * len(indices) if self.partners is None
+                    else draw_partners(self.partners, order, seed=self.seed, epoch=self.epoch).tolist())
+        return iter(zip(indices.tolist(), seeds.tolist(), partners))
 
 
 class _ViewsDataset(torch.utils.data.Dataset):
-    """Row -> (num_views per-sample views, row), each sample's randomness seeded by its key."""
+    """(row, seed, partner) -> (num_views per-sample views, row, partner), each sample's randomness seeded
+    by its key; odd-numbered views show the partner row unless it is -1."""
 
     def __init__(self, data: ImageData, transforms: list[Callable]):
         self.images = data.images
@@ -194,15 +248,22 @@ class _ViewsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.files)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        index, sample_seed = key
-        image = self.images[index] if self.images is not None else read_image_file(self.files[index], self.mode)
+    def _image(self, index: int):
+        return self.images[index] if self.images is not None else read_image_file(self.files[index], self.mode)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[list[torch.Tensor], int, int]:
+        index, sample_seed, partner = key
+        sources = [self._image(index)] + ([] if partner < 0 else [self._image(partner)])
+
+        def views() -> list[torch.Tensor]:
+            return [transform(sources[k % len(sources)]) for k, transform in enumerate(self.transforms)]
+
         if torch.utils.data.get_worker_info() is None:  # in the main process: leave its RNG alone
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)
-                return [transform(image) for transform in self.transforms], index
+                return views(), index, partner
         torch.manual_seed(sample_seed)
-        return [transform(image) for transform in self.transforms], index
+        return views(), index, partner
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -238,13 +299,18 @@ class WorkersLoader:
         first_batch = _check_first_batch(first_batch, self.num_batches)
         self.sampler.set_epoch(epoch, first=first_batch * self.batch_size_per_rank)
 
+    def set_partners(self, table: torch.Tensor | None) -> None:
+        self.sampler.partners = check_partner_table(table, self.sampler.n)
+
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[TrainBatch]:
-        for views, indices in self.loader:
+        for views, indices, partners in self.loader:
             yield TrainBatch(views=[v.to(self.device, non_blocking=True) for v in views],
-                             indices=indices.to(self.device, non_blocking=True))
+                             indices=indices.to(self.device, non_blocking=True),
+                             partners=None if self.sampler.partners is None
+                             else partners.to(self.device, non_blocking=True))
 
 
 def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,

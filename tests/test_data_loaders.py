@@ -227,3 +227,73 @@ def test_two_real_ranks_gather_shards_into_the_dataset(tmp_path):
     torch.testing.assert_close(result["images"], expected)
     first, second = (set(t.tolist()) for t in result["train_indices"])
     assert not first & second and len(first) == len(second) > 0
+
+
+FIXED = AugmentConfig(random_views=False)
+
+
+def _partner_epochs(data, table, *, mode, workers, first_batch=0, aug=FIXED, epoch=2):
+    loader = build_train_loader(data, aug, batch_size_per_rank=8, num_views=2, device=torch.device("cpu"),
+                                rank=1, world_size=2, seed=5, mode=mode, num_workers=workers)
+    loader.set_partners(table)
+    loader.set_epoch(epoch, first_batch=first_batch)
+    return list(loader)
+
+
+def _eval_views(data):
+    from data.augment import EvalTransform
+
+    transform = EvalTransform(image_size=data.image_size, mean=data.mean, std=data.std)
+    return lambda rows: transform(data.images[rows])
+
+
+@pytest.mark.parametrize("mode, workers", [("device", 0), ("workers", 0), ("workers", 2)])
+def test_partner_views_show_a_row_of_the_table(mode, workers):
+    data = _toy(60)
+    g = torch.Generator().manual_seed(1)
+    table = torch.randint(0, 60, (60, 4), generator=g)
+    plain = _eval_views(data)
+    batches = _partner_epochs(data, table, mode=mode, workers=workers)
+    seen_columns = set()
+    for batch in batches:
+        assert batch.partners is not None and batch.partners.shape == batch.indices.shape
+        for i, partner in zip(batch.indices.tolist(), batch.partners.tolist()):
+            assert partner in table[i].tolist()
+            seen_columns.add(table[i].tolist().index(partner))
+        # view 0 shows the images, view 1 their partners (the fixed views: the evaluation transform)
+        assert torch.allclose(batch.views[0], plain(batch.indices), atol=1e-5)
+        assert torch.allclose(batch.views[1], plain(batch.partners), atol=1e-5)
+    assert len(seen_columns) > 1  # drawn among the candidates, not always the same column
+    # without a table every view shows the image again
+    for batch in _partner_epochs(data, None, mode=mode, workers=workers):
+        assert batch.partners is None and torch.allclose(batch.views[1], plain(batch.indices), atol=1e-5)
+
+
+def test_partners_are_the_same_in_both_loaders_any_workers_and_a_resumed_epoch():
+    data = _toy(90)
+    table = torch.stack([torch.arange(90), (torch.arange(90) + 1) % 90, (torch.arange(90) + 7) % 90], dim=1)
+    runs = {(mode, workers): _partner_epochs(data, table, mode=mode, workers=workers, aug=AUG)
+            for mode, workers in [("device", 0), ("workers", 0), ("workers", 2)]}
+    partners = {key: torch.cat([b.partners for b in batches]).tolist() for key, batches in runs.items()}
+    assert len({tuple(p) for p in partners.values()}) == 1
+    for mode, workers in runs:
+        resumed = _partner_epochs(data, table, mode=mode, workers=workers, aug=AUG, first_batch=2)
+        full = runs[(mode, workers)][2:]
+        assert [b.partners.tolist() for b in resumed] == [b.partners.tolist() for b in full]
+        for a, b in zip(resumed, full):  # the augmented partner views too
+            assert all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    # another epoch draws other partners
+    other = torch.cat([b.partners for b in _partner_epochs(data, table, mode="device", workers=0, epoch=3)])
+    assert other.tolist() != partners[("device", 0)]
+
+
+@pytest.mark.parametrize("table, message", [
+    (torch.zeros(59, 3, dtype=torch.long), r"expected \(60, M >= 1\) rows, got shape \(59, 3\)"),
+    (torch.full((60, 2), 60), r"expected rows in \[0, 60\), got values in \[60, 60\]"),
+    (torch.full((60, 2), -1), r"expected rows in \[0, 60\), got values in \[-1, -1\]"),
+])
+@pytest.mark.parametrize("mode", ["device", "workers"])
+def test_a_bad_partner_table_is_refused(table, message, mode):
+    loader = _loader(_toy(60), mode=mode)
+    with pytest.raises(ValueError, match=message):
+        loader.set_partners(table)
