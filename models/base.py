@@ -5,6 +5,8 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
 
 - `training_step(views, indices, progress) -> {"loss": ..., other named terms}` (also `forward`,
   so DistributedDataParallel can wrap the method and synchronise its gradients);
+- `training_partners()`: a table of candidate rows per image from which the loader draws what the
+  odd-numbered views show (SCAN's mined neighbours); None (the default) = every view shows the image;
 - `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor);
 - `after_optimizer_step(progress)` (momentum/EMA updates, queues);
 - the EM loop: `wants_pseudo_labels(epoch)`, then `update_from_features(features, cluster, K)` with
@@ -148,9 +150,21 @@ class Method(nn.Module):
     def after_optimizer_step(self, progress: Progress) -> None:
         pass
 
+    def training_partners(self) -> torch.Tensor | None:
+        """(N, M) int64 rows, or None: asked before each epoch; with a table, the loader makes every
+        odd-numbered view of image i from one of the M rows of table[i], drawn uniformly (SCAN: view 1
+        is a mined neighbour, or the image itself)."""
+        return None
+
     # ---- EM loop
     def wants_pseudo_labels(self, epoch: int) -> bool:
         return False
+
+    def has_pseudo_labels(self) -> bool:
+        """Whether the EM loop's state is set (from an E-step or a checkpoint); while it is not, every
+        epoch starts with an E-step. Default: a `pseudo_labels` buffer with no -1 left."""
+        labels = getattr(self, "pseudo_labels", None)
+        return labels is not None and bool((labels >= 0).all())
 
     def update_from_features(self, features: torch.Tensor, cluster: ClusterFn, num_clusters: int) -> None:
         """E-step on the whole training set's features (N, D), identical on every rank."""

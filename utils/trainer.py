@@ -280,7 +280,7 @@ class Trainer:
                 # A run resumed mid-epoch has this epoch's pseudo-labels in its checkpoint (buffers).
                 if self.method.wants_pseudo_labels(epoch) and (
                         (epoch % cfg.cluster.every_epochs == 0 and self.epoch_step == 0)
-                        or not self._have_pseudo_labels()) and not self._e_step(epoch, should_stop):
+                        or not self.method.has_pseudo_labels()) and not self._e_step(epoch, should_stop):
                     break
                 train_stats = self.train_one_epoch(epoch, should_stop)
                 if self.interrupted and self.epoch_step < self.steps_per_epoch:  # saved by train_one_epoch
@@ -410,10 +410,6 @@ class Trainer:
             record["stage"] = self.stage.name
         return record
 
-    def _have_pseudo_labels(self) -> bool:
-        labels = getattr(self.method, "pseudo_labels", None)
-        return labels is not None and bool((labels >= 0).all())
-
     def train_one_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """Steps `self.epoch_step`.. of the epoch (0.. unless resumed mid-epoch), advancing `epoch_step`;
         once `should_stop()` is true on any rank, saves that step (mid-epoch) and returns early with
@@ -421,6 +417,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         first = self.epoch_step
+        self.loader.set_partners(self.method.training_partners())
         self.loader.set_epoch(epoch, first_batch=first)
         if first == 0:
             self.epoch_term_sums, self.epoch_term_steps = {}, 0

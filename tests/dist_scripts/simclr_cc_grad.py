@@ -1,4 +1,5 @@
-"""One SimCLR step and one CC step on a fixed global batch; rank 0 saves every parameter's gradient.
+"""One SimCLR step, one CC step and one step of SCAN's clustering stage (3 heads) on a fixed global
+batch; rank 0 saves every parameter's gradient.
 
 Run as one process (the whole batch) or under torchrun (each rank its contiguous half); with
 gathers that sum gradients back, the DDP-averaged gradients must equal the one-process ones.
@@ -12,17 +13,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import DataInfo, Progress, build_method
 from models.cc import CCConfig
+from models.scan import SCANConfig
 from models.simclr import SimCLRConfig
 from utils import distributed as du
 
 GLOBAL_BATCH, NUM_CLUSTERS = 8, 3
 
 
-def one_step(cfg, info, x1, x2) -> dict:
+def one_step(cfg, info, x1, x2, stage: str = "") -> dict:
     torch.manual_seed(0)  # identical initial weights on every rank (DDP would broadcast them anyway)
     method = build_method(cfg, backbone="small_cnn", norm="none",
                           data=DataInfo(in_channels=1, image_size=12, num_classes=NUM_CLUSTERS,
                                         num_samples=GLOBAL_BATCH, num_clusters=NUM_CLUSTERS))
+    if stage:
+        method.enter_stage(stage)
     rows = GLOBAL_BATCH // info.world_size
     mine = slice(info.rank * rows, (info.rank + 1) * rows)
     model = DistributedDataParallel(method) if du.is_dist() else method
@@ -41,6 +45,8 @@ def main(out_path: str) -> None:
     results = {
         "simclr": one_step(SimCLRConfig(projector_hidden_dim=32, feature_dim=16, temperature=0.5), info, x1, x2),
         "cc": one_step(CCConfig(instance_hidden_dim=32, feature_dim=16, cluster_hidden_dim=32), info, x1, x2),
+        "scan": one_step(SCANConfig(projector_hidden_dim=32, feature_dim=16, num_heads=3, num_neighbours=2),
+                         info, x1, x2, stage="scan"),
     }
     if info.is_main:
         torch.save(results, out_path)

@@ -1,0 +1,222 @@
+"""SCAN: mining against scikit-learn, head selection against a hand-written loss, the frozen-backbone
+option, pretrained pretext weights, and whole runs through the launcher on real digits (a run stopped
+inside the clustering stage resumes to the uninterrupted run's steps and weights)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main as launcher
+from models import DataInfo, Progress, StageContext, build_method
+from models.scan import SCANConfig
+from tests.stop_util import assert_same_weights, train_step_signalling_after
+from tests.torchrun_util import REPO_ROOT, SHARED_DATA
+from utils.config import ConfigError
+from utils.stop import EXIT_STOPPED
+from utils.trainer import Trainer
+
+INFO = DataInfo(in_channels=1, image_size=28, num_classes=4, num_samples=40, num_clusters=4)
+
+
+def build_scan(**options):
+    torch.manual_seed(0)
+    cfg = SCANConfig(projector_hidden_dim=32, feature_dim=16, num_neighbours=5, **options)
+    return build_method(cfg, backbone="small_cnn", norm="batch", data=INFO)
+
+
+def context(features: torch.Tensor) -> StageContext:
+    return StageContext(features=lambda kind: features, cluster=None, num_clusters=4)
+
+
+def test_mining_lists_each_image_then_its_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    method = build_scan()
+    method.enter_stage("pretext")
+    assert not method.has_head and method.training_partners() is None
+    features = torch.randn(40, 8, generator=torch.Generator().manual_seed(2))
+    method.enter_stage("scan")
+    method.start_stage("scan", context(features))
+    _, rows = NearestNeighbors(n_neighbors=6, metric="cosine", algorithm="brute").fit(
+        features.double().numpy()).kneighbors(features.double().numpy())
+    assert (method.neighbours.numpy() == rows).all()   # column 0: the image itself, then 5 neighbours
+    assert method.has_head and torch.equal(method.training_partners(), method.neighbours)
+
+
+def test_too_few_images_for_the_neighbours_is_one_line():
+    method = build_scan()
+    method.enter_stage("scan")
+    with pytest.raises(ValueError, match=r"method.num_neighbours: 5 neighbours per image need more than 5 images, "
+                                         r"the training set has 5"):
+        method.start_stage("scan", context(torch.randn(5, 8)))
+
+
+def scan_loss_by_hand(probabilities: np.ndarray, neighbours: np.ndarray, entropy_weight: float) -> float:
+    pairs = [math.log(max(float(probabilities[i] @ probabilities[j]), 1e-8))
+             for i in range(len(probabilities)) for j in neighbours[i, 1:]]
+    mean = probabilities.mean(axis=0)
+    return -sum(pairs) / len(pairs) + entropy_weight * float((mean * np.log(mean)).sum())
+
+
+def test_the_head_with_the_lowest_scan_loss_on_the_training_set_is_selected():
+    method = build_scan(num_heads=4)
+    method.enter_stage("scan")
+    features = torch.randn(40, 512, generator=torch.Generator().manual_seed(4))
+    method.start_stage("scan", context(features[:, :8]))
+    with torch.no_grad():  # scale the heads apart so that their losses differ clearly
+        for k, head in enumerate(method.heads):
+            head.weight.mul_(0.2 + k)
+    assert method.wants_pseudo_labels(0) and not method.has_pseudo_labels()
+    method.update_from_features(features, cluster=None, num_clusters=4)
+    by_hand = [scan_loss_by_hand(torch.softmax(head(features), 1).detach().double().numpy(),
+                                 method.neighbours.numpy(), 5.0) for head in method.heads]
+    assert method.head_losses.tolist() == pytest.approx(by_hand, rel=1e-9)
+    assert int(method.head_index) == int(np.argmin(by_hand)) and method.has_pseudo_labels()
+    images = torch.rand(6, 1, 28, 28)
+    method.eval()
+    with torch.no_grad():
+        chosen = method.heads[int(np.argmin(by_hand))]
+        expected = torch.softmax(chosen(method.backbone(images)), 1)
+        torch.testing.assert_close(method.eval_features(images, "cluster"), expected)
+        assert torch.equal(method.head_predictions(images), expected.argmax(1))
+    one_head = build_scan()
+    one_head.enter_stage("scan")
+    assert not one_head.wants_pseudo_labels(0)   # nothing to select: no whole-dataset pass
+
+
+def clustering_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """4 groups of 4 noisy copies of a pattern (16, 1, 28, 28), and for each image another of its group."""
+    gen = torch.Generator().manual_seed(0)
+    patterns = 3 * torch.rand(4, 1, 28, 28, generator=gen)
+    anchors = patterns.repeat_interleave(4, 0) + 0.1 * torch.randn(16, 1, 28, 28, generator=gen)
+    return anchors, anchors[torch.arange(16).view(4, 4).roll(1, dims=1).flatten()]
+
+
+@torch.no_grad()
+def set_batch_norm_statistics(method, images: torch.Tensor) -> None:
+    """The backbone's batch-norm statistics of `images`, as a pretext stage would have left them."""
+    training = method.backbone.training
+    method.backbone.train()
+    for module in method.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0
+    method.backbone(images)
+    method.backbone.train(training)
+
+
+def clustering_steps(method, steps: int = 15) -> list[float]:
+    anchors, neighbours = clustering_batch()
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        terms = method.training_step([anchors, neighbours], torch.arange(16),
+                                     Progress(epoch=0, global_step=step, steps_per_epoch=steps, total_steps=steps))
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        losses.append(terms["loss"].item())
+    return losses
+
+
+@pytest.mark.parametrize("update_backbone", [True, False])
+def test_clustering_steps_train_the_heads_and_the_backbone_unless_frozen(update_backbone):
+    method = build_scan(num_heads=2, update_backbone=update_backbone)
+    method.enter_stage("scan")
+    set_batch_norm_statistics(method, clustering_batch()[0])
+    method.train()
+    backbone = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    projector = {k: v.clone() for k, v in method.projector.state_dict().items()}
+    heads = [h.weight.detach().clone() for h in method.heads]
+    losses = clustering_steps(method)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(not torch.equal(h.weight, before) for h, before in zip(method.heads, heads))
+    assert all(torch.equal(v, method.projector.state_dict()[k]) for k, v in projector.items())
+    unchanged = [torch.equal(v, method.backbone.state_dict()[k]) for k, v in backbone.items()]
+    # frozen: weights and batch-norm statistics (eval mode) stay those of the pretext
+    assert all(unchanged) if not update_backbone else not all(unchanged)
+
+
+def test_pretrained_weights_come_from_a_simclr_run_and_a_dec_checkpoint_is_refused():
+    from models.simclr import SimCLRConfig
+
+    torch.manual_seed(5)
+    simclr = build_method(SimCLRConfig(projector_hidden_dim=32, feature_dim=16), backbone="small_cnn", norm="batch",
+                          data=INFO)
+    method = build_scan(pretrained="x.pt")
+    assert [s.name for s in method.training_stages()] == ["scan"]
+    method.load_pretrained(simclr.state_dict())
+    for part in ("backbone", "projector"):
+        theirs = getattr(simclr, part).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(method, part).state_dict().items())
+    with pytest.raises(ValueError, match=r"holds no backbone weights \(backbone\.\*\); expected a simclr or scan run"):
+        method.load_pretrained({"autoencoder.encoder.0.weight": torch.zeros(1)})
+
+
+def test_config_validation_names_the_key():
+    for options, key in [({"pretext_epochs": 0}, "pretext_epochs"), ({"mining_features": "pixels"}, "mining_features"),
+                         ({"num_heads": 0}, "num_heads"), ({"scan_optimizer": "lamb"}, "scan_optimizer"),
+                         ({"entropy_weight": -1.0}, "entropy_weight")]:
+        with pytest.raises(ConfigError, match=f"method.{key}"):
+            SCANConfig(**options).validate()
+    SCANConfig(pretext_epochs=0, pretrained="runs/x/last.pt").validate()
+
+
+# ------------------------------------------------------------------------------ runs through the launcher
+CONFIG = REPO_ROOT / "config" / "mnist_cnn_scan.yml"
+SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=512", "run.threads_per_rank=1",
+         "train.batch_size_per_rank=64", "train.log_every_steps=1", "method.pretext_epochs=1",
+         "method.scan_epochs=2", "method.num_heads=2", "method.num_neighbours=5", "method.scan_lr=1e-3",
+         "cluster.n_init=1", "eval.n_init=1", "eval.every_epochs=1", "logging.progress_bar=false"]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["step/loss"] for r in records if "step/loss" in r}
+
+
+def test_a_run_stopped_inside_the_clustering_stage_resumes_to_the_same_run(tmp_path, monkeypatch):
+    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL]
+    straight = launcher.main([*common, "run.name=straight"])
+    with monkeypatch.context() as patch:   # 8 steps per epoch: step 11 is inside the first scan epoch
+        patch.setattr(Trainer, "train_step", train_step_signalling_after(11))
+        with pytest.raises(SystemExit) as exc:
+            launcher.main([*common, "run.name=split"])
+    assert exc.value.code == EXIT_STOPPED
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (state["stage_name"], state["epoch_step"], state["global_step"]) == ("scan", 3, 11)
+    resumed = launcher.main([*common, "run.name=split", "--resume", "auto"])
+    one, two = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
+    assert sorted(two) == list(range(1, 25))
+    assert [two[s] for s in range(1, 25)] == pytest.approx([one[s] for s in range(1, 25)], rel=1e-6, abs=1e-7)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    assert resumed == pytest.approx(straight)
+    final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    assert final["neighbours_ready"] and final["head_selected"] and final["neighbours"].shape == (512, 6)
+
+
+def test_a_clustering_run_starts_from_a_simclr_run_and_trains_on_neighbour_pairs(tmp_path, monkeypatch):
+    simclr = REPO_ROOT / "config" / "mnist_cnn_simclr.yml"
+    launcher.main([str(simclr), f"run.output_dir={tmp_path}", "run.name=pretext", *SMALL[:5], "train.epochs=1",
+                   "cluster.n_init=1", "eval.n_init=1", "logging.progress_bar=false"])
+    pretext = torch.load(tmp_path / "pretext" / "last.pt", weights_only=True)["model"]
+    partner_rows = []
+    train_step = Trainer.train_step
+
+    def recording_train_step(self, views, indices, epoch):   # which rows the second views showed
+        partner_rows.append((self.method.neighbours.clone(), self.loader.partners))
+        return train_step(self, views, indices, epoch)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_train_step)
+    scores = launcher.main([str(CONFIG), f"run.output_dir={tmp_path}", "run.name=scan", *SMALL,
+                            f"method.pretrained={tmp_path / 'pretext' / 'last.pt'}", "method.scan_epochs=1"])
+    assert len(partner_rows) == 8
+    for neighbours, table in partner_rows:
+        assert table is not None and torch.equal(table, neighbours)   # the loader draws from the mined table
+    assert set(scores) >= {"nmi", "acc", "ari"}
+    state = torch.load(tmp_path / "scan" / "last.pt", weights_only=True)
+    assert state["stage_name"] == "scan" and state["global_step"] == 8    # no pretext stage
+    # the projector is not trained in the clustering stage: still the pretext run's
+    assert all(torch.equal(state["model"][k], v) for k, v in pretext.items() if k.startswith("projector."))
