@@ -19,6 +19,10 @@ All randomness comes from the `torch.Generator` passed to `forward` (on the imag
 seed reproduces the views. `build_sample_transform` is the per-sample torchvision.transforms.v2
 pipeline with the same parameters (for the workers loader and as a benchmark baseline), and
 `EvalTransform` the deterministic test-time path.
+
+SCAN's strong views add two per-sample steps that only the per-sample pipeline has (the workers
+loader): `augment.strong_ops` random ops at random magnitudes (`RandomStrongOps`, after the geometry,
+on uint8 pixels) and Cutout (`Cutout`, one square hole after normalising).
 """
 from __future__ import annotations
 
@@ -459,6 +463,85 @@ def build_eval_transform(*, image_size: int, mean: Sequence[float], std: Sequenc
     return EvalTransform(image_size=image_size, mean=mean, std=std, normalize=normalize)
 
 
+# SCAN's strong views: RandAugment's ops, each at a magnitude drawn uniformly from its range (not
+# RandAugment's one fixed magnitude). Factors below 1 only degrade (SCAN's ranges for the enhancement ops);
+# shear is a shear factor (tan of the angle), translation a fraction of the side.
+STRONG_OPS: dict[str, tuple[float, float]] = {
+    "identity": (0.0, 0.0), "autocontrast": (0.0, 0.0), "equalize": (0.0, 0.0),
+    "rotate": (-30.0, 30.0), "solarize": (0.0, 256.0), "posterize": (4.0, 8.0),
+    "color": (0.05, 0.95), "contrast": (0.05, 0.95), "brightness": (0.05, 0.95), "sharpness": (0.05, 0.95),
+    "shear_x": (-0.3, 0.3), "shear_y": (-0.3, 0.3), "translate_x": (-0.3, 0.3), "translate_y": (-0.3, 0.3),
+}
+
+
+def apply_strong_op(image: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
+    """One op of STRONG_OPS on a (C, H, W) uint8 image at `magnitude` (within the op's range)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = image.shape[-2:]
+    if name == "identity":
+        return image
+    if name == "autocontrast":
+        return TF.autocontrast(image)
+    if name == "equalize":
+        return TF.equalize(image)
+    if name == "rotate":
+        return TF.rotate(image, magnitude)
+    if name == "solarize":   # pixels >= the threshold are inverted; 256 leaves the image as it is
+        return image if magnitude >= 256 else TF.solarize(image, int(magnitude))
+    if name == "posterize":
+        return TF.posterize(image, int(magnitude))
+    if name == "color":
+        return TF.adjust_saturation(image, magnitude) if image.shape[-3] == 3 else image
+    if name in ("contrast", "brightness", "sharpness"):
+        return getattr(TF, f"adjust_{name}")(image, magnitude)
+    if name in ("shear_x", "shear_y"):
+        degrees = math.degrees(math.atan(magnitude))
+        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                         shear=[degrees, 0.0] if name == "shear_x" else [0.0, degrees])
+    if name in ("translate_x", "translate_y"):
+        shift = [round(magnitude * width), 0] if name == "translate_x" else [0, round(magnitude * height)]
+        return TF.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
+    raise ValueError(f"unknown strong op {name!r}; expected one of {', '.join(STRONG_OPS)}")
+
+
+class RandomStrongOps(torch.nn.Module):
+    """`num_ops` ops drawn uniformly (with replacement) from STRONG_OPS, each applied at a magnitude drawn
+    uniformly from its range: (C, H, W) uint8 -> (C, H, W) uint8. Randomness from torch's global RNG."""
+
+    def __init__(self, num_ops: int):
+        super().__init__()
+        self.num_ops = num_ops
+        self.names = list(STRONG_OPS)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.num_ops):
+            name = self.names[int(torch.randint(len(self.names), ()))]
+            low, high = STRONG_OPS[name]
+            image = apply_strong_op(image, name, low + (high - low) * float(torch.rand(())))
+        return image
+
+
+class Cutout(torch.nn.Module):
+    """Cutout (DeVries and Taylor, 2017) as SCAN uses it: one square hole, side drawn from 1..`max_size`,
+    centred on a uniformly drawn pixel and clipped at the border, set to 0 (the mean, after normalising).
+    (C, H, W) float -> the same."""
+
+    def __init__(self, max_size: int):
+        super().__init__()
+        self.max_size = max_size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        side = int(torch.randint(1, self.max_size + 1, ()))
+        cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, left = max(0, cy - side // 2), max(0, cx - side // 2)
+        bottom, right = min(height, cy - side // 2 + side), min(width, cx - side // 2 + side)
+        image = image.clone()
+        image[..., top:bottom, left:right] = 0.0
+        return image
+
+
 class _FixedOrderColorJitter(torch.nn.Module):
     """ColorJitter for one float image with the batched path's fixed order of the four adjustments."""
 
@@ -507,6 +590,8 @@ def build_sample_transform(cfg: AugmentConfig, *, image_size: int, channels: int
     if cfg.elastic_p > 0 and cfg.elastic_alpha > 0:
         ops.append(v2.RandomApply([v2.ElasticTransform(cfg.elastic_alpha, cfg.elastic_sigma, bilinear)],
                                   p=cfg.elastic_p))
+    if cfg.strong_ops:
+        ops.append(RandomStrongOps(cfg.strong_ops))
     ops.append(v2.ToDtype(torch.float32, scale=True))
     if cfg.jitter_p > 0:
         ops.append(v2.RandomApply([_FixedOrderColorJitter(cfg.brightness, cfg.contrast, cfg.saturation,
@@ -520,4 +605,6 @@ def build_sample_transform(cfg: AugmentConfig, *, image_size: int, channels: int
         ops.append(v2.RandomSolarize(SOLARIZE_THRESHOLD, p=cfg.solarize_p[view]))
     if cfg.normalize:
         ops.append(v2.Normalize(list(mean), list(std)))
+    if cfg.cutout_size:
+        ops.append(Cutout(cfg.cutout_size))
     return v2.Compose(ops)

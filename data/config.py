@@ -85,8 +85,9 @@ class AugmentConfig:
     asymmetric BYOL transform; the other values are shared by all views.
 
     Order of the ops (batched and per-sample paths alike): random resized crop -> horizontal flip ->
-    random affine -> elastic distortion -> colour jitter (brightness, contrast, saturation, hue, in that
-    fixed order) -> grayscale -> Gaussian blur -> solarize -> normalise.
+    random affine -> elastic distortion -> [strong ops] -> colour jitter (brightness, contrast, saturation,
+    hue, in that fixed order) -> grayscale -> Gaussian blur -> solarize -> normalise -> [Cutout]; the two
+    bracketed steps exist only per sample (the workers loader).
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area fraction of the random crop
@@ -111,6 +112,16 @@ class AugmentConfig:
     # false: no augmentation at all, every view is the image itself (the evaluation transform: resized and
     # centre-cropped to image_size when needed; pixels in [0, 1] unless normalize), e.g. DEC/IDEC's input
     random_views: bool = True
+    # SCAN's strong views (per-sample ops: the workers loader): this many random ops at random magnitudes
+    # (data.augment.STRONG_OPS) after the geometry, and one Cutout hole of side 1..cutout_size after
+    # normalising (SCAN: 4 ops; holes up to 16 px on CIFAR, 32 on STL-10). 0 = off.
+    strong_ops: int = 0
+    cutout_size: int = 0
+
+    @property
+    def per_sample_only(self) -> bool:
+        """Whether some step exists only in the per-sample pipeline (the workers loader)."""
+        return self.random_views and bool(self.strong_ops or self.cutout_size)
 
     def validate(self) -> None:
         for key in ("crop_scale", "crop_ratio", "blur_p", "blur_sigma", "solarize_p"):
@@ -144,3 +155,6 @@ class AugmentConfig:
             _fail("augment.elastic_alpha", f"expected >= 0, got {self.elastic_alpha!r}")
         if self.elastic_sigma <= 0.0:
             _fail("augment.elastic_sigma", f"expected > 0, got {self.elastic_sigma!r}")
+        for key in ("strong_ops", "cutout_size"):
+            if getattr(self, key) < 0:
+                _fail(f"augment.{key}", f"expected 0 (off) or a positive count, got {getattr(self, key)!r}")

@@ -316,12 +316,16 @@ class WorkersLoader:
 def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
                        device: torch.device | str, rank: int, world_size: int, seed: int, mode: str = "auto",
                        num_workers: int = 4) -> TrainLoader:
-    """The training loader of `mode`: device | workers | auto (device when the images are in memory).
+    """The training loader of `mode`: device | workers | auto (device when the images are in memory and
+    the augmentation has no per-sample-only step).
     A file-backed dataset in device mode is decoded into memory first (at `data.image_size`)."""
     if mode not in LOADER_MODES:
         raise ValueError(f"data.loader: expected one of {', '.join(LOADER_MODES)}, got {mode!r}")
     if mode == "auto":
-        mode = "device" if data.images is not None else "workers"
+        mode = "device" if data.images is not None and not aug.per_sample_only else "workers"
+    if mode == "device" and aug.per_sample_only:
+        raise ValueError("data.loader=device: augment.strong_ops and augment.cutout_size exist only in the per-sample "
+                         "pipeline; use data.loader=workers (or auto)")
     common = dict(batch_size_per_rank=batch_size_per_rank, num_views=num_views, device=device, rank=rank,
                   world_size=world_size, seed=seed)
     if mode == "device":

@@ -15,8 +15,8 @@ Stages of one run (the trainer's stages; each resumable, each with its own optim
 With several heads, the one with the lowest SCAN loss on the whole training set (clean images, every
 mined pair) is selected at each `cluster.every_epochs` E-step of the scan stage, label-free as SCAN
 selects it on its validation split; its argmax is the read-out. Before the scan stage, read-outs are
-k-means of backbone features. Both views of the scan stage use the config's `augment` section; SCAN's
-own strong augmentation (RandAugment with Cutout) and its self-labelling step are not here yet.
+k-means of backbone features. Both views of the scan stage use the config's `augment` section (SCAN's
+strong views: `augment.strong_ops=4`, `augment.cutout_size`). SCAN's self-labelling step is not here yet.
 """
 from __future__ import annotations
 

@@ -271,3 +271,104 @@ def test_eval_transform_resizes_the_shorter_side_and_centre_crops():
                                (native.float() / 255 - 0.1) / 0.3)
     assert math.isclose(float(EvalTransform(image_size=28, mean=(0.0,), std=(1.0,), normalize=False)(native).max()),
                         float(native.max()) / 255, rel_tol=1e-6)
+
+
+# ------------------------------------------------------------------ SCAN's strong views (per-sample only)
+def _pil_oracles(pil):
+    from PIL import ImageEnhance, ImageOps
+
+    return {"autocontrast": (0.0, ImageOps.autocontrast(pil)), "equalize": (0.0, ImageOps.equalize(pil)),
+            "posterize": (5.0, ImageOps.posterize(pil, 5)), "solarize": (100.0, ImageOps.solarize(pil, 100)),
+            "color": (0.3, ImageEnhance.Color(pil).enhance(0.3)),
+            "contrast": (0.3, ImageEnhance.Contrast(pil).enhance(0.3)),
+            "brightness": (0.3, ImageEnhance.Brightness(pil).enhance(0.3)),
+            "sharpness": (0.3, ImageEnhance.Sharpness(pil).enhance(0.3)), "rotate": (20.0, pil.rotate(20)),
+            "identity": (0.0, pil)}
+
+
+def test_strong_ops_match_pillow():
+    import numpy as np
+    from PIL import Image
+
+    from data.augment import STRONG_OPS, apply_strong_op
+
+    image = torch.randint(30, 200, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    oracles = _pil_oracles(Image.fromarray(image.permute(1, 2, 0).numpy()))
+    for name, (magnitude, expected) in oracles.items():
+        out = apply_strong_op(image, name, magnitude)
+        assert out.dtype == torch.uint8 and out.shape == image.shape
+        diff = (out.int() - torch.from_numpy(np.array(expected)).permute(2, 0, 1).int()).abs()
+        assert int(diff.max()) <= 1, name   # Pillow rounds the enhancement blends its own way
+    # translation by a quarter of the side moves the content by 4 pixels and fills black
+    right = apply_strong_op(image, "translate_x", 0.25)
+    assert torch.equal(right[:, :, 4:], image[:, :, :-4]) and int(right[:, :, :4].max()) == 0
+    assert torch.equal(apply_strong_op(image, "translate_y", -0.25)[:, :-4], image[:, 4:])
+    sheared = apply_strong_op(image, "shear_x", 0.3)   # nearest sampling: every pixel is one of the image's, or 0
+    assert not torch.equal(sheared, image)
+    assert set(sheared.flatten().tolist()) <= set(image.flatten().tolist()) | {0}
+    assert apply_strong_op(image, "solarize", 256.0) is image
+    assert set(oracles) | {"shear_x", "shear_y", "translate_x", "translate_y"} == set(STRONG_OPS)
+
+
+def test_random_strong_ops_draw_ops_and_magnitudes_from_the_seed(monkeypatch):
+    import data.augment as augment
+
+    calls = []
+    monkeypatch.setattr(augment, "apply_strong_op", lambda image, name, magnitude: calls.append((name, magnitude))
+                        or image)
+    ops = augment.RandomStrongOps(4)
+    torch.manual_seed(3)
+    for _ in range(200):
+        ops(torch.zeros(1, 4, 4, dtype=torch.uint8))
+    assert len(calls) == 800
+    assert {name for name, _ in calls} == set(augment.STRONG_OPS)   # every op drawn
+    for name, magnitude in calls:
+        low, high = augment.STRONG_OPS[name]
+        assert low <= magnitude <= high
+    rotations = [m for name, m in calls if name == "rotate"]
+    assert min(rotations) < -20 and max(rotations) > 20                # magnitudes spread over the range
+    torch.manual_seed(3)
+    first = list(calls)
+    calls.clear()
+    for _ in range(200):
+        ops(torch.zeros(1, 4, 4, dtype=torch.uint8))
+    assert calls == first
+
+
+def test_cutout_zeroes_one_clipped_square_of_random_side():
+    from data.augment import Cutout
+
+    torch.manual_seed(0)
+    cutout = Cutout(5)
+    sides = set()
+    for _ in range(300):
+        image = torch.rand(3, 12, 12) + 1.0
+        out = cutout(image)
+        hole = (out == 0).all(dim=0)
+        rows, cols = hole.any(dim=1).nonzero().flatten(), hole.any(dim=0).nonzero().flatten()
+        assert hole.sum() == len(rows) * len(cols)                                 # one filled rectangle
+        assert len(rows) <= 5 and len(cols) <= 5
+        assert torch.equal(out[:, ~hole], image[:, ~hole])                         # the rest is untouched
+        if 0 < rows.min() and rows.max() < 11 and 0 < cols.min() and cols.max() < 11:
+            assert len(rows) == len(cols)                                          # square unless clipped
+            sides.add(len(rows))
+    assert sides == {1, 2, 3, 4, 5}
+
+
+def test_strong_views_need_the_per_sample_pipeline():
+    from data.datasets import ImageData
+    from data.loaders import WorkersLoader, build_train_loader
+
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    data = ImageData(name="toy", labels=torch.zeros(64, dtype=torch.long), num_classes=1, class_names=["a"],
+                     mean=(0.5,) * 3, std=(0.25,) * 3, channels=3, image_size=16, images=images)
+    strong = AugmentConfig(strong_ops=4, cutout_size=8)
+    common = dict(batch_size_per_rank=8, num_views=2, device="cpu", rank=0, world_size=1, seed=0, num_workers=0)
+    loader = build_train_loader(data, strong, mode="auto", **common)
+    assert isinstance(loader, WorkersLoader)
+    views = next(iter(loader)).views
+    assert views[0].shape == (8, 3, 16, 16) and bool((views[0] == 0).any())   # a Cutout hole in each view
+    with pytest.raises(ValueError, match=r"data.loader=device: augment.strong_ops and augment.cutout_size exist only"):
+        build_train_loader(data, strong, mode="device", **common)
+    with pytest.raises(ValueError, match=r"augment.strong_ops: expected 0 \(off\) or a positive count, got -1"):
+        AugmentConfig(strong_ops=-1).validate()

@@ -177,8 +177,10 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["step/loss"] for r in records if "step/loss" in r}
 
 
-def test_a_run_stopped_inside_the_clustering_stage_resumes_to_the_same_run(tmp_path, monkeypatch):
-    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL]
+@pytest.mark.parametrize("views", [[], ["augment.strong_ops=2", "augment.cutout_size=6", "data.num_workers=0"]],
+                         ids=["device-loader", "strong-views"])
+def test_a_run_stopped_inside_the_clustering_stage_resumes_to_the_same_run(tmp_path, monkeypatch, views):
+    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL, *views]
     straight = launcher.main([*common, "run.name=straight"])
     with monkeypatch.context() as patch:   # 8 steps per epoch: step 11 is inside the first scan epoch
         patch.setattr(Trainer, "train_step", train_step_signalling_after(11))
