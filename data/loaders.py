@@ -20,18 +20,21 @@ first draws, without applying them, the augmentation parameters of the b batches
 Partner views (SCAN's neighbours): after `set_partners(table)`, a (N, M) table of candidate rows per
 image, every odd-numbered view of image i is made from one of its candidates instead of i itself,
 drawn uniformly from its row by a seed of (seed, epoch, i): the same partner in both loaders, with any
-number of workers, and in a resumed epoch.
+number of workers, and in a resumed epoch. Clean views (SCAN's self-labelling): after
+`set_clean_views(views)`, the views numbered in `views` are the evaluation transform of their image
+(no augmentation), the others augmented as before.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
-from data.augment import BatchAugment, EvalTransform, build_batch_augments, build_sample_transform
+from data.augment import BatchAugment, EvalTransform, FixedView, build_batch_augments, build_sample_transform
 from data.config import AugmentConfig
 from data.datasets import ImageData, decode_files, load_image_file, read_image_file
 
@@ -60,6 +63,10 @@ class TrainLoader(Protocol):
     def set_partners(self, table: torch.Tensor | None) -> None:
         """From the next epoch on, odd-numbered views show a partner drawn from table[i] (N, M) int64
         instead of image i (None: every view shows image i)."""
+
+    def set_clean_views(self, views: Sequence[int]) -> None:
+        """From the next epoch on, the views numbered in `views` are the evaluation transform (no
+        augmentation) of their image; () = every view augmented."""
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank (whatever `first_batch`)."""
@@ -122,6 +129,13 @@ def check_partner_table(table: torch.Tensor | None, n: int) -> torch.Tensor | No
     return table
 
 
+def check_clean_views(views: Sequence[int], num_views: int) -> frozenset[int]:
+    """views as a set of view numbers in [0, num_views), or a ValueError."""
+    if any(not 0 <= v < num_views for v in views):
+        raise ValueError(f"clean views: expected view numbers in [0, {num_views}), got {list(views)}")
+    return frozenset(views)
+
+
 def draw_partners(table: torch.Tensor, indices: torch.Tensor, *, seed: int, epoch: int) -> torch.Tensor:
     """(B,) int64 CPU: for each of indices (B,) (CPU), one entry of its row of table (N, M), uniformly,
     from a seed of (seed, epoch, index) alone."""
@@ -163,6 +177,9 @@ class DeviceTensorLoader:
         self.images = data.images.to(self.device)
         self.augments = build_batch_augments(aug, num_views=num_views, image_size=data.image_size,
                                              channels=data.channels, mean=data.mean, std=data.std)
+        self.clean_view = FixedView(EvalTransform(image_size=data.image_size, mean=data.mean, std=data.std,
+                                                  normalize=aug.normalize))
+        self.clean_views: frozenset[int] = frozenset()
         self.batch_size_per_rank = batch_size_per_rank
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.first_batch = 0, 0
@@ -173,6 +190,12 @@ class DeviceTensorLoader:
 
     def set_partners(self, table: torch.Tensor | None) -> None:
         self.partners = check_partner_table(table, len(self.images))
+
+    def set_clean_views(self, views: Sequence[int]) -> None:
+        self.clean_views = check_clean_views(views, len(self.augments))
+
+    def _view_transforms(self) -> list[Callable]:
+        return [self.clean_view if k in self.clean_views else augment for k, augment in enumerate(self.augments)]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -194,7 +217,8 @@ class DeviceTensorLoader:
             if partner_order is not None:
                 partners = partner_order[b * size:(b + 1) * size]
                 sources.append(self.images.index_select(0, partners))
-            views = [augment(sources[k % len(sources)], generator) for k, augment in enumerate(self.augments)]
+            views = [transform(sources[k % len(sources)], generator)
+                     for k, transform in enumerate(self._view_transforms())]
             yield TrainBatch(views=views, indices=indices, partners=partners)
 
     def _draw_skipped_params(self, generator: torch.Generator, batches: int) -> None:
@@ -203,21 +227,24 @@ class DeviceTensorLoader:
         batches after them get the uninterrupted epoch's views. One seed per epoch, not per batch,
         keeps the augmentation stream of runs from before mid-epoch resume."""
         height, width = self.images.shape[2:]
+        transforms = self._view_transforms()
         for _ in range(batches):
-            for augment in self.augments:
+            for augment in transforms:
                 if isinstance(augment, BatchAugment):  # the fixed views draw nothing
                     augment.sample_params(self.batch_size_per_rank, height, width, device=self.device,
                                           generator=generator)
 
 
 class _EpochShardSampler(torch.utils.data.Sampler):
-    """Yields (index, sample seed, partner or -1) for this rank's indices of the current epoch, from
-    `first` on. It runs in the main process, so a new partner table reaches persistent workers."""
+    """Yields (index, sample seed, partner or -1, clean-view bit mask) for this rank's indices of the
+    current epoch, from `first` on. It runs in the main process, so a new partner table or set of clean
+    views reaches persistent workers."""
 
     def __init__(self, n: int, *, seed: int, rank: int, world_size: int):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch, self.first = 0, 0
         self.partners: torch.Tensor | None = None
+        self.clean_views: frozenset[int] = frozenset()
 
     def set_epoch(self, epoch: int, first: int = 0) -> None:
         self.epoch, self.first = epoch, first
@@ -225,25 +252,28 @@ class _EpochShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n // self.world_size - self.first
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
         order = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size)[self.first:]
         indices = order.numpy()
         seeds = _sample_seeds(mixed_seed(self.seed, self.epoch), indices)
         partners = ([-1] * len(indices) if self.partners is None
                     else draw_partners(self.partners, order, seed=self.seed, epoch=self.epoch).tolist())
-        return iter(zip(indices.tolist(), seeds.tolist(), partners))
+        clean_mask = sum(1 << v for v in self.clean_views)
+        return iter(zip(indices.tolist(), seeds.tolist(), partners, [clean_mask] * len(partners)))
 
 
 class _ViewsDataset(torch.utils.data.Dataset):
-    """(row, seed, partner) -> (num_views per-sample views, row, partner), each sample's randomness seeded
-    by its key; odd-numbered views show the partner row unless it is -1."""
+    """(row, seed, partner, clean mask) -> (num_views per-sample views, row, partner), each sample's
+    randomness seeded by its key; odd-numbered views show the partner row unless it is -1, and view k is
+    `clean_transform` of its image where bit k of the mask is set."""
 
-    def __init__(self, data: ImageData, transforms: list[Callable]):
+    def __init__(self, data: ImageData, transforms: list[Callable], clean_transform: Callable):
         self.images = data.images
         self.files = data.files
         self.mode = "L" if data.channels == 1 else "RGB"
         self.transforms = transforms
+        self.clean_transform = clean_transform
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.files)
@@ -251,12 +281,13 @@ class _ViewsDataset(torch.utils.data.Dataset):
     def _image(self, index: int):
         return self.images[index] if self.images is not None else read_image_file(self.files[index], self.mode)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[list[torch.Tensor], int, int]:
-        index, sample_seed, partner = key
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[list[torch.Tensor], int, int]:
+        index, sample_seed, partner, clean_mask = key
         sources = [self._image(index)] + ([] if partner < 0 else [self._image(partner)])
 
         def views() -> list[torch.Tensor]:
-            return [transform(sources[k % len(sources)]) for k, transform in enumerate(self.transforms)]
+            return [(self.clean_transform if clean_mask >> k & 1 else transform)(sources[k % len(sources)])
+                    for k, transform in enumerate(self.transforms)]
 
         if torch.utils.data.get_worker_info() is None:  # in the main process: leave its RNG alone
             with torch.random.fork_rng(devices=[]):
@@ -286,9 +317,12 @@ class WorkersLoader:
         self.device = torch.device(device)
         transforms = [build_sample_transform(aug, image_size=data.image_size, channels=data.channels,
                                              mean=data.mean, std=data.std, view=k % 2) for k in range(num_views)]
+        clean = build_sample_transform(dataclasses.replace(aug, random_views=False), image_size=data.image_size,
+                                       channels=data.channels, mean=data.mean, std=data.std)
+        self.num_views = num_views
         self.sampler = _EpochShardSampler(len(data), seed=seed, rank=rank, world_size=world_size)
         self.loader = torch.utils.data.DataLoader(
-            _ViewsDataset(data, transforms), batch_size=batch_size_per_rank, sampler=self.sampler,
+            _ViewsDataset(data, transforms, clean), batch_size=batch_size_per_rank, sampler=self.sampler,
             drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             generator=torch.Generator().manual_seed(mixed_seed(seed, rank)),  # its base seed, not the global RNG
@@ -301,6 +335,9 @@ class WorkersLoader:
 
     def set_partners(self, table: torch.Tensor | None) -> None:
         self.sampler.partners = check_partner_table(table, self.sampler.n)
+
+    def set_clean_views(self, views: Sequence[int]) -> None:
+        self.sampler.clean_views = check_clean_views(views, self.num_views)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -4,10 +4,13 @@ An image and one of its mined neighbours should land in the same cluster with co
 consistency term is -mean_i log <p(x_i), p(n_i)>, the inner product of the two softmax rows. Alone
 it is minimised by putting every image in one cluster, so the entropy of the batch's mean
 assignment, H((1/B) sum_i p(x_i)), is subtracted with a weight (5.0 in every SCAN config).
+Self-labelling then trains the strongly augmented view to predict the confident argmax of the clean
+view, with classes weighted inversely to how often they are confident targets.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # SCAN's reference clamps the same way: log of an inner product or a share below this is taken at it,
 # so a collapsed head gives a large finite loss, not inf or NaN gradients.
@@ -38,3 +41,28 @@ def scan_loss(p_anchor: torch.Tensor, p_neighbour: torch.Tensor, *,
     consistency = -similarity.clamp_min(_EPS).log().mean()
     entropy = mean_assignment_entropy(p_anchor)
     return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def confidence_cross_entropy(weak_probabilities: torch.Tensor, strong_logits: torch.Tensor, *, threshold: float,
+                             class_balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCAN's self-labelling loss: (loss, fraction of confident rows).
+
+    weak_probabilities (B, K): softmax rows of the clean views (targets; no gradient flows into them);
+    strong_logits (B, K): logits of the augmented views. Row i is confident when max_k p_ik > threshold,
+    with target y_i = argmax_k p_ik; loss = sum_i w_i CE(strong_i, y_i) / sum_i w_i over confident rows,
+    w_i = n / n_{y_i} (n confident rows, n_c of them with target c) with `class_balance`, else 1. With no
+    confident row the loss is 0 (SCAN's reference raises there). Gather both across ranks first so
+    that the counts are the global batch's.
+    """
+    if weak_probabilities.shape != strong_logits.shape or strong_logits.dim() != 2:
+        raise ValueError(f"weak_probabilities and strong_logits must both be (B, K), got "
+                         f"{tuple(weak_probabilities.shape)} and {tuple(strong_logits.shape)}")
+    confidence, target = weak_probabilities.detach().max(dim=1)
+    confident = (confidence > threshold).to(strong_logits.dtype)                 # (B,)
+    weights = confident
+    if class_balance:  # no branch on the count: no device synchronisation
+        counts = torch.bincount(target, weights=confident, minlength=strong_logits.shape[1])   # (K,)
+        weights = confident * confident.sum() / counts[target].clamp_min(1.0)
+    per_row = F.cross_entropy(strong_logits, target, reduction="none")
+    loss = (weights * per_row).sum() / weights.sum().clamp_min(1e-12)
+    return loss, confident.mean()

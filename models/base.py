@@ -7,6 +7,7 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   so DistributedDataParallel can wrap the method and synchronise its gradients);
 - `training_partners()`: a table of candidate rows per image from which the loader draws what the
   odd-numbered views show (SCAN's mined neighbours); None (the default) = every view shows the image;
+  and `clean_training_views()`, the views left un-augmented (SCAN's self-labelling targets);
 - `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor);
 - `after_optimizer_step(progress)` (momentum/EMA updates, queues);
 - the EM loop: `wants_pseudo_labels(epoch)`, then `update_from_features(features, cluster, K)` with
@@ -155,6 +156,11 @@ class Method(nn.Module):
         odd-numbered view of image i from one of the M rows of table[i], drawn uniformly (SCAN: view 1
         is a mined neighbour, or the image itself)."""
         return None
+
+    def clean_training_views(self) -> tuple[int, ...]:
+        """Asked before each epoch: the views (by number) that the loader makes with the evaluation
+        transform instead of augmenting them (SCAN's self-labelling: view 0)."""
+        return ()
 
     # ---- EM loop
     def wants_pseudo_labels(self, epoch: int) -> bool:

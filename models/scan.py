@@ -12,11 +12,18 @@ Stages of one run (the trainer's stages; each resumable, each with its own optim
    is a candidate drawn uniformly (`training_partners`), and each of `num_heads` linear heads on the
    backbone minimises -mean log <p(x), p(n)> - `entropy_weight` H(mean p(x)) (losses/scan.py); the
    heads' losses are summed. Adam 1e-4, wd 1e-4, constant lr, by default.
+3. `selflabel` (when `selflabel_epochs` > 0): the selected head and the backbone are fine-tuned on their
+   own confident predictions. The first view is the evaluation transform of the image (no
+   augmentation), the second is augmented; rows whose clean-view probability exceeds
+   `selflabel_threshold` (0.99) are targets for the augmented view, in a cross-entropy that weights
+   each class n / n_c over the batch's n confident rows (`selflabel_class_balance`). SCAN: Adam 1e-4,
+   200 epochs on CIFAR at batch 1000 (here the run's batch); it may lower results (SCAN issue #69) and
+   collapses at K = 100.
 With several heads, the one with the lowest SCAN loss on the whole training set (clean images, every
 mined pair) is selected at each `cluster.every_epochs` E-step of the scan stage, label-free as SCAN
 selects it on its validation split; its argmax is the read-out. Before the scan stage, read-outs are
 k-means of backbone features. Both views of the scan stage use the config's `augment` section (SCAN's
-strong views: `augment.strong_ops=4`, `augment.cutout_size`). SCAN's self-labelling step is not here yet.
+strong views: `augment.strong_ops=4`, `augment.cutout_size`).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.contrastive import nt_xent_loss
-from losses.scan import mean_assignment_entropy, scan_loss
+from losses.scan import confidence_cross_entropy, mean_assignment_entropy, scan_loss
 from models.backbones import build_backbone
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from models.simclr import projection_head
@@ -66,6 +73,14 @@ class SCANConfig(MethodConfig):
     scan_weight_decay: float = 1.0e-4
     scan_momentum: float = 0.9
     update_backbone: bool = True       # false: only the heads train, the backbone frozen in eval mode (ImageNet)
+    # ---- self-labelling (0 epochs = none)
+    selflabel_epochs: int = 0
+    selflabel_threshold: float = 0.99  # a clean view's max probability above this makes it a target
+    selflabel_class_balance: bool = True   # weight classes n / n_c over the batch's confident rows
+    selflabel_optimizer: str = "adam"
+    selflabel_lr: float = 1.0e-4
+    selflabel_weight_decay: float = 1.0e-4
+    selflabel_momentum: float = 0.9
 
     @classmethod
     def eval_feature_choices(cls) -> tuple[str, ...]:
@@ -84,12 +99,17 @@ class SCANConfig(MethodConfig):
             fail("pretext_epochs", f"expected >= 1 (or set method.pretrained), got {self.pretext_epochs}")
         if self.mining_features not in MINING_FEATURES:
             fail("mining_features", f"expected one of {', '.join(MINING_FEATURES)}, got {self.mining_features!r}")
-        if self.scan_optimizer not in OPTIMIZERS:
-            fail("scan_optimizer", f"expected one of {', '.join(OPTIMIZERS)}, got {self.scan_optimizer!r}")
-        if self.scan_lr <= 0:
-            fail("scan_lr", f"expected a value > 0, got {self.scan_lr}")
-        if self.entropy_weight < 0 or self.scan_weight_decay < 0:
-            fail("entropy_weight" if self.entropy_weight < 0 else "scan_weight_decay", "expected a value >= 0")
+        for key in ("scan_optimizer", "selflabel_optimizer"):
+            if getattr(self, key) not in OPTIMIZERS:
+                fail(key, f"expected one of {', '.join(OPTIMIZERS)}, got {getattr(self, key)!r}")
+        for key in ("scan_lr", "selflabel_lr"):
+            if getattr(self, key) <= 0:
+                fail(key, f"expected a value > 0, got {getattr(self, key)}")
+        for key in ("entropy_weight", "scan_weight_decay", "selflabel_weight_decay", "selflabel_epochs"):
+            if getattr(self, key) < 0:
+                fail(key, f"expected a value >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.selflabel_threshold < 1.0:
+            fail("selflabel_threshold", f"expected a probability in (0, 1), got {self.selflabel_threshold}")
 
 
 def scan_loss_on_features(probabilities: torch.Tensor, neighbours: torch.Tensor, *, entropy_weight: float,
@@ -116,6 +136,7 @@ class SCAN(Method):
     per_sample_buffers: ClassVar[tuple[str, ...]] = ("neighbours",)
     PRETEXT: ClassVar[str] = "pretext"
     SCAN: ClassVar[str] = "scan"
+    SELFLABEL: ClassVar[str] = "selflabel"
 
     def __init__(self, cfg: SCANConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__()
@@ -141,12 +162,18 @@ class SCAN(Method):
         stages.append(Stage(name=self.SCAN, epochs=c.scan_epochs, optimizer=c.scan_optimizer, lr=c.scan_lr,
                             weight_decay=c.scan_weight_decay, momentum=c.scan_momentum, schedule="constant",
                             warmup_epochs=0.0))
+        if c.selflabel_epochs:
+            stages.append(Stage(name=self.SELFLABEL, epochs=c.selflabel_epochs, optimizer=c.selflabel_optimizer,
+                                lr=c.selflabel_lr, weight_decay=c.selflabel_weight_decay,
+                                momentum=c.selflabel_momentum, schedule="constant", warmup_epochs=0.0))
         return stages
 
     def enter_stage(self, name: str) -> None:
         self.stage = name
         if name == self.PRETEXT:
             trainable = [*self.backbone.parameters(), *self.projector.parameters()]
+        elif name == self.SELFLABEL:   # the selected head (as of the scan stage's last E-step) and the backbone
+            trainable = [*self.backbone.parameters(), *self.heads[int(self.head_index)].parameters()]
         else:
             trainable = [*self.heads.parameters(), *(self.backbone.parameters() if self.cfg.update_backbone else [])]
         chosen = {id(p) for p in trainable}
@@ -181,6 +208,9 @@ class SCAN(Method):
 
     def training_partners(self) -> torch.Tensor | None:
         return self.neighbours if self.stage == self.SCAN and bool(self.neighbours_ready) else None
+
+    def clean_training_views(self) -> tuple[int, ...]:
+        return (0,) if self.stage == self.SELFLABEL else ()   # self-labelling: targets from the clean view
 
     # ---- head selection (the E-step of the scan stage, several heads only)
     def wants_pseudo_labels(self, epoch: int) -> bool:
@@ -220,6 +250,8 @@ class SCAN(Method):
         x1, x2 = views
         if self.stage == self.SCAN:
             return self.clustering_step(x1, x2)
+        if self.stage == self.SELFLABEL:
+            return self.self_label_step(x1, x2)
         # one forward for both views: BN statistics over the 2B images, as SimCLR's reference
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
         loss = nt_xent_loss(du.all_gather_with_grad(z1), du.all_gather_with_grad(z2),
@@ -240,6 +272,17 @@ class SCAN(Method):
             consistency = consistency + head_consistency.detach() / len(self.heads)
             entropy = entropy + head_entropy.detach() / len(self.heads)
         return {"loss": loss, "consistency": consistency, "entropy": entropy}
+
+    def self_label_step(self, clean: torch.Tensor, augmented: torch.Tensor) -> dict[str, torch.Tensor]:
+        """clean, augmented (B, C, H, W): the evaluation transform and an augmented view of the same images.
+        One forward of both (batch-norm statistics over the 2B images); the clean half gives the targets."""
+        logits = self.heads[int(self.head_index)](self.backbone(torch.cat([clean, augmented])))
+        clean_logits, augmented_logits = logits.chunk(2)
+        weak = du.all_gather_with_grad(F.softmax(clean_logits.detach(), dim=1))
+        loss, confident = confidence_cross_entropy(weak, du.all_gather_with_grad(augmented_logits),
+                                                   threshold=self.cfg.selflabel_threshold,
+                                                   class_balance=self.cfg.selflabel_class_balance)
+        return {"loss": loss, "self_label_ce": loss.detach(), "confident": confident.detach()}
 
     # ---- read-outs
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:

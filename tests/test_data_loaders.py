@@ -297,3 +297,26 @@ def test_a_bad_partner_table_is_refused(table, message, mode):
     loader = _loader(_toy(60), mode=mode)
     with pytest.raises(ValueError, match=message):
         loader.set_partners(table)
+
+
+@pytest.mark.parametrize("mode, workers", [("device", 0), ("workers", 0), ("workers", 2)])
+def test_clean_views_are_the_evaluation_transform_and_resume_alike(mode, workers):
+    data = _toy(60)
+    plain = _eval_views(data)
+
+    def epoch(first_batch=0, clean=(0,)):
+        loader = _loader(data, mode=mode, workers=workers, batch=8)
+        loader.set_clean_views(clean)
+        loader.set_epoch(4, first_batch=first_batch)
+        return list(loader)
+
+    batches = epoch()
+    for batch in batches:
+        assert torch.allclose(batch.views[0], plain(batch.indices), atol=1e-5)       # clean
+        assert not torch.allclose(batch.views[1], plain(batch.indices), atol=1e-2)   # still augmented
+    resumed = epoch(first_batch=2)
+    assert all(torch.equal(x, y) for a, b in zip(resumed, batches[2:]) for x, y in zip(a.views, b.views))
+    for batch in epoch(clean=()):   # () = every view augmented again
+        assert not torch.allclose(batch.views[0], plain(batch.indices), atol=1e-2)
+    with pytest.raises(ValueError, match=r"clean views: expected view numbers in \[0, 2\), got \[2\]"):
+        _loader(data, mode=mode).set_clean_views([2])

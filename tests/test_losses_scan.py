@@ -42,3 +42,41 @@ def test_disjoint_pairs_and_collapse_stay_finite():
 def test_scan_loss_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"must both be \(B, K\), got \(4, 3\) and \(4, 2\)"):
         scan_loss(P_ANCHOR, P_NEIGHBOUR[:, :2], entropy_weight=1.0)
+
+
+WEAK = torch.tensor([[0.995, 0.003, 0.002],    # confident, class 0
+                     [0.002, 0.996, 0.002],    # confident, class 1
+                     [0.997, 0.002, 0.001],    # confident, class 0
+                     [0.5, 0.3, 0.2]])         # not confident
+STRONG = torch.tensor([[2.0, 0.0, -1.0],
+                       [0.5, 1.0, 0.0],
+                       [0.0, 1.0, 0.0],
+                       [3.0, 0.0, 0.0]])
+
+
+def _ce(logits, target):
+    return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+
+@pytest.mark.parametrize("class_balance", [True, False])
+def test_confidence_cross_entropy_by_hand(class_balance):
+    from losses.scan import confidence_cross_entropy
+
+    rows = [(0, 0), (1, 1), (2, 0)]                 # (row, target) of the confident rows
+    ce = [_ce(STRONG[i].tolist(), t) for i, t in rows]
+    # 3 confident rows, class 0 twice, class 1 once: weights 3/2, 3/1, 3/2
+    weights = [1.5, 3.0, 1.5] if class_balance else [1.0, 1.0, 1.0]
+    by_hand = sum(w * c for w, c in zip(weights, ce)) / sum(weights)
+    loss, fraction = confidence_cross_entropy(WEAK, STRONG, threshold=0.99, class_balance=class_balance)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert fraction.item() == pytest.approx(0.75)
+
+
+def test_confidence_cross_entropy_without_a_confident_row_is_zero_with_a_gradient():
+    from losses.scan import confidence_cross_entropy
+
+    strong = STRONG.clone().requires_grad_(True)
+    loss, fraction = confidence_cross_entropy(WEAK, strong, threshold=0.999)
+    assert loss.item() == 0.0 and fraction.item() == 0.0
+    loss.backward()
+    assert torch.equal(strong.grad, torch.zeros_like(strong))

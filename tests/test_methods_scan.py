@@ -139,6 +139,39 @@ def test_clustering_steps_train_the_heads_and_the_backbone_unless_frozen(update_
     assert all(unchanged) if not update_backbone else not all(unchanged)
 
 
+def test_self_labelling_trains_the_selected_head_on_its_confident_clean_predictions():
+    method = build_scan(num_heads=2, selflabel_epochs=3)
+    assert [s.name for s in method.training_stages()] == ["pretext", "scan", "selflabel"]
+    method.enter_stage("scan")
+    assert method.clean_training_views() == ()
+    method.head_index.fill_(1)
+    method.enter_stage("selflabel")
+    assert method.clean_training_views() == (0,) and method.training_partners() is None
+    trainable = {name for name, p in method.named_parameters() if p.requires_grad}
+    assert any(n.startswith("heads.1.") for n in trainable) and any(n.startswith("backbone.") for n in trainable)
+    assert not any(n.startswith(("heads.0.", "projector.")) for n in trainable)
+    clean, augmented = clustering_batch()
+    set_batch_norm_statistics(method, clean)
+    with torch.no_grad():
+        method.heads[1].weight.mul_(200.0)   # confident enough that some rows pass 0.99
+    method.train()
+    terms = method.training_step([clean, augmented], torch.arange(16), Progress(
+        epoch=0, global_step=0, steps_per_epoch=1, total_steps=1, stage="selflabel"))
+    # the oracle: torch's class-weighted cross-entropy on the confident rows of the same forward pass
+    with torch.no_grad():
+        logits = method.heads[1](method.backbone(torch.cat([clean, augmented])))
+    confidence, target = torch.softmax(logits[:16], 1).max(1)
+    confident = confidence > 0.99
+    assert 0 < int(confident.sum()) < 16
+    counts = torch.bincount(target[confident], minlength=4).float()
+    class_weights = torch.where(counts > 0, confident.sum() / counts.clamp_min(1), torch.zeros(4))
+    expected = torch.nn.functional.cross_entropy(logits[16:][confident], target[confident], weight=class_weights)
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert terms["confident"].item() == pytest.approx(float(confident.float().mean()))
+    terms["loss"].backward()
+    assert method.heads[0].weight.grad is None and method.heads[1].weight.grad.abs().sum() > 0
+
+
 def test_pretrained_weights_come_from_a_simclr_run_and_a_dec_checkpoint_is_refused():
     from models.simclr import SimCLRConfig
 
@@ -158,7 +191,9 @@ def test_pretrained_weights_come_from_a_simclr_run_and_a_dec_checkpoint_is_refus
 def test_config_validation_names_the_key():
     for options, key in [({"pretext_epochs": 0}, "pretext_epochs"), ({"mining_features": "pixels"}, "mining_features"),
                          ({"num_heads": 0}, "num_heads"), ({"scan_optimizer": "lamb"}, "scan_optimizer"),
-                         ({"entropy_weight": -1.0}, "entropy_weight")]:
+                         ({"entropy_weight": -1.0}, "entropy_weight"), ({"selflabel_threshold": 1.0},
+                                                                         "selflabel_threshold"),
+                         ({"selflabel_epochs": -1}, "selflabel_epochs")]:
         with pytest.raises(ConfigError, match=f"method.{key}"):
             SCANConfig(**options).validate()
     SCANConfig(pretext_epochs=0, pretrained="runs/x/last.pt").validate()
@@ -169,7 +204,8 @@ CONFIG = REPO_ROOT / "config" / "mnist_cnn_scan.yml"
 SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=512", "run.threads_per_rank=1",
          "train.batch_size_per_rank=64", "train.log_every_steps=1", "method.pretext_epochs=1",
          "method.scan_epochs=2", "method.num_heads=2", "method.num_neighbours=5", "method.scan_lr=1e-3",
-         "cluster.n_init=1", "eval.n_init=1", "eval.every_epochs=1", "logging.progress_bar=false"]
+         "method.selflabel_epochs=0", "cluster.n_init=1", "eval.n_init=1", "eval.every_epochs=1",
+         "logging.progress_bar=false"]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -177,48 +213,60 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["step/loss"] for r in records if "step/loss" in r}
 
 
-@pytest.mark.parametrize("views", [[], ["augment.strong_ops=2", "augment.cutout_size=6", "data.num_workers=0"]],
-                         ids=["device-loader", "strong-views"])
-def test_a_run_stopped_inside_the_clustering_stage_resumes_to_the_same_run(tmp_path, monkeypatch, views):
-    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL, *views]
+STRONG_VIEWS = ["augment.strong_ops=2", "augment.cutout_size=6", "data.num_workers=0"]
+
+
+@pytest.mark.parametrize("options, stop_at, stage", [
+    ([], 11, "scan"),                                    # 8 steps per epoch: inside the first scan epoch
+    (STRONG_VIEWS, 11, "scan"),                          # the same through the workers loader
+    (["method.selflabel_epochs=1"], 27, "selflabel"),   # inside self-labelling (steps 25-32)
+], ids=["scan", "scan-strong-views", "selflabel"])
+def test_a_run_stopped_inside_a_stage_resumes_to_the_same_run(tmp_path, monkeypatch, options, stop_at, stage):
+    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL, *options]
     straight = launcher.main([*common, "run.name=straight"])
-    with monkeypatch.context() as patch:   # 8 steps per epoch: step 11 is inside the first scan epoch
-        patch.setattr(Trainer, "train_step", train_step_signalling_after(11))
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", train_step_signalling_after(stop_at))
         with pytest.raises(SystemExit) as exc:
             launcher.main([*common, "run.name=split"])
     assert exc.value.code == EXIT_STOPPED
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert (state["stage_name"], state["epoch_step"], state["global_step"]) == ("scan", 3, 11)
+    assert (state["stage_name"], state["epoch_step"], state["global_step"]) == (stage, 3, stop_at)
     resumed = launcher.main([*common, "run.name=split", "--resume", "auto"])
     one, two = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
-    assert sorted(two) == list(range(1, 25))
-    assert [two[s] for s in range(1, 25)] == pytest.approx([one[s] for s in range(1, 25)], rel=1e-6, abs=1e-7)
+    steps = 32 if stage == "selflabel" else 24
+    assert sorted(two) == list(range(1, steps + 1))
+    assert [two[s] for s in range(1, steps + 1)] == pytest.approx([one[s] for s in range(1, steps + 1)],
+                                                                   rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert resumed == pytest.approx(straight)
     final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert final["neighbours_ready"] and final["head_selected"] and final["neighbours"].shape == (512, 6)
 
 
-def test_a_clustering_run_starts_from_a_simclr_run_and_trains_on_neighbour_pairs(tmp_path, monkeypatch):
+def test_a_clustering_run_starts_from_a_simclr_run_and_trains_on_the_views_of_each_stage(tmp_path, monkeypatch):
     simclr = REPO_ROOT / "config" / "mnist_cnn_simclr.yml"
     launcher.main([str(simclr), f"run.output_dir={tmp_path}", "run.name=pretext", *SMALL[:5], "train.epochs=1",
                    "cluster.n_init=1", "eval.n_init=1", "logging.progress_bar=false"])
     pretext = torch.load(tmp_path / "pretext" / "last.pt", weights_only=True)["model"]
-    partner_rows = []
+    seen = []
     train_step = Trainer.train_step
 
-    def recording_train_step(self, views, indices, epoch):   # which rows the second views showed
-        partner_rows.append((self.method.neighbours.clone(), self.loader.partners))
+    def recording_train_step(self, views, indices, epoch):   # what the loader was told to make
+        seen.append((self.stage.name, self.method.neighbours.clone(), self.loader.partners, self.loader.clean_views))
         return train_step(self, views, indices, epoch)
 
     monkeypatch.setattr(Trainer, "train_step", recording_train_step)
     scores = launcher.main([str(CONFIG), f"run.output_dir={tmp_path}", "run.name=scan", *SMALL,
-                            f"method.pretrained={tmp_path / 'pretext' / 'last.pt'}", "method.scan_epochs=1"])
-    assert len(partner_rows) == 8
-    for neighbours, table in partner_rows:
-        assert table is not None and torch.equal(table, neighbours)   # the loader draws from the mined table
+                            f"method.pretrained={tmp_path / 'pretext' / 'last.pt'}", "method.scan_epochs=1",
+                            "method.selflabel_epochs=1"])
+    assert [stage for stage, *_ in seen] == ["scan"] * 8 + ["selflabel"] * 8
+    for stage, neighbours, partners, clean in seen:
+        if stage == "scan":   # second views drawn from the mined table, both augmented
+            assert partners is not None and torch.equal(partners, neighbours) and clean == frozenset()
+        else:                 # self-labelling: the image itself, the first view clean
+            assert partners is None and clean == {0}
     assert set(scores) >= {"nmi", "acc", "ari"}
     state = torch.load(tmp_path / "scan" / "last.pt", weights_only=True)
-    assert state["stage_name"] == "scan" and state["global_step"] == 8    # no pretext stage
-    # the projector is not trained in the clustering stage: still the pretext run's
+    assert state["stage_name"] == "selflabel" and state["global_step"] == 16    # no pretext stage
+    # the projector is not trained after the pretext: still the pretext run's
     assert all(torch.equal(state["model"][k], v) for k, v in pretext.items() if k.startswith("projector."))

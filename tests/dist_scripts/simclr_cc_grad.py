@@ -1,5 +1,5 @@
-"""One SimCLR step, one CC step and one step of SCAN's clustering stage (3 heads) on a fixed global
-batch; rank 0 saves every parameter's gradient.
+"""One SimCLR step, one CC step, one step of SCAN's clustering stage (3 heads) and one of its
+self-labelling stage on a fixed global batch; rank 0 saves every parameter's gradient.
 
 Run as one process (the whole batch) or under torchrun (each rank its contiguous half); with
 gathers that sum gradients back, the DDP-averaged gradients must equal the one-process ones.
@@ -47,6 +47,9 @@ def main(out_path: str) -> None:
         "cc": one_step(CCConfig(instance_hidden_dim=32, feature_dim=16, cluster_hidden_dim=32), info, x1, x2),
         "scan": one_step(SCANConfig(projector_hidden_dim=32, feature_dim=16, num_heads=3, num_neighbours=2),
                          info, x1, x2, stage="scan"),
+        # a low threshold makes rows confident, so the class weights count the global batch
+        "selflabel": one_step(SCANConfig(projector_hidden_dim=32, feature_dim=16, selflabel_epochs=1,
+                                         selflabel_threshold=0.34), info, x1, x2, stage="selflabel"),
     }
     if info.is_main:
         torch.save(results, out_path)
