@@ -25,6 +25,11 @@ def mean_assignment_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(mean * mean.log()).sum()
 
 
+def pair_consistency(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """-(1/B) sum_i log <p_i, q_i> for p, q (B, K) softmax rows: pairs that should share a cluster."""
+    return -(p * q).sum(dim=1).clamp_min(_EPS).log().mean()
+
+
 def scan_loss(p_anchor: torch.Tensor, p_neighbour: torch.Tensor, *,
               entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SCAN's loss for one head: (total, consistency, entropy).
@@ -37,8 +42,7 @@ def scan_loss(p_anchor: torch.Tensor, p_neighbour: torch.Tensor, *,
     if p_anchor.shape != p_neighbour.shape or p_anchor.dim() != 2:
         raise ValueError(f"p_anchor and p_neighbour must both be (B, K), got {tuple(p_anchor.shape)} and "
                          f"{tuple(p_neighbour.shape)}")
-    similarity = (p_anchor * p_neighbour).sum(dim=1)                     # (B,)
-    consistency = -similarity.clamp_min(_EPS).log().mean()
+    consistency = pair_consistency(p_anchor, p_neighbour)
     entropy = mean_assignment_entropy(p_anchor)
     return consistency - entropy_weight * entropy, consistency, entropy
 

@@ -247,9 +247,9 @@ class SCAN(Method):
     # ---- training
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
-        x1, x2 = views
         if self.stage == self.SCAN:
-            return self.clustering_step(x1, x2)
+            return self.clustering_step(views, indices, progress)
+        x1, x2 = views[0], views[1]
         if self.stage == self.SELFLABEL:
             return self.self_label_step(x1, x2)
         # one forward for both views: BN statistics over the 2B images, as SimCLR's reference
@@ -258,10 +258,16 @@ class SCAN(Method):
                             temperature=self.cfg.temperature, symmetric=self.cfg.symmetric)
         return {"loss": loss, "nt_xent": loss.detach()}
 
-    def clustering_step(self, anchors: torch.Tensor, neighbours: torch.Tensor) -> dict[str, torch.Tensor]:
-        """anchors, neighbours (B, C, H, W): views of the images and of one listed neighbour of each."""
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D) for the clustering stage: without gradient when the backbone is frozen."""
         with torch.set_grad_enabled(self.cfg.update_backbone and torch.is_grad_enabled()):
-            h = self.backbone(torch.cat([anchors, neighbours]))
+            return self.backbone(images)
+
+    def clustering_step(self, views: list[torch.Tensor], indices: torch.Tensor,
+                        progress: Progress) -> dict[str, torch.Tensor]:
+        """views: the images (B, C, H, W) and one listed neighbour of each, augmented."""
+        anchors, neighbours = views[0], views[1]
+        h = self.backbone_features(torch.cat([anchors, neighbours]))
         loss = consistency = entropy = h.new_zeros(())
         for head in self.heads:
             p_anchor, p_neighbour = F.softmax(head(h), dim=1).chunk(2)

@@ -1,5 +1,5 @@
-"""One SimCLR step, one CC step, one step of SCAN's clustering stage (3 heads) and one of its
-self-labelling stage on a fixed global batch; rank 0 saves every parameter's gradient.
+"""One SimCLR step, one CC step, one step of SCAN's clustering stage (3 heads), one of its
+self-labelling stage and one of NNM's clustering stage (bank in use) on a fixed global batch; rank 0 saves every parameter's gradient.
 
 Run as one process (the whole batch) or under torchrun (each rank its contiguous half); with
 gathers that sum gradients back, the DDP-averaged gradients must equal the one-process ones.
@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import DataInfo, Progress, build_method
 from models.cc import CCConfig
+from models.nnm import NNMConfig
 from models.scan import SCANConfig
 from models.simclr import SimCLRConfig
 from utils import distributed as du
@@ -20,18 +21,22 @@ from utils import distributed as du
 GLOBAL_BATCH, NUM_CLUSTERS = 8, 3
 
 
-def one_step(cfg, info, x1, x2, stage: str = "") -> dict:
+def one_step(cfg, info, views, stage: str = "", bank: torch.Tensor | None = None) -> dict:
     torch.manual_seed(0)  # identical initial weights on every rank (DDP would broadcast them anyway)
     method = build_method(cfg, backbone="small_cnn", norm="none",
                           data=DataInfo(in_channels=1, image_size=12, num_classes=NUM_CLUSTERS,
                                         num_samples=GLOBAL_BATCH, num_clusters=NUM_CLUSTERS))
     if stage:
         method.enter_stage(stage)
+    if bank is not None:   # NNM in its second epoch: the bank in use
+        method.bank.copy_(bank)
+        method.bank_ready.fill_(True)
     rows = GLOBAL_BATCH // info.world_size
     mine = slice(info.rank * rows, (info.rank + 1) * rows)
     model = DistributedDataParallel(method) if du.is_dist() else method
-    terms = model([x1[mine], x2[mine]], torch.arange(GLOBAL_BATCH)[mine],
-                  Progress(epoch=0, global_step=0, steps_per_epoch=1, total_steps=1))
+    terms = model([x[mine] for x in views], torch.arange(GLOBAL_BATCH)[mine],
+                  Progress(epoch=0, global_step=1, steps_per_epoch=1, total_steps=2, stage=stage or "train",
+                           stage_step=1))
     terms["loss"].backward()
     return {"terms": {k: v.item() for k, v in terms.items()},
             "grads": {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}}
@@ -42,14 +47,19 @@ def main(out_path: str) -> None:
     gen = torch.Generator().manual_seed(1)
     x1 = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=gen)
     x2 = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=gen)
+    x3 = torch.rand(GLOBAL_BATCH, 1, 12, 12, generator=gen)
+    # a bank for 3 heads (NNM), the same on every rank
+    bank = torch.softmax(torch.randn(3, GLOBAL_BATCH, NUM_CLUSTERS, generator=gen), dim=2)
     results = {
-        "simclr": one_step(SimCLRConfig(projector_hidden_dim=32, feature_dim=16, temperature=0.5), info, x1, x2),
-        "cc": one_step(CCConfig(instance_hidden_dim=32, feature_dim=16, cluster_hidden_dim=32), info, x1, x2),
+        "simclr": one_step(SimCLRConfig(projector_hidden_dim=32, feature_dim=16, temperature=0.5), info, [x1, x2]),
+        "cc": one_step(CCConfig(instance_hidden_dim=32, feature_dim=16, cluster_hidden_dim=32), info, [x1, x2]),
         "scan": one_step(SCANConfig(projector_hidden_dim=32, feature_dim=16, num_heads=3, num_neighbours=2),
-                         info, x1, x2, stage="scan"),
+                         info, [x1, x2], stage="scan"),
         # a low threshold makes rows confident, so the class weights count the global batch
         "selflabel": one_step(SCANConfig(projector_hidden_dim=32, feature_dim=16, selflabel_epochs=1,
-                                         selflabel_threshold=0.34), info, x1, x2, stage="selflabel"),
+                                         selflabel_threshold=0.34), info, [x1, x2], stage="selflabel"),
+        "nnm": one_step(NNMConfig(projector_hidden_dim=32, feature_dim=16, num_neighbours=2), info, [x1, x2, x3],
+                        stage="scan", bank=bank),
     }
     if info.is_main:
         torch.save(results, out_path)
