@@ -1,5 +1,6 @@
 """One SimCLR step, one CC step, one step of SCAN's clustering stage (3 heads), one of its
-self-labelling stage and one of NNM's clustering stage (bank in use) on a fixed global batch; rank 0 saves every parameter's gradient.
+self-labelling stage and one of NNM's clustering stage (bank in use) on a fixed global batch; rank 0
+saves every parameter's gradient.
 
 Run as one process (the whole batch) or under torchrun (each rank its contiguous half); with
 gathers that sum gradients back, the DDP-averaged gradients must equal the one-process ones.
