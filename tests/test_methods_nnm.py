@@ -1,22 +1,16 @@
 """NNM: its losses against values worked out by hand, the bank against scikit-learn's nearest
-neighbours, the step's batch neighbours and bank rows against a brute-force assembly, and a run
-stopped while the bank is in use resuming to the uninterrupted run's steps and weights."""
+neighbours, and the step's batch neighbours and bank rows against a brute-force assembly. A run stopped
+while the bank is in use is among SCAN's resume tests (tests/test_methods_scan.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-import main as launcher
 from losses.nnm import cluster_column_contrast, nnm_loss
 from losses.scan import mean_assignment_entropy, pair_consistency
 from models import DataInfo, Progress, StageContext, build_method
 from models.nnm import NNMConfig
-from tests.stop_util import assert_same_weights, train_step_signalling_after
-from tests.test_methods_scan import SMALL, step_losses
-from tests.torchrun_util import REPO_ROOT
-from utils.stop import EXIT_STOPPED
-from utils.trainer import Trainer
 
 P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
 Q = torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])
@@ -107,26 +101,3 @@ def test_the_step_matches_each_anchor_with_its_nearest_batch_anchor_and_its_bank
     assert expected["global"].item() > 0
     assert pair_consistency(P_, Q_).item() == pytest.approx(expected["local"].item())
     assert mean_assignment_entropy(P_).item() == pytest.approx(expected["entropy"].item())
-
-
-CONFIG = REPO_ROOT / "config" / "mnist_cnn_nnm.yml"
-
-
-def test_a_run_stopped_while_the_bank_is_used_resumes_to_the_same_run(tmp_path, monkeypatch):
-    # pretext steps 1-8, scan 9-24: the bank counts from step 17 on; stop after step 19
-    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL, "method.num_heads=2"]
-    straight = launcher.main([*common, "run.name=straight"])
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", train_step_signalling_after(19))
-        with pytest.raises(SystemExit) as exc:
-            launcher.main([*common, "run.name=split"])
-    assert exc.value.code == EXIT_STOPPED
-    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert (state["stage_name"], state["epoch_step"], state["global_step"]) == ("scan", 3, 19)
-    assert state["model"]["bank_ready"]
-    resumed = launcher.main([*common, "run.name=split", "--resume", "auto"])
-    one, two = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
-    assert sorted(two) == list(range(1, 25))
-    assert [two[s] for s in range(1, 25)] == pytest.approx([one[s] for s in range(1, 25)], rel=1e-6, abs=1e-7)
-    assert_same_weights(tmp_path / "straight", tmp_path / "split")
-    assert resumed == pytest.approx(straight)

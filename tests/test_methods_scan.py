@@ -216,13 +216,16 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 STRONG_VIEWS = ["augment.strong_ops=2", "augment.cutout_size=6", "data.num_workers=0"]
 
 
-@pytest.mark.parametrize("options, stop_at, stage", [
-    ([], 11, "scan"),                                    # 8 steps per epoch: inside the first scan epoch
-    (STRONG_VIEWS, 11, "scan"),                          # the same through the workers loader
-    (["method.selflabel_epochs=1"], 27, "selflabel"),   # inside self-labelling (steps 25-32)
-], ids=["scan", "scan-strong-views", "selflabel"])
-def test_a_run_stopped_inside_a_stage_resumes_to_the_same_run(tmp_path, monkeypatch, options, stop_at, stage):
-    common = [str(CONFIG), f"run.output_dir={tmp_path}", *SMALL, *options]
+@pytest.mark.parametrize("config, options, stop_at, stage", [
+    (CONFIG, [], 11, "scan"),                                    # 8 steps per epoch: inside the first scan epoch
+    (CONFIG, STRONG_VIEWS, 11, "scan"),                          # the same through the workers loader
+    (CONFIG, ["method.selflabel_epochs=1"], 27, "selflabel"),   # inside self-labelling (steps 25-32)
+    # NNM (models/nnm.py): scan steps 9-24, its bank counts from the stage's second epoch (step 17) on
+    (REPO_ROOT / "config" / "mnist_cnn_nnm.yml", [], 19, "scan"),
+], ids=["scan", "scan-strong-views", "selflabel", "nnm-bank"])
+def test_a_run_stopped_inside_a_stage_resumes_to_the_same_run(tmp_path, monkeypatch, config, options, stop_at,
+                                                               stage):
+    common = [str(config), f"run.output_dir={tmp_path}", *SMALL, *options]
     straight = launcher.main([*common, "run.name=straight"])
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", train_step_signalling_after(stop_at))
@@ -231,6 +234,7 @@ def test_a_run_stopped_inside_a_stage_resumes_to_the_same_run(tmp_path, monkeypa
     assert exc.value.code == EXIT_STOPPED
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert (state["stage_name"], state["epoch_step"], state["global_step"]) == (stage, 3, stop_at)
+    assert bool(state["model"].get("bank_ready", True))   # NNM's bank is saved with the position
     resumed = launcher.main([*common, "run.name=split", "--resume", "auto"])
     one, two = step_losses(tmp_path / "straight"), step_losses(tmp_path / "split")
     steps = 32 if stage == "selflabel" else 24
