@@ -30,6 +30,22 @@ def pair_consistency(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return -(p * q).sum(dim=1).clamp_min(_EPS).log().mean()
 
 
+def scan_loss_over_pairs(probabilities: torch.Tensor, neighbours: torch.Tensor, *, entropy_weight: float,
+                         chunk_size: int = 4096) -> float:
+    """SCAN's loss of one head over a whole set (SCAN's validation loss, which selects the head):
+    probabilities (N, K) softmax rows, neighbours (N, M) rows of each image's listed neighbours (itself
+    excluded); the consistency term averages over all N x M pairs, the entropy is that of the mean row.
+    Computed in float64, chunk by chunk."""
+    p = probabilities.double()
+    total, count = 0.0, 0
+    for start in range(0, p.shape[0], chunk_size):
+        rows = neighbours[start:start + chunk_size].to(p.device)                  # (c, M)
+        similarity = torch.einsum("ck,cmk->cm", p[start:start + chunk_size], p[rows])
+        total += float(similarity.clamp_min(_EPS).log().sum())
+        count += similarity.numel()
+    return -total / max(1, count) - entropy_weight * float(mean_assignment_entropy(p))
+
+
 def scan_loss(p_anchor: torch.Tensor, p_neighbour: torch.Tensor, *,
               entropy_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SCAN's loss for one head: (total, consistency, entropy).

@@ -27,11 +27,10 @@ from losses.dec import kl_clustering_loss, reconstruction_loss, soft_assignment,
 from models.autoencoder import AUTOENCODERS, build_autoencoder
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from utils.config import ConfigError
-from utils.optim import LR_SCHEDULES
+from utils.optim import LR_SCHEDULES, OPTIMIZERS
 from utils.registry import Registry
 
 PRETRAIN_CHOICES = ("layerwise", "end_to_end")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(kw_only=True)

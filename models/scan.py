@@ -36,17 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.contrastive import nt_xent_loss
-from losses.scan import confidence_cross_entropy, mean_assignment_entropy, scan_loss
+from losses.scan import confidence_cross_entropy, scan_loss, scan_loss_over_pairs
 from models.backbones import build_backbone
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from models.simclr import projection_head
 from utils import distributed as du
 from utils.config import ConfigError
 from utils.evaluation import nearest_neighbours
+from utils.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 MINING_FEATURES = ("projector", "backbone")
 
 
@@ -110,21 +110,6 @@ class SCANConfig(MethodConfig):
                 fail(key, f"expected a value >= 0, got {getattr(self, key)}")
         if not 0.0 < self.selflabel_threshold < 1.0:
             fail("selflabel_threshold", f"expected a probability in (0, 1), got {self.selflabel_threshold}")
-
-
-def scan_loss_on_features(probabilities: torch.Tensor, neighbours: torch.Tensor, *, entropy_weight: float,
-                          chunk_size: int = 4096) -> float:
-    """SCAN's loss of one head over a whole set: probabilities (N, K) softmax rows, neighbours (N, M) rows
-    of each image's listed neighbours (itself excluded); the consistency term averages over all N x M
-    pairs, the entropy is that of the mean row. Computed in float64, chunk by chunk."""
-    p = probabilities.double()
-    total, count = 0.0, 0
-    for start in range(0, p.shape[0], chunk_size):
-        rows = neighbours[start:start + chunk_size].to(p.device)                  # (c, M)
-        similarity = torch.einsum("ck,cmk->cm", p[start:start + chunk_size], p[rows])
-        total += float(similarity.clamp_min(1e-8).log().sum())
-        count += similarity.numel()
-    return -total / max(1, count) - entropy_weight * float(mean_assignment_entropy(p))
 
 
 @register_method("scan")
@@ -223,8 +208,8 @@ class SCAN(Method):
     def update_from_features(self, features: torch.Tensor, cluster, num_clusters: int) -> None:
         """features: the whole training set's backbone features (N, D) in dataset order."""
         features = features.to(self.heads[0].weight)
-        losses = [scan_loss_on_features(F.softmax(head(features), dim=1), self.neighbours[:, 1:],
-                                        entropy_weight=self.cfg.entropy_weight) for head in self.heads]
+        losses = [scan_loss_over_pairs(F.softmax(head(features), dim=1), self.neighbours[:, 1:],
+                                       entropy_weight=self.cfg.entropy_weight) for head in self.heads]
         self.head_losses.copy_(torch.tensor(losses, dtype=torch.float64))
         self.head_index.fill_(int(self.head_losses.argmin()))
         self.head_selected.fill_(True)

@@ -6,6 +6,9 @@ import math
 import torch
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")   # what build_optimizer's `name` may be
+
+
 def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: float, momentum: float,
                     betas: tuple[float, float]) -> torch.optim.Optimizer:
     """groups: [{"params": [...], "lr_scale": float, optional "weight_decay", optional "fixed_lr"}] from
