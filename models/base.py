@@ -157,6 +157,11 @@ class Method(nn.Module):
         is a mined neighbour, or the image itself)."""
         return None
 
+    def mined_neighbours(self) -> torch.Tensor | None:
+        """(N, k) rows of each training image's neighbours (itself excluded) mined for the current stage, or
+        None; when a stage starts the trainer logs how many pairs share a class (SCAN's mining check)."""
+        return None
+
     def clean_training_views(self) -> tuple[int, ...]:
         """Asked before each epoch: the views (by number) that the loader makes with the evaluation
         transform instead of augmenting them (SCAN's self-labelling: view 0)."""

@@ -191,6 +191,9 @@ class SCAN(Method):
     def has_head(self) -> bool:  # the selected head's argmax once the scan stage has begun; k-means before
         return bool(self.neighbours_ready)
 
+    def mined_neighbours(self) -> torch.Tensor | None:
+        return self.neighbours[:, 1:] if self.stage == self.SCAN and bool(self.neighbours_ready) else None
+
     def training_partners(self) -> torch.Tensor | None:
         return self.neighbours if self.stage == self.SCAN and bool(self.neighbours_ready) else None
 

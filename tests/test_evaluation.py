@@ -438,3 +438,13 @@ def test_assign_to_centroids_is_the_nearest_centroid(metric):
     expected = pairwise_distances_argmin(features.numpy(), centroids.numpy(), metric=metric)
     assert labels.tolist() == expected.tolist()
     assert len(set(expected.tolist())) == 7
+
+
+def test_neighbour_precision_counts_pairs_with_known_labels():
+    from utils.evaluation import neighbour_precision
+
+    labels = torch.tensor([0, 0, 1, 1, -1])
+    neighbours = torch.tensor([[1, 2], [0, 4], [3, 0], [2, 1], [0, 1]])
+    # known pairs: (0,1) same, (0,2) diff, (1,0) same, (2,3) same, (2,0) diff, (3,2) same, (3,1) diff
+    assert neighbour_precision(neighbours, labels) == pytest.approx(4 / 7)
+    assert math.isnan(neighbour_precision(neighbours, torch.full((5,), -1)))

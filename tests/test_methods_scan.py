@@ -208,9 +208,12 @@ SMALL = ["data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limi
          "logging.progress_bar=false"]
 
 
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["step/loss"] for r in records if "step/loss" in r}
+    return {r["step"]: r["step/loss"] for r in records(run_dir) if "step/loss" in r}
 
 
 STRONG_VIEWS = ["augment.strong_ops=2", "augment.cutout_size=6", "data.num_workers=0"]
@@ -274,3 +277,10 @@ def test_a_clustering_run_starts_from_a_simclr_run_and_trains_on_the_views_of_ea
     assert state["stage_name"] == "selflabel" and state["global_step"] == 16    # no pretext stage
     # the projector is not trained after the pretext: still the pretext run's
     assert all(torch.equal(state["model"][k], v) for k, v in pretext.items() if k.startswith("projector."))
+    # the mining check: the share of (image, neighbour) pairs of one class, from the saved table and labels
+    labels = np.loadtxt(tmp_path / "scan" / "clusters.csv", delimiter=",", skiprows=1, usecols=2, dtype=np.int64)
+    table = state["model"]["neighbours"][:, 1:].numpy()
+    by_hand = float((labels[table] == labels[:, None]).mean())
+    logged = [r for r in records(tmp_path / "scan") if "mining/neighbour_precision" in r]
+    assert len(logged) == 1 and logged[0]["mining/neighbour_precision"] == pytest.approx(by_hand)
+    assert logged[0]["stage"] == "scan" and 0.5 < by_hand < 1.0

@@ -44,6 +44,19 @@ def nearest_neighbours(features: torch.Tensor, k: int, *, chunk_size: int = 1024
 
 
 @torch.no_grad()
+def neighbour_precision(neighbours: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of (image, listed neighbour) pairs that share a class: neighbours (N, k) rows, labels
+    (N,) with -1 for unknown; pairs where either label is unknown are left out (SCAN's mining check).
+    NaN when no pair has both labels."""
+    labels = labels.to(neighbours.device)
+    own = labels.unsqueeze(1).expand_as(neighbours)
+    theirs = labels[neighbours]
+    known = (own >= 0) & (theirs >= 0)
+    count = int(known.sum())
+    return int(((own == theirs) & known).sum()) / count if count else float("nan")
+
+
+@torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor, *,
                 k: int = 200, temperature: float = 0.1, num_classes: int, chunk_size: int = 1024,
                 leave_one_out: bool = False) -> torch.Tensor:

@@ -236,6 +236,15 @@ class Trainer:
                                num_clusters=self.num_clusters(self.cfg.cluster.num_clusters))
         self.method.start_stage(self.stage.name, context)
         self.stage_started = True
+        neighbours = self.method.mined_neighbours()
+        if neighbours is not None and self.train_data.has_labels:
+            from utils.evaluation import neighbour_precision
+
+            precision = neighbour_precision(neighbours, self.train_data.labels)
+            log.info("mined neighbours: %.4f of (image, neighbour) pairs share a class", precision)
+            if self.dist.is_main and self.writer is not None:  # rank 0 only
+                self.writer.write(self._epoch_record(self.epoch, {"mining/neighbour_precision": precision}),
+                                  step=self.global_step)
 
     def load_pretrained(self) -> None:
         """Start from the weights of the earlier run the method names (`pretrained_checkpoint()`), once.
