@@ -246,6 +246,10 @@ def test_a_run_stopped_inside_a_stage_resumes_to_the_same_run(tmp_path, monkeypa
                                                                    rel=1e-6, abs=1e-7)
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert resumed == pytest.approx(straight)
+    # the head selection (an E-step per scan epoch) is in the checkpoint: the resume does not redo it mid-epoch
+    selections = [(run / "train.log").read_text().count("scan heads:") for run in (tmp_path / "straight",
+                                                                                 tmp_path / "split")]
+    assert selections[0] == selections[1] == 2
     final = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert final["neighbours_ready"] and final["head_selected"] and final["neighbours"].shape == (512, 6)
 
