@@ -416,7 +416,7 @@ def build_batch_augments(cfg: AugmentConfig, *, num_views: int, image_size: int,
     """One BatchAugment per view; view k uses the per-view entries of view k % 2. With
     `cfg.random_views` false every view is the deterministic evaluation transform (no augmentation)."""
     if not cfg.random_views:
-        return [FixedView(EvalTransform(image_size=image_size, mean=mean, std=std, normalize=cfg.normalize))
+        return [_FixedView(EvalTransform(image_size=image_size, mean=mean, std=std, normalize=cfg.normalize))
                 for _ in range(num_views)]
     return [BatchAugment(cfg, image_size=image_size, channels=channels, mean=mean, std=std, view=k % 2)
             for k in range(num_views)]
@@ -447,7 +447,7 @@ class EvalTransform(torch.nn.Module):
         return normalize(x, self.mean, self.std) if self.normalize else x.contiguous()
 
 
-class FixedView(torch.nn.Module):
+class _FixedView(torch.nn.Module):
     """A view without randomness, called like BatchAugment (the generator is not used)."""
 
     def __init__(self, transform: EvalTransform):

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from data.augment import BatchAugment, EvalTransform, FixedView, build_batch_augments, build_sample_transform
+from data.augment import BatchAugment, EvalTransform, build_batch_augments, build_sample_transform
 from data.config import AugmentConfig
 from data.datasets import ImageData, decode_files, load_image_file, read_image_file
 
@@ -177,8 +177,9 @@ class DeviceTensorLoader:
         self.images = data.images.to(self.device)
         self.augments = build_batch_augments(aug, num_views=num_views, image_size=data.image_size,
                                              channels=data.channels, mean=data.mean, std=data.std)
-        self.clean_view = FixedView(EvalTransform(image_size=data.image_size, mean=data.mean, std=data.std,
-                                                  normalize=aug.normalize))
+        self.clean_view = build_batch_augments(dataclasses.replace(aug, random_views=False), num_views=1,
+                                               image_size=data.image_size, channels=data.channels, mean=data.mean,
+                                               std=data.std)[0]
         self.clean_views: frozenset[int] = frozenset()
         self.batch_size_per_rank = batch_size_per_rank
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -63,12 +63,12 @@ class NNM(SCAN):
     @torch.no_grad()
     def update_from_features(self, features: torch.Tensor, cluster, num_clusters: int) -> None:
         """features: the whole training set's backbone features (N, D) in dataset order."""
+        probabilities = self.head_probabilities(features)
         if self.cfg.num_heads > 1:
-            super().update_from_features(features, cluster, num_clusters)
-        features = features.to(self.heads[0].weight)
+            self.select_head(probabilities)
         nearest = nearest_neighbours(features, 1)[:, 0]                                  # (N,)
-        for h, head in enumerate(self.heads):
-            self.bank[h].copy_(F.softmax(head(features), dim=1)[nearest])
+        for h, p in enumerate(probabilities):
+            self.bank[h].copy_(p[nearest])
         self.bank_ready.fill_(True)
 
     # ---- training

@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.contrastive import nt_xent_loss
 from losses.scan import confidence_cross_entropy, scan_loss, scan_loss_over_pairs
 from models.backbones import build_backbone
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
-from models.simclr import projection_head
+from models.simclr import projection_head, simclr_terms
 from utils import distributed as du
 from utils.config import ConfigError
 from utils.evaluation import nearest_neighbours
@@ -210,9 +209,19 @@ class SCAN(Method):
     @torch.no_grad()
     def update_from_features(self, features: torch.Tensor, cluster, num_clusters: int) -> None:
         """features: the whole training set's backbone features (N, D) in dataset order."""
+        self.select_head(self.head_probabilities(features))
+
+    @torch.no_grad()
+    def head_probabilities(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features (N, D) -> each head's softmax rows (N, K)."""
         features = features.to(self.heads[0].weight)
-        losses = [scan_loss_over_pairs(F.softmax(head(features), dim=1), self.neighbours[:, 1:],
-                                       entropy_weight=self.cfg.entropy_weight) for head in self.heads]
+        return [F.softmax(head(features), dim=1) for head in self.heads]
+
+    def select_head(self, probabilities: list[torch.Tensor]) -> None:
+        """Make the read-out the head whose probabilities (N, K) of the whole training set have the lowest
+        SCAN loss over every mined pair."""
+        losses = [scan_loss_over_pairs(p, self.neighbours[:, 1:], entropy_weight=self.cfg.entropy_weight)
+                  for p in probabilities]
         self.head_losses.copy_(torch.tensor(losses, dtype=torch.float64))
         self.head_index.fill_(int(self.head_losses.argmin()))
         self.head_selected.fill_(True)
@@ -240,11 +249,8 @@ class SCAN(Method):
         x1, x2 = views[0], views[1]
         if self.stage == self.SELFLABEL:
             return self.self_label_step(x1, x2)
-        # one forward for both views: BN statistics over the 2B images, as SimCLR's reference
-        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
-        loss = nt_xent_loss(du.all_gather_with_grad(z1), du.all_gather_with_grad(z2),
-                            temperature=self.cfg.temperature, symmetric=self.cfg.symmetric)
-        return {"loss": loss, "nt_xent": loss.detach()}
+        return simclr_terms(self.backbone, self.projector, x1, x2, temperature=self.cfg.temperature,
+                            symmetric=self.cfg.symmetric)
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) for the clustering stage: without gradient when the backbone is frozen."""
@@ -272,7 +278,7 @@ class SCAN(Method):
         One forward of both (batch-norm statistics over the 2B images); the clean half gives the targets."""
         logits = self.heads[int(self.head_index)](self.backbone(torch.cat([clean, augmented])))
         clean_logits, augmented_logits = logits.chunk(2)
-        weak = du.all_gather_with_grad(F.softmax(clean_logits.detach(), dim=1))
+        weak = du.all_gather_no_grad(F.softmax(clean_logits.detach(), dim=1))
         loss, confident = confidence_cross_entropy(weak, du.all_gather_with_grad(augmented_logits),
                                                    threshold=self.cfg.selflabel_threshold,
                                                    class_balance=self.cfg.selflabel_class_balance)

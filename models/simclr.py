@@ -45,6 +45,17 @@ class SimCLRConfig(MethodConfig):
                 raise ConfigError(f"method.{key}: expected a value >= 1, got {getattr(self, key)}")
 
 
+def simclr_terms(backbone: nn.Module, projector: nn.Module, x1: torch.Tensor, x2: torch.Tensor, *,
+                 temperature: float, symmetric: bool) -> dict[str, torch.Tensor]:
+    """SimCLR's step (also SCAN's pretext): two views (B, C, H, W) -> {"loss", "nt_xent"}, NT-Xent of
+    their projections over the global batch. One forward for both views: BN statistics over the 2B
+    images, as SimCLR's reference."""
+    z1, z2 = projector(backbone(torch.cat([x1, x2]))).chunk(2)
+    loss = nt_xent_loss(du.all_gather_with_grad(z1), du.all_gather_with_grad(z2), temperature=temperature,
+                        symmetric=symmetric)
+    return {"loss": loss, "nt_xent": loss.detach()}
+
+
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int, *, bn: bool, norm: str) -> nn.Sequential:
     """Linear -> [BN] -> ReLU -> Linear (SimCLR's and CC's heads; no BN unless asked and norm allows)."""
     return mlp(in_dim, hidden_dim, out_dim, norm="batch" if bn and norm != "none" else "none")
@@ -65,12 +76,8 @@ class SimCLR(Method):
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
         x1, x2 = views
-        # one forward for both views: BN statistics over the 2B images, as SimCLR's reference
-        z = self.projector(self.backbone(torch.cat([x1, x2])))
-        z1, z2 = z.chunk(2)
-        loss = nt_xent_loss(du.all_gather_with_grad(z1), du.all_gather_with_grad(z2),
-                            temperature=self.cfg.temperature, symmetric=self.cfg.symmetric)
-        return {"loss": loss, "nt_xent": loss.detach()}
+        return simclr_terms(self.backbone, self.projector, x1, x2, temperature=self.cfg.temperature,
+                            symmetric=self.cfg.symmetric)
 
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "backbone":
