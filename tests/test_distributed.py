@@ -36,15 +36,45 @@ def test_all_gather_rows_single_process_is_identity():
         du.all_gather_rows(x, 6)
 
 
-@pytest.mark.parametrize("n,batch", [(301, 32), (3, 2)])
-def test_feature_extraction_two_ranks_equals_one_process(tmp_path, n, batch):
+@pytest.mark.parametrize("n,batch,shuffle", [(301, 32, []), (3, 2, []), (301, 32, [7])])
+def test_feature_extraction_two_ranks_equals_one_process(tmp_path, n, batch, shuffle):
     # N is not a multiple of 2 x batch: a padded DistributedSampler would duplicate rows; we must not.
-    # N=3 on 2 ranks leaves rank 1 one row of a two-row shard.
-    run_one_process(SCRIPTS / "extract_features.py", tmp_path / "one.pt", n, batch)
-    run_torchrun(SCRIPTS / "extract_features.py", tmp_path / "two.pt", n, batch, nproc=2)
+    # N=3 on 2 ranks leaves rank 1 one row of a two-row shard. A shuffled pass (DCCM's) visits other
+    # batches on each rank, but its rows come back in dataset order all the same.
+    run_one_process(SCRIPTS / "extract_features.py", tmp_path / "one.pt", n, batch, *shuffle)
+    run_torchrun(SCRIPTS / "extract_features.py", tmp_path / "two.pt", n, batch, *shuffle, nproc=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.shape == two.shape == (n, 512)
     torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shuffled_feature_pass_sees_mixed_near_equal_batches_and_returns_rows_in_dataset_order():
+    from data.config import DataConfig
+    from data.datasets import build_dataset
+    from utils.features import extract_features
+
+    data = build_dataset(DataConfig(name="mnist_5k"), split="train").subset(range(0, 5000, 5))   # sorted by class
+    assert torch.equal(data.labels, data.labels.sort().values)
+    batches = []
+
+    def centred(images):   # batch-dependent, as batch norm without running statistics
+        batches.append(images.shape[0])
+        flat = images.flatten(1)[:, 300:303]
+        return flat - flat.mean(dim=0)
+
+    cpu = torch.device("cpu")
+    shuffled = extract_features(centred, data, batch_size=400, device=cpu, shuffle_seed=3)
+    assert batches == [334, 334, 332]
+    pixels = extract_features(lambda x: x.flatten(1)[:, 300:303], data, batch_size=1000, device=cpu)
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(3))
+    expected = torch.empty_like(pixels)
+    for rows in order.split(334):
+        expected[rows] = pixels[rows] - pixels[rows].mean(dim=0)
+    torch.testing.assert_close(shuffled, expected)
+    assert len(data.labels[order[:334]].unique()) == 10   # each batch mixes the classes
+    batches.clear()
+    extract_features(centred, data, batch_size=400, device=cpu)
+    assert batches == [400, 400, 200]   # unshuffled: dataset order, plain batches
 
 
 def test_launch_env_from_slurm_without_torchrun(monkeypatch):

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *, batch_size: int,
                      device: torch.device, amp_dtype: torch.dtype | None = None,
                      num_workers: int = 0, normalize: bool = True,
-                     should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                     should_stop: Callable[[], bool] | None = None, shuffle_seed: int | None = None) -> torch.Tensor:
     """Features (N, D) of every image of `data`, in dataset order, identical on every rank.
 
     Each rank runs `feature_fn` on its contiguous shard (deterministic test-time transform, normalised
@@ -25,16 +25,34 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *
     all-gathered into exactly N rows (no DistributedSampler padding duplicates).
     With `should_stop`, every rank asks it before each batch and raises `StopRequested` at the first
     batch where it is true on any rank (a collective check: all ranks stop at the same batch).
+    With `shuffle_seed`, the pass visits the images in a random order fixed by the seed, in batches of
+    near-equal size (none smaller than batch_size / 2 unless the shard is), and the rows come back in
+    dataset order: for networks whose batch norm always normalises with the batch it sees (DCCM), so
+    that no batch holds one class of a class-sorted dataset, and none is a lone image.
     """
     from data.loaders import iterate_shard, shard_bounds
 
     world_size = du.get_world_size()
-    # The checks are collectives, so every rank makes the same number: one per batch of the
-    # smallest shard (the last rank's); the other ranks' few extra batches go unchecked.
-    first, last = shard_bounds(len(data), world_size - 1, world_size)
-    checked_batches = 0 if should_stop is None else -(-(last - first) // batch_size)
+    order = None
+    if shuffle_seed is not None:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
+        data = data.subset(order)
+
+    def shard_batches(rank: int) -> tuple[int, int]:
+        """(batch size, number of batches) of a rank's shard."""
+        first, last = shard_bounds(len(data), rank, world_size)
+        size = last - first
+        rank_batch = batch_size
+        if order is not None and size:   # ceil(size / batch_size) batches of near-equal size
+            rank_batch = -(-size // -(-size // batch_size))
+        return rank_batch, -(-size // rank_batch)
+
+    # The checks are collectives, so every rank makes the same number: one per batch of the shard
+    # with the fewest batches; the other ranks' few extra batches go unchecked.
+    checked_batches = 0 if should_stop is None else min(shard_batches(r)[1] for r in range(world_size))
     chunks = []
-    for batch, (images, _) in enumerate(iterate_shard(data, batch_size=batch_size, device=device,
+    rank_batch = shard_batches(du.get_rank())[0]
+    for batch, (images, _) in enumerate(iterate_shard(data, batch_size=rank_batch, device=device,
                                                       rank=du.get_rank(), world_size=world_size,
                                                       num_workers=num_workers, normalize=normalize)):
         if batch < checked_batches and du.any_rank([should_stop()], device)[0]:
@@ -47,7 +65,12 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *
         probe = next(iter(iterate_shard(data, batch_size=1, device=device, rank=0, world_size=1,
                                         normalize=normalize)))[0]
         local = feature_fn(probe).float()[:0]
-    return du.all_gather_rows(local, len(data))
+    features = du.all_gather_rows(local, len(data))
+    if order is None:
+        return features
+    in_dataset_order = torch.empty_like(features)
+    in_dataset_order[order.to(features.device)] = features
+    return in_dataset_order
 
 
 def cluster_features(features: torch.Tensor, *, num_clusters: int, metric: str, n_init: int, max_iter: int,
