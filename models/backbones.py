@@ -104,6 +104,45 @@ def small_cnn_deep(*, in_channels: int, image_size: int, norm: str = "batch") ->
     return SmallCNN(in_channels=in_channels, image_size=image_size, norm=norm, convs_per_stage=2)
 
 
+class DCCMNet(nn.Module):
+    """DCCM's CNN (Wu et al., ICCV 2019): four unpadded 3x3 conv-BN-ReLU layers of 64, 64, 128 and 256
+    channels, a 2x2 max-pool after the second and third, then global average pooling: 256-d (at 32 px:
+    30, 28, 14, 12, 6, 4, 1). Convolutions start from Kaiming-normal weights, as DCCM's.
+    Batch norm never keeps running statistics (DCCM's `track_running_stats=False`): every pass, training
+    or evaluation, normalises with its own batch. `forward_local` also returns the first pooled map
+    (B, 64, 14, 14) at 32 px, the local features of DCCM's mutual-information term."""
+
+    def __init__(self, *, in_channels: int, image_size: int, norm: str = "batch"):
+        super().__init__()
+        if image_size < 20:
+            raise ValueError(f"dccm_cnn: image_size {image_size} is too small (at least 20 px)")
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            conv = nn.Conv2d(c_in, c_out, 3, bias=norm == "none")
+            nn.init.kaiming_normal_(conv.weight)
+            bn = (nn.Identity() if norm == "none" else nn.BatchNorm2d(c_out, track_running_stats=False))
+            return [conv, bn, nn.ReLU(inplace=True)]
+
+        self.local = nn.Sequential(*block(in_channels, 64), *block(64, 64), nn.MaxPool2d(2))
+        self.rest = nn.Sequential(*block(64, 128), nn.MaxPool2d(2), *block(128, 256),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.local_channels = 64
+        self.out_dim = 256
+
+    def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> (features (B, 256), first pooled map (B, 64, H', W'))."""
+        local = self.local(x)
+        return self.rest(local), local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_local(x)[0]
+
+
+@BACKBONES.register("dccm_cnn")
+def dccm_cnn(*, in_channels: int, image_size: int, norm: str = "batch") -> nn.Module:
+    return DCCMNet(in_channels=in_channels, image_size=image_size, norm=norm)
+
+
 def build_backbone(name: str, *, in_channels: int, image_size: int, norm: str) -> nn.Module:
     return BACKBONES.get(name)(in_channels=in_channels, image_size=image_size, norm=norm)
 

@@ -121,6 +121,9 @@ class Method(nn.Module):
     has_head: ClassVar[bool] = False                          # read out clusters from the head, not k-means
     head_feature_kind: ClassVar[str | None] = None            # the features the head's read-out takes
     refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
+    # Batch norm that normalises with each batch in evaluation too (DCCM, no running statistics): the
+    # whole-set passes then visit the images in a seeded random order (`extract_features`' shuffle_seed).
+    batch_statistics_in_eval: ClassVar[bool] = False
     # Buffers with a row per training image (pseudo-labels, DEC's targets): training state that the
     # read-out never uses, left out when a checkpoint is evaluated on other data (another N).
     per_sample_buffers: ClassVar[tuple[str, ...]] = ()

@@ -111,7 +111,7 @@ def test_gathered_losses_give_the_same_gradients_on_one_and_two_ranks(tmp_path):
     run_one_process(SCRIPTS / "simclr_cc_grad.py", tmp_path / "one.pt")
     run_torchrun(SCRIPTS / "simclr_cc_grad.py", tmp_path / "two.pt", nproc=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for name in ("simclr", "cc", "scan", "selflabel", "nnm"):
+    for name in ("simclr", "cc", "scan", "selflabel", "nnm", "dccm"):
         assert one[name]["terms"]["loss"] == pytest.approx(two[name]["terms"]["loss"], rel=1e-5), name
         grads_one, grads_two = one[name]["grads"], two[name]["grads"]
         assert grads_one.keys() == grads_two.keys() and len(grads_one) > 0

@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: str = "sgd"                  # sgd | adamw | adam
+    name: str = "sgd"                  # sgd | adamw | adam | rmsprop
     lr: float = 0.05                   # base learning rate for a global batch of `lr_reference_batch`
     lr_reference_batch: int = 256      # lr is scaled by global_batch / lr_reference_batch; 0 = no scaling
     weight_decay: float = 5e-4
@@ -66,7 +66,7 @@ class OptimConfig:
     grad_clip_norm: float = 0.0        # 0 = off
 
     def validate(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw", "adam"))
+        _check_choice("optim.name", self.name, ("sgd", "adamw", "adam", "rmsprop"))
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check_min("optim.lr", self.lr, 0.0)
         _check_min("optim.weight_decay", self.weight_decay, 0.0)

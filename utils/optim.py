@@ -6,7 +6,7 @@ import math
 import torch
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw")   # what build_optimizer's `name` may be
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")   # what build_optimizer's `name` may be
 
 
 def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: float, momentum: float,
@@ -27,7 +27,9 @@ def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: f
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"optim.name: unknown optimizer {name!r}; expected sgd, adamw or adam")
+    if name == "rmsprop":  # DCCM: squared-gradient decay 0.9, no momentum
+        return torch.optim.RMSprop(param_groups, lr=lr, alpha=0.9, weight_decay=weight_decay)
+    raise ValueError(f"optim.name: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 LR_SCHEDULES = ("cosine", "constant", "step")

@@ -516,11 +516,13 @@ class Trainer:
             self.method.eval()
             du.average_buffers(self.method)
             start = time.perf_counter()
+            shuffle_seed = self.cfg.run.seed if self.method.batch_statistics_in_eval else None
             try:
                 feats = extract_features(lambda x: self.method.eval_features(x, kind), data,
                                          batch_size=self.cfg.cluster.extract_batch_size, device=self.device,
                                          amp_dtype=self.amp_dtype, num_workers=self.cfg.data.num_workers,
-                                         normalize=self.cfg.augment.normalize, should_stop=should_stop)
+                                         normalize=self.cfg.augment.normalize, should_stop=should_stop,
+                                         shuffle_seed=shuffle_seed)
             finally:
                 self.model.train()
             log.info("extracted %s features %s in %.2fs", kind, tuple(feats.shape), time.perf_counter() - start)
