@@ -52,6 +52,9 @@ class ModelConfig:
         _check_choice("model.norm", self.norm, ("batch", "sync_batch", "none"))
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")   # what utils.optim.build_optimizer builds
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
     name: str = "sgd"                  # sgd | adamw | adam | rmsprop
@@ -66,7 +69,7 @@ class OptimConfig:
     grad_clip_norm: float = 0.0        # 0 = off
 
     def validate(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw", "adam", "rmsprop"))
+        _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check_min("optim.lr", self.lr, 0.0)
         _check_min("optim.weight_decay", self.weight_decay, 0.0)

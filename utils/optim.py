@@ -5,8 +5,7 @@ import math
 
 import torch
 
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")   # what build_optimizer's `name` may be
+from utils.config import OPTIMIZERS   # what build_optimizer's `name` may be (config validation reads it too)
 
 
 def build_optimizer(groups: list[dict], *, name: str, lr: float, weight_decay: float, momentum: float,
