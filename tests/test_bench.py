@@ -149,6 +149,10 @@ def test_methods_bench_checks_overrides_and_earlier_runs_before_any_training(tmp
     assert (earlier / "cc_budget" / "last.pt").read_bytes() == b"an earlier bench's run"
     assert sorted(p.name for p in earlier.iterdir()) == ["cc_budget"]
 
+    from utils.config import load_config
+    for method in bench.METHODS:   # each method's demo config is found and names that method
+        assert load_config(bench.config_path(method), []).method.name == method
+
 
 def test_methods_bench_reports_the_launchers_error_when_a_run_fails(tmp_path):
     missing = tmp_path / "nowhere.npz"
