@@ -81,14 +81,19 @@ class Datasets(NamedTuple):
 
 
 def start_distributed(cfg):
-    """`utils.distributed.init_distributed` for the config's run section; a device this machine
-    lacks (run.device=cuda without a usable GPU) is a one-line error, before anything is written."""
+    """`utils.distributed.init_distributed` for the config's run section, and cuDNN's benchmark mode
+    (`run.cudnn_benchmark`); a device this machine lacks (run.device=cuda without a usable GPU) is a
+    one-line error, before anything is written."""
     from utils import distributed as du
 
+    import torch
+
     try:
-        return du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
+        info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     except du.DeviceUnavailableError as exc:
         raise SystemExit(f"error: {exc}; use run.device=auto or cpu") from None
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    return info
 
 
 def build_datasets(cfg) -> Datasets:

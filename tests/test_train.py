@@ -334,6 +334,15 @@ def test_a_diverging_loss_ends_the_run_with_one_line_naming_its_last_checkpoint(
     assert "ERROR main: loss is" in (tmp_path / "r" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_run_cudnn_benchmark_sets_cudnns_benchmark_mode(monkeypatch, flag):
+    from utils.config import load_config
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not flag)   # restored after the test
+    launcher.start_distributed(load_config(DEMO, [f"run.cudnn_benchmark={str(flag).lower()}", "run.device=cpu"]))
+    assert torch.backends.cudnn.benchmark is flag
+
+
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     run_dir = tmp_path / "taken"
     run_dir.mkdir()

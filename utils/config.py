@@ -35,6 +35,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"        # auto (CUDA when present) | cpu | cuda
     threads_per_rank: int = 0   # CPU threads per process; 0 = available cores / processes on this node
+    # cuDNN times its convolution algorithms for each new input shape and keeps the fastest (CUDA only;
+    # the training shapes are fixed); false keeps its default choice, for repeatable GPU runs
+    cudnn_benchmark: bool = True
 
     def validate(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
