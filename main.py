@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -81,18 +82,20 @@ class Datasets(NamedTuple):
 
 
 def start_distributed(cfg):
-    """`utils.distributed.init_distributed` for the config's run section, and cuDNN's benchmark mode
-    (`run.cudnn_benchmark`); a device this machine lacks (run.device=cuda without a usable GPU) is a
-    one-line error, before anything is written."""
+    """`utils.distributed.init_distributed` for the config's run section, torch's deterministic mode
+    (`run.deterministic`) and cuDNN's benchmark mode (`run.cudnn_benchmark`); a device this machine
+    lacks (run.device=cuda without a usable GPU) is a one-line error, before anything is written."""
     from utils import distributed as du
 
-    import torch
-
+    if cfg.run.deterministic:   # read by cuBLAS when CUDA starts: repeatable GPU matrix products
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         info = du.init_distributed(cfg.run.device, cfg.run.threads_per_rank)
     except du.DeviceUnavailableError as exc:
         raise SystemExit(f"error: {exc}; use run.device=auto or cpu") from None
-    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    # both ways, so that runs in one process (tests, notebooks) do not inherit each other's setting
+    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark and not cfg.run.deterministic
     return info
 
 

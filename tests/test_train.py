@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -334,13 +335,41 @@ def test_a_diverging_loss_ends_the_run_with_one_line_naming_its_last_checkpoint(
     assert "ERROR main: loss is" in (tmp_path / "r" / "train.log").read_text()
 
 
-@pytest.mark.parametrize("flag", [True, False])
-def test_run_cudnn_benchmark_sets_cudnns_benchmark_mode(monkeypatch, flag):
+@pytest.mark.parametrize("cudnn_benchmark,deterministic", [(True, False), (False, False), (True, True)])
+def test_run_flags_set_cudnns_benchmark_mode_and_torchs_deterministic_mode(monkeypatch, cudnn_benchmark, deterministic):
     from utils.config import load_config
 
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not flag)   # restored after the test
-    launcher.start_distributed(load_config(DEMO, [f"run.cudnn_benchmark={str(flag).lower()}", "run.device=cpu"]))
-    assert torch.backends.cudnn.benchmark is flag
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not cudnn_benchmark)   # restored after the test
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        launcher.start_distributed(load_config(DEMO, [f"run.cudnn_benchmark={str(cudnn_benchmark).lower()}",
+                                                      f"run.deterministic={str(deterministic).lower()}",
+                                                      "run.device=cpu"]))
+        assert torch.backends.cudnn.benchmark is (cudnn_benchmark and not deterministic)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_deterministic_run_repeats_bit_for_bit_on_two_threads(tmp_path):
+    # Without run.deterministic, two such runs differed from step 2 (threaded float sums), and DCCM's
+    # thresholds carried the difference on to different clusters.
+    common = [str(REPO_ROOT / "config" / "mnist_dccm.yml"), f"run.output_dir={tmp_path}", "run.deterministic=true",
+              "run.threads_per_rank=2", "data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}",
+              "data.limit=512", "train.epochs=1", "train.log_every_steps=1", "method.refresh_steps=5",
+              "method.critic_hidden_dim=16", "eval.every_epochs=1"]
+    try:
+        first = launcher.main([*common, "run.name=first"])
+        second = launcher.main([*common, "run.name=second"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    losses = [step_losses(tmp_path / name, epoch=0) for name in ("first", "second")]
+    assert len(losses[0]) == 16 and losses[0] == losses[1] and first == second   # equal floats, not close ones
+    weights = [torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("first", "second")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):

@@ -36,8 +36,12 @@ class RunConfig:
     device: str = "auto"        # auto (CUDA when present) | cpu | cuda
     threads_per_rank: int = 0   # CPU threads per process; 0 = available cores / processes on this node
     # cuDNN times its convolution algorithms for each new input shape and keeps the fastest (CUDA only;
-    # the training shapes are fixed); false keeps its default choice, for repeatable GPU runs
+    # the training shapes are fixed); off under `deterministic`
     cudnn_benchmark: bool = True
+    # bit-identical repeats on the same machine, device and thread count: torch's deterministic
+    # algorithms (ops that have none warn) and cuBLAS's fixed workspace; threaded CPU sums otherwise
+    # differ from run to run in the last bits
+    deterministic: bool = False
 
     def validate(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))

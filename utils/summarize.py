@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 METRICS = ("nmi", "acc", "ari", "knn_acc")
 # Keys that name, place or schedule a run without changing what it computes.
 IGNORED_KEYS = ("run.name", "run.seed", "run.output_dir", "run.device", "run.threads_per_rank", "run.cudnn_benchmark",
-                "data.root", "data.num_workers", "logging")
+                "run.deterministic", "data.root", "data.num_workers", "logging")
 
 
 @dataclass
