@@ -67,7 +67,7 @@ def prepare_run_dir(cfg, resume: str) -> Path:
     """The run directory; refuse to write over an earlier run's checkpoints unless resuming."""
     from utils.checkpoint import find_latest_checkpoint
 
-    run_dir = Path(cfg.run.output_dir) / (cfg.run.name or Path(cfg.source).stem)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if not resume and find_latest_checkpoint(run_dir) is not None:
         raise SystemExit(f"error: run directory {run_dir} already holds checkpoints; pass --resume auto to "
                          f"continue that run, or choose another run.name=...")

@@ -158,6 +158,7 @@ def test_print_config_prints_the_resolved_config_that_loads_back_to_itself(tmp_p
     expected = load_config(demo, overrides)
     assert load_config(write(tmp_path, printed, "printed.yml")).to_dict() == expected.to_dict()
     assert expected.train.epochs == 3 and expected.cluster.n_init == 2
+    assert expected.run.name == "cifar10_r18_propos" and load_config(demo, ["run.name=x"]).run.name == "x"
     assert not re.search(r"^base:", printed, re.M) and not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
         launcher.main([str(demo), "train.epoch=3", "--print-config"])

@@ -226,6 +226,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_override(raw, item)
     cfg = build_config(raw)
     cfg.source = str(path)
+    # resolved here, so that a printed or saved config (a run's config.yml) names the same run directory
+    # when it is run again from another file name
+    cfg.run.name = cfg.run.name or Path(path).stem
     return cfg
 
 
