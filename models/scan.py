@@ -191,7 +191,8 @@ class SCAN(Method):
         return bool(self.neighbours_ready)
 
     def mined_neighbours(self) -> torch.Tensor | None:
-        return self.neighbours[:, 1:] if self.stage == self.SCAN and bool(self.neighbours_ready) else None
+        partners = self.training_partners()   # the mined table, self in column 0
+        return None if partners is None else partners[:, 1:]
 
     def training_partners(self) -> torch.Tensor | None:
         return self.neighbours if self.stage == self.SCAN and bool(self.neighbours_ready) else None

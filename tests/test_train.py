@@ -356,10 +356,10 @@ def test_run_flags_set_cudnns_benchmark_mode_and_torchs_deterministic_mode(monke
 def test_a_deterministic_run_repeats_bit_for_bit_on_two_threads(tmp_path):
     # Without run.deterministic, two such runs differed from step 2 (threaded float sums), and DCCM's
     # thresholds carried the difference on to different clusters.
-    common = [str(REPO_ROOT / "config" / "mnist_dccm.yml"), f"run.output_dir={tmp_path}", "run.deterministic=true",
-              "run.threads_per_rank=2", "data.name=mnist", f"data.root={SHARED_DATA / 'mnist.npz'}",
-              "data.limit=512", "train.epochs=1", "train.log_every_steps=1", "method.refresh_steps=5",
-              "method.critic_hidden_dim=16", "eval.every_epochs=1"]
+    from tests.test_methods_dccm import CONFIG as DCCM_CONFIG, SMALL as DCCM_SMALL
+
+    common = [str(DCCM_CONFIG), f"run.output_dir={tmp_path}", *DCCM_SMALL, "run.deterministic=true",
+              "run.threads_per_rank=2", "train.batch_size_per_rank=32", "train.epochs=1"]
     try:
         first = launcher.main([*common, "run.name=first"])
         second = launcher.main([*common, "run.name=second"])
