@@ -22,7 +22,9 @@ image, every odd-numbered view of image i is made from one of its candidates ins
 drawn uniformly from its row by a seed of (seed, epoch, i): the same partner in both loaders, with any
 number of workers, and in a resumed epoch. Clean views (SCAN's self-labelling): after
 `set_clean_views(views)`, the views numbered in `views` are the evaluation transform of their image
-(no augmentation), the others augmented as before.
+(no augmentation), the others augmented as before. View count: after `set_views(count)`, batches hold
+only the first `count` of the loader's views; the others are neither augmented nor drawn for (a resumed
+epoch still gets the uninterrupted epoch's views).
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ class TrainLoader(Protocol):
     def set_partners(self, table: torch.Tensor | None) -> None:
         """From the next epoch on, odd-numbered views show a partner drawn from table[i] (N, M) int64
         instead of image i (None: every view shows image i)."""
+
+    def set_views(self, count: int) -> None:
+        """From the next epoch on, batches hold the first `count` views (1..num_views)."""
 
     def set_clean_views(self, views: Sequence[int]) -> None:
         """From the next epoch on, the views numbered in `views` are the evaluation transform (no
@@ -129,6 +134,13 @@ def check_partner_table(table: torch.Tensor | None, n: int) -> torch.Tensor | No
     return table
 
 
+def check_view_count(count: int, num_views: int) -> int:
+    """count if it is an int in [1, num_views], else a ValueError."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_views:
+        raise ValueError(f"view count: expected an int in [1, {num_views}], got {count!r}")
+    return count
+
+
 def check_clean_views(views: Sequence[int], num_views: int) -> frozenset[int]:
     """views as a set of view numbers in [0, num_views), or a ValueError."""
     if any(not 0 <= v < num_views for v in views):
@@ -181,6 +193,7 @@ class DeviceTensorLoader:
                                                image_size=data.image_size, channels=data.channels, mean=data.mean,
                                                std=data.std)[0]
         self.clean_views: frozenset[int] = frozenset()
+        self.view_count = num_views
         self.batch_size_per_rank = batch_size_per_rank
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.first_batch = 0, 0
@@ -192,11 +205,16 @@ class DeviceTensorLoader:
     def set_partners(self, table: torch.Tensor | None) -> None:
         self.partners = check_partner_table(table, len(self.images))
 
+    def set_views(self, count: int) -> None:
+        self.view_count = check_view_count(count, len(self.augments))
+
     def set_clean_views(self, views: Sequence[int]) -> None:
         self.clean_views = check_clean_views(views, len(self.augments))
 
     def _view_transforms(self) -> list[Callable]:
-        return [self.clean_view if k in self.clean_views else augment for k, augment in enumerate(self.augments)]
+        """The transforms of this epoch's views, in order (the batches and the skipped draws use the same)."""
+        return [self.clean_view if k in self.clean_views else augment
+                for k, augment in enumerate(self.augments[:self.view_count])]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -237,15 +255,16 @@ class DeviceTensorLoader:
 
 
 class _EpochShardSampler(torch.utils.data.Sampler):
-    """Yields (index, sample seed, partner or -1, clean-view bit mask) for this rank's indices of the
-    current epoch, from `first` on. It runs in the main process, so a new partner table or set of clean
-    views reaches persistent workers."""
+    """Yields (index, sample seed, partner or -1, clean-view bit mask, view count) for this rank's indices
+    of the current epoch, from `first` on. It runs in the main process, so a new partner table, set of
+    clean views or view count reaches persistent workers."""
 
-    def __init__(self, n: int, *, seed: int, rank: int, world_size: int):
+    def __init__(self, n: int, *, seed: int, rank: int, world_size: int, num_views: int):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch, self.first = 0, 0
         self.partners: torch.Tensor | None = None
         self.clean_views: frozenset[int] = frozenset()
+        self.view_count = num_views
 
     def set_epoch(self, epoch: int, first: int = 0) -> None:
         self.epoch, self.first = epoch, first
@@ -253,7 +272,7 @@ class _EpochShardSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n // self.world_size - self.first
 
-    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]:
         order = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
                              world_size=self.world_size)[self.first:]
         indices = order.numpy()
@@ -261,13 +280,14 @@ class _EpochShardSampler(torch.utils.data.Sampler):
         partners = ([-1] * len(indices) if self.partners is None
                     else draw_partners(self.partners, order, seed=self.seed, epoch=self.epoch).tolist())
         clean_mask = sum(1 << v for v in self.clean_views)
-        return iter(zip(indices.tolist(), seeds.tolist(), partners, [clean_mask] * len(partners)))
+        count = len(partners)
+        return iter(zip(indices.tolist(), seeds.tolist(), partners, [clean_mask] * count, [self.view_count] * count))
 
 
 class _ViewsDataset(torch.utils.data.Dataset):
-    """(row, seed, partner, clean mask) -> (num_views per-sample views, row, partner), each sample's
-    randomness seeded by its key; odd-numbered views show the partner row unless it is -1, and view k is
-    `clean_transform` of its image where bit k of the mask is set."""
+    """(row, seed, partner, clean mask, view count) -> (the first `view count` per-sample views, row,
+    partner), each sample's randomness seeded by its key; odd-numbered views show the partner row unless
+    it is -1, and view k is `clean_transform` of its image where bit k of the mask is set."""
 
     def __init__(self, data: ImageData, transforms: list[Callable], clean_transform: Callable):
         self.images = data.images
@@ -282,13 +302,13 @@ class _ViewsDataset(torch.utils.data.Dataset):
     def _image(self, index: int):
         return self.images[index] if self.images is not None else read_image_file(self.files[index], self.mode)
 
-    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[list[torch.Tensor], int, int]:
-        index, sample_seed, partner, clean_mask = key
+    def __getitem__(self, key: tuple[int, int, int, int, int]) -> tuple[list[torch.Tensor], int, int]:
+        index, sample_seed, partner, clean_mask, view_count = key
         sources = [self._image(index)] + ([] if partner < 0 else [self._image(partner)])
 
         def views() -> list[torch.Tensor]:
             return [(self.clean_transform if clean_mask >> k & 1 else transform)(sources[k % len(sources)])
-                    for k, transform in enumerate(self.transforms)]
+                    for k, transform in enumerate(self.transforms[:view_count])]
 
         if torch.utils.data.get_worker_info() is None:  # in the main process: leave its RNG alone
             with torch.random.fork_rng(devices=[]):
@@ -321,7 +341,8 @@ class WorkersLoader:
         clean = build_sample_transform(dataclasses.replace(aug, random_views=False), image_size=data.image_size,
                                        channels=data.channels, mean=data.mean, std=data.std)
         self.num_views = num_views
-        self.sampler = _EpochShardSampler(len(data), seed=seed, rank=rank, world_size=world_size)
+        self.sampler = _EpochShardSampler(len(data), seed=seed, rank=rank, world_size=world_size,
+                                          num_views=num_views)
         self.loader = torch.utils.data.DataLoader(
             _ViewsDataset(data, transforms, clean), batch_size=batch_size_per_rank, sampler=self.sampler,
             drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
@@ -336,6 +357,9 @@ class WorkersLoader:
 
     def set_partners(self, table: torch.Tensor | None) -> None:
         self.sampler.partners = check_partner_table(table, self.sampler.n)
+
+    def set_views(self, count: int) -> None:
+        self.sampler.view_count = check_view_count(count, self.num_views)
 
     def set_clean_views(self, views: Sequence[int]) -> None:
         self.sampler.clean_views = check_clean_views(views, self.num_views)

@@ -8,6 +8,8 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
 - `training_partners()`: a table of candidate rows per image from which the loader draws what the
   odd-numbered views show (SCAN's mined neighbours); None (the default) = every view shows the image;
   and `clean_training_views()`, the views left un-augmented (SCAN's self-labelling targets);
+- `training_views()`: how many of the `num_views` views the next epoch's steps get (the loader makes
+  only those; NNM needs its third view in the clustering stage only);
 - `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor);
 - `after_optimizer_step(progress)` (momentum/EMA updates, queues);
 - the EM loop: `wants_pseudo_labels(epoch)`, then `update_from_features(features, cluster, K)` with
@@ -143,7 +145,7 @@ class Method(nn.Module):
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
-        """views: `num_views` tensors (B, C, H, W); indices (B,) dataset positions.
+        """views: `training_views()` tensors (B, C, H, W); indices (B,) dataset positions.
         Returns named scalar terms; "loss" is the one to minimise."""
         raise NotImplementedError
 
@@ -164,6 +166,11 @@ class Method(nn.Module):
         """(N, k) rows of each training image's neighbours (itself excluded) mined for the current stage, or
         None; when a stage starts the trainer logs how many pairs share a class (SCAN's mining check)."""
         return None
+
+    def training_views(self) -> int:
+        """Asked before each epoch: the number of views (the first ones, 1..num_views) that the loader
+        makes for the epoch's steps; views a stage does not use are never augmented."""
+        return self.num_views
 
     def clean_training_views(self) -> tuple[int, ...]:
         """Asked before each epoch: the views (by number) that the loader makes with the evaluation

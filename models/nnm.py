@@ -11,7 +11,8 @@ holds, per head, the assignment of every image's nearest other image in the whol
 (cosine, backbone features); it is rebuilt at each `cluster.every_epochs` E-step of the stage from a
 clean pass in dataset order (NNM's code filled it from its shuffled, augmented loader by dataset index,
 so that targets belonged to other images), and its terms count from the stage's second epoch on, as
-NNM uses it from epoch 2. In the pretext stage the third view goes unused. NNM selects heads by the
+NNM uses it from epoch 2. The other stages (pretext, self-labelling) take SCAN's two views, so the loader
+makes the third only in the `scan` stage (`training_views`). NNM selects heads by the
 lowest loss on its test split; here by SCAN's loss on the whole training set, as for SCAN.
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ class NNM(SCAN):
         super().start_stage(name, context)
         if name == self.SCAN:
             self.bank_ready.fill_(False)
+
+    def training_views(self) -> int:
+        return 3 if self.stage == self.SCAN else 2
 
     # ---- the bank (and head selection) at each E-step of the clustering stage
     def wants_pseudo_labels(self, epoch: int) -> bool:

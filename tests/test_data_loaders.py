@@ -320,3 +320,34 @@ def test_clean_views_are_the_evaluation_transform_and_resume_alike(mode, workers
         assert not torch.allclose(batch.views[0], plain(batch.indices), atol=1e-2)
     with pytest.raises(ValueError, match=r"clean views: expected view numbers in \[0, 2\), got \[2\]"):
         _loader(data, mode=mode).set_clean_views([2])
+
+
+@pytest.mark.parametrize("mode, workers", [("device", 0), ("workers", 0), ("workers", 2)])
+def test_a_view_count_makes_only_the_first_views_and_resumes_alike(mode, workers):
+    data = _toy(60)
+
+    def epoch(count=None, first_batch=0, views=3):
+        loader = _loader(data, mode=mode, workers=workers, batch=8, views=views)
+        if count is not None:
+            loader.set_views(count)
+        loader.set_epoch(4, first_batch=first_batch)
+        return list(loader)
+
+    three, two = epoch(), epoch(count=2)
+    assert {len(b.views) for b in three} == {3} and {len(b.views) for b in two} == {2}
+    assert [b.indices.tolist() for b in two] == [b.indices.tolist() for b in three]
+    resumed = epoch(count=2, first_batch=2)   # the skipped batches draw for two views, as the full epoch did
+    assert all(torch.equal(x, y) for a, b in zip(resumed, two[2:]) for x, y in zip(a.views, b.views))
+    if mode == "workers":   # per-sample seeds: the first views do not depend on how many follow
+        assert all(torch.equal(x, y) for a, b in zip(two, three) for x, y in zip(a.views, b.views[:2]))
+    else:                   # one generator per epoch: from the second batch on, the draws differ
+        assert not torch.equal(two[1].views[0], three[1].views[0])
+    assert {len(b.views) for b in epoch(count=3)} == {3}
+
+
+@pytest.mark.parametrize("count", [0, 4, 2.0, True])
+@pytest.mark.parametrize("mode", ["device", "workers"])
+def test_a_bad_view_count_is_refused(count, mode):
+    loader = _loader(_toy(60), mode=mode, views=3)
+    with pytest.raises(ValueError, match=rf"view count: expected an int in \[1, 3\], got {count!r}"):
+        loader.set_views(count)

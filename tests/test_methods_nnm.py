@@ -1,16 +1,21 @@
 """NNM: its losses against values worked out by hand, the bank against scikit-learn's nearest
 neighbours, and the step's batch neighbours and bank rows against a brute-force assembly. A run stopped
-while the bank is in use is among SCAN's resume tests (tests/test_methods_scan.py)."""
+while the bank is in use is among SCAN's resume tests (tests/test_methods_scan.py); a short run checks
+that only the scan stage's steps get the third view."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import main as launcher
 from losses.nnm import cluster_column_contrast, nnm_loss
 from losses.scan import mean_assignment_entropy, pair_consistency
 from models import DataInfo, Progress, StageContext, build_method
 from models.nnm import NNMConfig
+from tests.test_methods_scan import SMALL
+from tests.torchrun_util import REPO_ROOT
+from utils.trainer import Trainer
 
 P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
 Q = torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]])
@@ -101,3 +106,17 @@ def test_the_step_matches_each_anchor_with_its_nearest_batch_anchor_and_its_bank
     assert expected["global"].item() > 0
     assert pair_consistency(P_, Q_).item() == pytest.approx(expected["local"].item())
     assert mean_assignment_entropy(P_).item() == pytest.approx(expected["entropy"].item())
+
+
+def test_only_the_scan_stage_makes_and_takes_the_third_view(tmp_path, monkeypatch):
+    seen = []
+    train_step = Trainer.train_step
+
+    def recording_train_step(self, views, indices, epoch):
+        seen.append((self.stage.name, len(views)))
+        return train_step(self, views, indices, epoch)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_train_step)
+    launcher.main([str(REPO_ROOT / "config" / "mnist_cnn_nnm.yml"), f"run.output_dir={tmp_path}", *SMALL,
+                   "method.scan_epochs=1", "method.selflabel_epochs=1"])
+    assert seen == [("pretext", 2)] * 8 + [("scan", 3)] * 8 + [("selflabel", 2)] * 8

@@ -427,6 +427,7 @@ class Trainer:
         self.model.train()
         first = self.epoch_step
         self.loader.set_partners(self.method.training_partners())
+        self.loader.set_views(self.method.training_views())
         self.loader.set_clean_views(self.method.clean_training_views())
         self.loader.set_epoch(epoch, first_batch=first)
         if first == 0:
