@@ -21,10 +21,11 @@ stages stay (a stage keeps at least 1 epoch). DEC's and IDEC's cluster stage may
 tol rule, as in the demo.
 
 Clustering scores are those of the method's read-out in its config (k-means on backbone features,
-CC's head argmax) on all 5,000 digits; kNN is the weighted kNN monitor (leave-one-out on the same
-digits, k=200, T=0.1); images/s is the mean training throughput over the epochs of all stages (two
-views each; DCCM, DEC and IDEC one). SCAN's and NNM's read-out is the selected head's argmax, DEC's
-and IDEC's the assignment of their Student-t centroids.
+CC's head argmax) on all the images trained on (the 5,000 digits unless `data.*` overrides say
+otherwise; the table's header names them); kNN is the weighted kNN monitor (leave-one-out on the same
+images, k=200, T=0.1); images/s is the mean training throughput over the epochs of all stages (two
+views each; NNM's scan stage three; DCCM, DEC and IDEC one). SCAN's and NNM's read-out is the selected
+head's argmax, DEC's and IDEC's the assignment of their Student-t centroids.
 
     python bench/methods.py                                  # all methods, the demo's 4.5-minute budget
     python bench/methods.py --methods propos,simclr --budget-minutes 1
@@ -83,16 +84,18 @@ def run_names(method: str) -> tuple[str, str]:
     return f"{method}_calibration", f"{method}_budget"
 
 
-def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> None:
+def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> list[str]:
     """Fail in one line before any training: an override no method's config accepts, or an
     output directory holding an earlier bench's checkpoints (the launcher would refuse them
-    one method in, after minutes of calibration; they are never overwritten)."""
+    one method in, after minutes of calibration; they are never overwritten). Returns the data
+    each method trains on, in words (`data_description`), one entry per distinct one."""
     from utils.checkpoint import find_latest_checkpoint
     from utils.config import ConfigError, load_config
 
+    descriptions = []
     for method in methods:
         try:
-            load_config(config_path(method), overrides)
+            descriptions.append(data_description(load_config(config_path(method), overrides).data))
         except ConfigError as exc:
             raise SystemExit(f"error: {method}: {exc}") from None
     taken = [name for method in methods for name in run_names(method)
@@ -100,6 +103,12 @@ def check_inputs(methods: list[str], overrides: list[str], output_dir: Path) -> 
     if taken:
         raise SystemExit(f"error: --output-dir {output_dir} already holds checkpoints of an earlier bench "
                          f"({', '.join(taken)}); pass another --output-dir or remove them")
+    return list(dict.fromkeys(descriptions))
+
+
+def data_description(data) -> str:
+    """The data a run's `data` section (data/config.py's DataConfig) trains on, for the table's header."""
+    return f"data {data.name}, split {data.split}" + (f", data.limit={data.limit}" if data.limit else "")
 
 
 def config_path(method: str) -> Path:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     output_dir = Path(args.output_dir).resolve()
-    check_inputs(methods, args.overrides, output_dir)
+    datasets = check_inputs(methods, args.overrides, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         # After each method, so that a later method's failure keeps the rows already measured.
         (output_dir / "bench_methods.json").write_text(json.dumps(rows, indent=1))
 
-    print(f"\n5,000 MNIST digits, {args.budget_minutes:g} min of training each, torch {_torch_version()}, "
+    print(f"\n{'; '.join(datasets)}; {args.budget_minutes:g} min of training each, torch {_torch_version()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
     header = (f"{'method':<8} {'epochs':>6} {'train s':>7} {'img/s':>7} {'NMI':>7} {'ACC':>7} {'ARI':>7} {'kNN':>7}"
               "  reported CIFAR-10 ACC")

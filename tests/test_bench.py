@@ -213,11 +213,13 @@ def test_methods_bench_reads_the_epochs_of_every_stage_the_method_builds(method,
     assert bool(demo) == (len(stages) > 1)  # a method in one stage keeps train.epochs
 
 
-def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each(tmp_path):
+def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each(tmp_path, capsys):
     bench = load_script(REPO_ROOT / "bench" / "methods.py")
     out = tmp_path / "out"
     bench.main(["--methods", "dec", "--budget-minutes", "0.15", "--output-dir", str(out), "data.limit=256",
                 "method.pretrain_epochs=8", "method.cluster_epochs=4", "cluster.n_init=2", "eval.n_init=2"])
+    # the table's header names the data the runs trained on: the override's 256 images, not the demo's 5,000
+    assert "\ndata mnist_5k, split train+test, data.limit=256; 0.15 min of training each" in capsys.readouterr().out
     (row,) = json.loads((out / "bench_methods.json").read_text())
     calibration = bench.read_metric_records(out / "dec_calibration")
     measured = bench.read_metric_records(out / "dec_budget")
