@@ -396,6 +396,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return train(cfg, args, stop)
 
 
+def describe_training(result) -> str:
+    """The final line's account of the training (`result`: the trainer's FitResult): the run's epochs and
+    this process's seconds, which after a resume count from the position it resumed at."""
+    head = f"{result.epochs_total} epochs, {result.seconds:.0f}s"
+    if result.resumed_at is None:
+        return head
+    epoch, step = result.resumed_at
+    return f"{head} since the resume at epoch {epoch}" + (f", step {step}" if step else "")
+
+
 def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     """Set up the run (or resume it) and train; the final NMI / ACC / ARI. A run stopped by `stop`
     (utils/stop.StopOnSignal) before its end exits with EXIT_STOPPED once last.pt is written."""
@@ -448,7 +458,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
         else:  # unlabeled images: how they spread over the clusters is all there is to say
             scores = "no labels to score" + (f" ({format_cluster_sizes(trainer.last_cluster_sizes)})"
                                              if trainer.last_cluster_sizes else "")
-        print(f"final ({result.epochs_done} epochs, {result.seconds:.0f}s): {scores}"
+        print(f"final ({describe_training(result)}): {scores}"
               + (f"; clusters -> {', '.join(map(str, written))}" if written else ""), flush=True)
     du.cleanup_distributed()
     return metrics

@@ -59,7 +59,7 @@ PAPER_CIFAR10_ACC = {"propos": 0.943, "byol": 0.894, "pcl": 0.874, "simsiam": 0.
 # The `method` key that holds a stage's epochs, by stage name (DEC's layer-wise pairs: `layerwise_epochs`).
 STAGE_EPOCH_KEYS = {"pretext": "pretext_epochs", "scan": "scan_epochs", "selflabel": "selflabel_epochs",
                     "pretrain": "pretrain_epochs", "finetune": "pretrain_epochs", "cluster": "cluster_epochs"}
-FINAL_LINE = re.compile(r"final \((\d+) epochs, (\d+)s\): NMI ([\d.]+)\s+ACC ([\d.]+)\s+ARI ([\d.]+)")
+FINAL_LINE = re.compile(r"final \((\d+) epochs, (\d+)s[^)]*\): NMI ([\d.]+)\s+ACC ([\d.]+)\s+ARI ([\d.]+)")
 
 
 def run_main(config: Path, overrides: list[str], log_path: Path) -> tuple[re.Match, float]:

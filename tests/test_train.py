@@ -180,7 +180,12 @@ def test_a_run_stopped_by_sigusr1_resumes_as_if_never_stopped(tmp_path, monkeypa
         with pytest.raises(SystemExit, match=r"^error: .*last.pt: stopped at step 3 of its epoch, but this config "
                                              r"has 2 steps per epoch; resume with the data, batch size and ranks"):
             launcher.main([*argv, "train.batch_size_per_rank=256", "--resume", "auto"])
+    capsys.readouterr()
     launcher.main([*argv, "--resume", "auto"])
+    # The final line counts the run's 2 epochs, and says from where this process's seconds count
+    resumed_at = f"epoch {epoch}" + (f", step {epoch_step}" if epoch_step else "")
+    assert re.search(rf"^final \(2 epochs, \d+s since the resume at {resumed_at}\): NMI ", capsys.readouterr().out,
+                     flags=re.M)
     # The epoch's pseudo-labels come from the checkpoint, not from a new E-step on the half-trained
     # network, and the loader starts at the next batch: the uninterrupted run's every step and weight.
     assert step_losses(tmp_path / "split", 1) == pytest.approx(step_losses(straight_run, 1), rel=1e-6, abs=1e-7)

@@ -65,11 +65,13 @@ def resolve_num_clusters(cfg: Config, train_data: ImageData, requested: int | No
 
 @dataclass
 class FitResult:
-    epochs_done: int
+    epochs_done: int              # by this process (fewer than the run's after a resume)
+    epochs_total: int             # the run's epochs trained, over all its processes
     metrics: dict[str, float]     # the last evaluation
     best: dict[str, float]
     seconds: float
     stopped_on_request: bool = False   # should_stop ended the run before its last epoch (last.pt resumes it)
+    resumed_at: tuple[int, int] | None = None   # (epoch, step in it) this process resumed the run at; None: fresh
 
 
 def check_sync_batch_device(device: torch.device, world_size: int) -> None:
@@ -151,6 +153,7 @@ class Trainer:
         self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step) this run last wrote or resumed
+        self.resumed_at: tuple[int, int] | None = None  # (epoch, epoch step) of the checkpoint `load` resumed
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
@@ -332,9 +335,10 @@ class Trainer:
             log.info("stage %s done after %d epochs (step %d)%s", stage.name, self.stage_epoch, self.global_step,
                      ": the method asked to stop" if self.stage_stopped else "")
             self._next_stage()
-        return FitResult(epochs_done=epochs_done, metrics=self.last_metrics, best=self.best,
+        return FitResult(epochs_done=epochs_done, epochs_total=self.epoch, metrics=self.last_metrics, best=self.best,
                          seconds=time.perf_counter() - start,
-                         stopped_on_request=self.interrupted and self.stage_index < len(self.stages))
+                         stopped_on_request=self.interrupted and self.stage_index < len(self.stages),
+                         resumed_at=self.resumed_at)
 
     def _stoppable(self, what: str, run: Callable[[], Any]) -> tuple[bool, Any]:
         """(True, `run()`), or (False, None) when a stop request ended one of its feature passes
@@ -778,6 +782,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.last_checkpoint = (path, self.global_step)
         self.epoch_step = int(state.get("epoch_step", 0))
+        self.resumed_at = (self.epoch, self.epoch_step)
         # Checkpoints from before this was saved: a stage was started once a step or an epoch of it ran.
         self.stage_started = bool(state.get("stage_started", self.stage_epoch > 0 or self.epoch_step > 0))
         if not 0 <= self.epoch_step < self.steps_per_epoch:
