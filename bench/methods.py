@@ -66,14 +66,14 @@ def run_main(config: Path, overrides: list[str], log_path: Path) -> tuple[re.Mat
     """Run `python main.py config overrides...`; returns the parsed final line and the wall seconds."""
     command = [sys.executable, str(REPO_ROOT / "main.py"), str(config), *overrides]
     start = time.perf_counter()
-    with open(log_path, "w") as log_file:
+    with open(log_path, "w", encoding="utf-8") as log_file:
         proc = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - start
     match = FINAL_LINE.search(proc.stdout)
     if proc.returncode != 0 or match is None:
         # The launcher's own one-line error ends its stderr; show it rather than only the log's path.
-        lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         reason = f": {lines[-1].strip()}" if lines else ""
         raise SystemExit(f"error: {config.name} exited {proc.returncode}{reason} (log: {log_path})")
     return match, wall
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{method}: {row}", flush=True)
         # After each method, so that a later method's failure keeps the rows already measured.
-        (output_dir / "bench_methods.json").write_text(json.dumps(rows, indent=1))
+        (output_dir / "bench_methods.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
     print(f"\n{'; '.join(datasets)}; {args.budget_minutes:g} min of training each, torch {_torch_version()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")

@@ -495,7 +495,7 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         labels.append(y[:len(pixels)] - 1)
     tensor = torch.from_numpy(np.concatenate(images))
     names_file = base / "class_names.txt"
-    names = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
+    names = names_file.read_text(encoding="utf-8").split() if names_file.is_file() else list(STL10_CLASSES)
     labeled = tensor[: sum(len(y) for y, p in zip(labels, parts) if p != "unlabeled")]
     mean, std = channel_stats(labeled if len(labeled) else tensor)
     data = ImageData(name="stl10", labels=torch.from_numpy(np.concatenate(labels)), num_classes=10,
@@ -634,7 +634,7 @@ def _listed_class_files(folder: Path, classes: list[str], every_class: bool):
     path = folder / CLASS_LIST_FILE
     index = {cls: label for label, cls in enumerate(classes)}
     per_class: list[list[str]] = [[] for _ in classes]
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")

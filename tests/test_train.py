@@ -23,6 +23,7 @@ import main as launcher
 from tests.stop_util import (assert_same_weights, feature_pass_signalling_at_batch, logged_steps,
                              train_step_signalling_after)
 from utils.checkpoint import CHECKPOINT_KEYS
+from utils.config import ConfigError, load_config
 from utils.stop import EXIT_STOPPED
 from utils.trainer import Trainer
 from tests.torchrun_util import REPO_ROOT, SHARED_DATA, run_torchrun
@@ -949,3 +950,25 @@ def test_cluster_size_stats_count_every_cluster_including_empty_ones():
         sizes_of_clusters(rows, 12))
     with pytest.raises(ValueError, match=r"^cluster ids: expected a non-empty \(N,\) tensor, got shape \(0,\)$"):
         cluster_size_stats(torch.tensor([], dtype=torch.long), 3)
+
+
+def test_a_run_under_an_ascii_locale_reads_and_writes_utf8(tmp_path):
+    """Config files are read as UTF-8 whatever the locale. Under LC_ALL=C with Python's UTF-8 mode off (its
+    text files default to ASCII), a config with a non-ASCII comment failed with a UnicodeDecodeError
+    traceback; the run's own text files are written as UTF-8 too (config.yml escapes non-ASCII text)."""
+    config = tmp_path / "digits.yml"
+    config.write_text(f"# digits → clusters\nbase: {DEMO}\nlogging:\n  wandb_project: chiffres-été\n",
+                      encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    command = [sys.executable, str(REPO_ROOT / "main.py"), str(config), f"run.output_dir={tmp_path}", "run.name=ascii",
+               *SMALL, "train.epochs=1"]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, encoding="utf-8")
+    assert proc.returncode == 0 and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+    assert "final (1 epochs" in proc.stdout
+    # the run directory's config reads back to the same value (escaped as ASCII on disk)
+    assert load_config(tmp_path / "ascii" / "config.yml", []).logging.wandb_project == "chiffres-été"
+    # a config that is not UTF-8 is one line naming the file and the byte
+    config.write_bytes("# chiffres \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError,
+                       match=rf"^{re.escape(str(config))}: expected UTF-8 text, got byte 0xe9 at offset 11$"):
+        load_config(config, [])

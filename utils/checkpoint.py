@@ -70,7 +70,7 @@ def write_file_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = 
     failed write (a full disk) leaves the old file and no temporary one."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb" if binary else "w") as f:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

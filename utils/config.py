@@ -239,7 +239,10 @@ def read_yaml_with_bases(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     if path in _seen:
         raise ConfigError(f"{path}: circular 'base' chain through {' -> '.join(map(str, _seen))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # UTF-8 whatever the locale says
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: expected UTF-8 text, got byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
@@ -451,6 +454,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def format_config(cfg: Config) -> str:
     """The resolved config (after bases and overrides) as YAML that `load_config` reads back to `cfg`."""
+    # Non-ASCII text is escaped ("\xE9"): the same bytes in config.yml and on --print-config's stdout,
+    # which an ASCII locale could not print otherwise.
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

@@ -26,7 +26,7 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     stream.setFormatter(fmt)
     root.addHandler(stream)
     if log_file is not None:
-        file_handler = logging.FileHandler(log_file)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(level)
@@ -38,7 +38,7 @@ def read_metric_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.endswith("}")]
 
 
 class MetricWriter:
@@ -57,7 +57,7 @@ class MetricWriter:
                 raise ModuleNotFoundError("logging.wandb=true but the wandb package is not installed: "
                                           "pip install wandb") from None
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         self._wandb = None
         if wandb is not None:
             self._wandb = wandb.init(project=wandb_project, entity=wandb_entity or None, name=run_name,

@@ -74,7 +74,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], RunScores | None]:
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no config.yml)")
     try:
-        config = flatten(yaml.safe_load(config_path.read_text()) or {})
+        config = flatten(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as exc:
         raise ValueError(f"{config_path}: not readable YAML ({str(exc).splitlines()[0]})") from None
     evaluations = [r for r in read_metric_records(run_dir) if any(f"eval/{m}" in r for m in METRICS)]
