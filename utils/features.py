@@ -32,15 +32,18 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *
     """
     from data.loaders import iterate_shard, shard_bounds
 
-    world_size = du.get_world_size()
+    world_size, rank = du.get_world_size(), du.get_rank()
     order = None
+    shard, shard_rank, shard_world = data, rank, world_size   # what this rank's pass iterates over
     if shuffle_seed is not None:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
-        data = data.subset(order)
-
-    def shard_batches(rank: int) -> tuple[int, int]:
-        """(batch size, number of batches) of a rank's shard."""
+        # only this rank's rows of the shuffled order are gathered (a copy of N / world_size images)
         first, last = shard_bounds(len(data), rank, world_size)
+        shard, shard_rank, shard_world = data.subset(order[first:last]), 0, 1
+
+    def shard_batches(of_rank: int) -> tuple[int, int]:
+        """(batch size, number of batches) of a rank's shard."""
+        first, last = shard_bounds(len(data), of_rank, world_size)
         size = last - first
         rank_batch = batch_size
         if order is not None and size:   # ceil(size / batch_size) batches of near-equal size
@@ -51,9 +54,9 @@ def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], data, *
     # with the fewest batches; the other ranks' few extra batches go unchecked.
     checked_batches = 0 if should_stop is None else min(shard_batches(r)[1] for r in range(world_size))
     chunks = []
-    rank_batch = shard_batches(du.get_rank())[0]
-    for batch, (images, _) in enumerate(iterate_shard(data, batch_size=rank_batch, device=device,
-                                                      rank=du.get_rank(), world_size=world_size,
+    rank_batch = shard_batches(rank)[0]
+    for batch, (images, _) in enumerate(iterate_shard(shard, batch_size=rank_batch, device=device,
+                                                      rank=shard_rank, world_size=shard_world,
                                                       num_workers=num_workers, normalize=normalize)):
         if batch < checked_batches and du.any_rank([should_stop()], device)[0]:
             raise StopRequested(f"stop requested at batch {batch} of the feature pass")
