@@ -413,7 +413,8 @@ def iterate_shard(data: ImageData, *, batch_size: int, device: torch.device | st
                   num_workers: int = 0, normalize: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The test-time pass over this rank's contiguous shard (`shard_bounds`), in dataset order:
     yields (images (B, C, S, S) float32 normalised on `device`, indices (B,) int64 on `device`).
-    Deterministic: shorter side resized to S and centre crop (a no-op at native size)."""
+    Deterministic: shorter side resized to S and centre crop (a no-op at native size). It leaves torch's
+    global RNG as it found it, so a run draws the same numbers whether a pass ran or came from a cache."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     device = torch.device(device)
@@ -426,8 +427,10 @@ def iterate_shard(data: ImageData, *, batch_size: int, device: torch.device | st
             yield transform(images), torch.arange(first, last, device=device)
         return
     files = _FilesDataset(data.files[start:stop], image_size=data.image_size, channels=data.channels)
+    # A DataLoader draws its workers' base seed from the global RNG unless given a generator; the decoding
+    # is deterministic, so any fixed seed will do.
     loader = torch.utils.data.DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     first = start
     for images in loader:
         last = first + len(images)

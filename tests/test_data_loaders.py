@@ -208,11 +208,14 @@ def test_file_datasets_decode_in_both_loaders_and_the_shard_pass(tmp_path):
     device = _loader(data, batch=4, mode="device")  # decodes the files into memory first
     assert isinstance(device, DeviceTensorLoader) and torch.equal(_epoch_indices(device, 0), _epoch_indices(workers, 0))
     rows = []
+    rng_before = torch.get_rng_state()
     for rank in (0, 1):
         for x, idx in iterate_shard(data, batch_size=4, device="cpu", rank=rank, world_size=2, normalize=False):
             assert x.shape[1:] == (3, 8, 8)
             rows += list(zip(idx.tolist(), x))
     assert [i for i, _ in rows] == list(range(len(data)))
+    # the pass draws nothing from the global RNG: a cached pass and a fresh one leave a run's draws alike
+    assert torch.equal(torch.get_rng_state(), rng_before)
     for i, image in rows:  # solid colours survive the resize and centre crop
         expected = torch.tensor(colours[data.class_names[int(data.labels[i])]], dtype=torch.float32) / 255
         torch.testing.assert_close(image.mean(dim=(1, 2)), expected, atol=1 / 255, rtol=0)

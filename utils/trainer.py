@@ -343,8 +343,7 @@ class Trainer:
     def _stoppable(self, what: str, run: Callable[[], Any]) -> tuple[bool, Any]:
         """(True, `run()`), or (False, None) when a stop request ended one of its feature passes
         (`StopRequested`): `interrupted` is then set and the RNG state is put back to where it was before
-        `run` (a file-backed pass's DataLoader draws its seed from it), where the resumed run starts
-        `what` again."""
+        `run` (whatever `run` drew before the stop), where the resumed run starts `what` again."""
         rng_before = capture_rng_state()
         try:
             return True, run()
