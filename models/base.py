@@ -17,7 +17,9 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   and `set_pseudo_labels(labels, centroids)` (PCL overrides it to cluster at several granularities);
 - evaluation: `eval_features(images, kind)` for k-means read-outs; methods with a clustering head
   set `has_head`, name `head_feature_kind` and implement `predict_from_features(features)`, so the
-  read-out reuses the (cached) whole-dataset pass of those features;
+  read-out reuses the (cached) whole-dataset pass of those features; when `selects_readout()`, each
+  evaluation of a training run first hands `select_readout(features)` the whole training set's
+  `readout_selection_feature_kind` features (SCAN: which of its heads is read out);
 - stages (optional): `training_stages()` lists named stages, each with its own epochs and optimizer
   settings (e.g. DEC: layer-wise pretraining, fine-tuning, clustering); the trainer calls
   `enter_stage(name)` whenever a stage becomes current (fresh or resumed: which parameters train, what
@@ -122,6 +124,7 @@ class Method(nn.Module):
     pseudo_label_feature_kind: ClassVar[str] = "backbone"   # what the EM loop clusters (an eval_features kind)
     has_head: ClassVar[bool] = False                          # read out clusters from the head, not k-means
     head_feature_kind: ClassVar[str | None] = None            # the features the head's read-out takes
+    readout_selection_feature_kind: ClassVar[str] = "backbone"   # what select_readout() receives
     refresh_feature_kind: ClassVar[str] = "backbone"          # what refresh() receives
     # Batch norm that normalises with each batch in evaluation too (DCCM, no running statistics): the
     # whole-set passes then visit the images in a seeded random order (`extract_features`' shuffle_seed).
@@ -230,6 +233,16 @@ class Method(nn.Module):
     def predict_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) features of `head_feature_kind` -> (N,) cluster ids."""
         raise NotImplementedError(f"{type(self).__name__} has no feature read-out")
+
+    def selects_readout(self) -> bool:
+        """Asked before each evaluation of a training run: whether `select_readout` chooses the read-out
+        first, for the weights being evaluated."""
+        return False
+
+    def select_readout(self, features: torch.Tensor) -> None:
+        """features: the whole training set's `readout_selection_feature_kind` features (N, D) in dataset
+        order, from the weights the evaluation that follows reads out."""
+        raise NotImplementedError(f"{type(self).__name__} has no read-out to select")
 
     def eval_features(self, images: torch.Tensor, kind: str) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) features named `kind` (one of config_class.eval_feature_choices())."""

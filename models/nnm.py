@@ -57,7 +57,9 @@ class NNM(SCAN):
     def training_views(self) -> int:
         return 3 if self.stage == self.SCAN else 2
 
-    # ---- the bank (and head selection) at each E-step of the clustering stage
+    # ---- the bank, at each E-step of the clustering stage (heads are selected at read-outs, as SCAN's)
+    pseudo_label_feature_kind: ClassVar[str] = "backbone"
+
     def wants_pseudo_labels(self, epoch: int) -> bool:
         return self.stage == self.SCAN
 
@@ -68,8 +70,6 @@ class NNM(SCAN):
     def update_from_features(self, features: torch.Tensor, cluster, num_clusters: int) -> None:
         """features: the whole training set's backbone features (N, D) in dataset order."""
         probabilities = self.head_probabilities(features)
-        if self.cfg.num_heads > 1:
-            self.select_head(probabilities)
         nearest = nearest_neighbours(features, 1)[:, 0]                                  # (N,)
         for h, p in enumerate(probabilities):
             self.bank[h].copy_(p[nearest])

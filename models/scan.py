@@ -20,10 +20,11 @@ Stages of one run (the trainer's stages; each resumable, each with its own optim
    200 epochs on CIFAR at batch 1000 (here the run's batch); it may lower results (SCAN issue #69) and
    collapses at K = 100.
 With several heads, the one with the lowest SCAN loss on the whole training set (clean images, every
-mined pair) is selected at each `cluster.every_epochs` E-step of the scan stage, label-free as SCAN
-selects it on its validation split; its argmax is the read-out. Before the scan stage, read-outs are
-k-means of backbone features. Both views of the scan stage use the config's `augment` section (SCAN's
-strong views: `augment.strong_ops=4`, `augment.cutout_size`).
+mined pair) is selected before each read-out of the scan stage (each evaluation, the stage's last
+included), for the weights read out, label-free as SCAN selects it after each epoch on its validation
+split; its argmax is the read-out, and self-labelling trains the head selected at the scan stage's
+end. Before the scan stage, read-outs are k-means of backbone features. Both views of the scan stage
+use the config's `augment` section (SCAN's strong views: `augment.strong_ops=4`, `augment.cutout_size`).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class SCAN(Method):
     config_class: ClassVar[type[MethodConfig]] = SCANConfig
     default_eval_features: ClassVar[str] = "backbone"   # k-means read-outs (before the scan stage)
     head_feature_kind: ClassVar[str | None] = "cluster"
-    pseudo_label_feature_kind: ClassVar[str] = "backbone"   # the E-step selects the head from these
+    readout_selection_feature_kind: ClassVar[str] = "backbone"   # the heads' input: selection scores them
     per_sample_buffers: ClassVar[tuple[str, ...]] = ("neighbours",)
     PRETEXT: ClassVar[str] = "pretext"
     SCAN: ClassVar[str] = "scan"
@@ -136,7 +137,7 @@ class SCAN(Method):
         self.register_buffer("neighbours_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("head_index", torch.zeros((), dtype=torch.long))
         self.register_buffer("head_losses", torch.zeros(cfg.num_heads, dtype=torch.float64))
-        self.register_buffer("head_selected", torch.zeros((), dtype=torch.bool))   # by an E-step of this stage
+        self.register_buffer("head_selected", torch.zeros((), dtype=torch.bool))   # by a read-out of this stage
         self.stage = ""
 
     # ---- stages
@@ -156,7 +157,7 @@ class SCAN(Method):
         self.stage = name
         if name == self.PRETEXT:
             trainable = [*self.backbone.parameters(), *self.projector.parameters()]
-        elif name == self.SELFLABEL:   # the selected head (as of the scan stage's last E-step) and the backbone
+        elif name == self.SELFLABEL:   # the selected head (as of the scan stage's last read-out) and the backbone
             trainable = [*self.backbone.parameters(), *self.heads[int(self.head_index)].parameters()]
         else:
             trainable = [*self.heads.parameters(), *(self.backbone.parameters() if self.cfg.update_backbone else [])]
@@ -200,15 +201,12 @@ class SCAN(Method):
     def clean_training_views(self) -> tuple[int, ...]:
         return (0,) if self.stage == self.SELFLABEL else ()   # self-labelling: targets from the clean view
 
-    # ---- head selection (the E-step of the scan stage, several heads only)
-    def wants_pseudo_labels(self, epoch: int) -> bool:
-        return self.stage == self.SCAN and self.cfg.num_heads > 1
-
-    def has_pseudo_labels(self) -> bool:
-        return bool(self.head_selected)
+    # ---- head selection (before each read-out of the scan stage, several heads only)
+    def selects_readout(self) -> bool:
+        return self.stage == self.SCAN and self.cfg.num_heads > 1 and bool(self.neighbours_ready)
 
     @torch.no_grad()
-    def update_from_features(self, features: torch.Tensor, cluster, num_clusters: int) -> None:
+    def select_readout(self, features: torch.Tensor) -> None:
         """features: the whole training set's backbone features (N, D) in dataset order."""
         self.select_head(self.head_probabilities(features))
 

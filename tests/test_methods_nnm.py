@@ -78,7 +78,7 @@ def test_the_bank_holds_each_images_nearest_other_images_assignment():
     for h, head in enumerate(method.heads):
         expected = torch.softmax(head(features), 1)[torch.from_numpy(rows[:, 1])]
         torch.testing.assert_close(method.bank[h], expected.detach())
-    assert method.has_pseudo_labels() and method.head_selected   # two heads: selected as well
+    assert method.has_pseudo_labels() and not method.head_selected   # heads are chosen at read-outs, not here
 
 
 def test_the_step_matches_each_anchor_with_its_nearest_batch_anchor_and_its_bank_row():

@@ -11,7 +11,7 @@ import torch
 
 import main as launcher
 from models import DataInfo, Progress, StageContext, build_method
-from models.scan import SCANConfig
+from models.scan import SCAN, SCANConfig
 from tests.stop_util import assert_same_weights, train_step_signalling_after
 from tests.torchrun_util import REPO_ROOT, SHARED_DATA
 from utils.config import ConfigError
@@ -69,12 +69,12 @@ def test_the_head_with_the_lowest_scan_loss_on_the_training_set_is_selected():
     with torch.no_grad():  # scale the heads apart so that their losses differ clearly
         for k, head in enumerate(method.heads):
             head.weight.mul_(0.2 + k)
-    assert method.wants_pseudo_labels(0) and not method.has_pseudo_labels()
-    method.update_from_features(features, cluster=None, num_clusters=4)
+    assert method.selects_readout() and not method.wants_pseudo_labels(0) and not method.head_selected
+    method.select_readout(features)
     by_hand = [scan_loss_by_hand(torch.softmax(head(features), 1).detach().double().numpy(),
                                  method.neighbours.numpy(), 5.0) for head in method.heads]
     assert method.head_losses.tolist() == pytest.approx(by_hand, rel=1e-9)
-    assert int(method.head_index) == int(np.argmin(by_hand)) and method.has_pseudo_labels()
+    assert int(method.head_index) == int(np.argmin(by_hand)) and method.head_selected
     images = torch.rand(6, 1, 28, 28)
     method.eval()
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_the_head_with_the_lowest_scan_loss_on_the_training_set_is_selected():
         assert torch.equal(method.head_predictions(images), expected.argmax(1))
     one_head = build_scan()
     one_head.enter_stage("scan")
-    assert not one_head.wants_pseudo_labels(0)   # nothing to select: no whole-dataset pass
+    assert not one_head.selects_readout()   # nothing to select: no whole-dataset pass
 
 
 def clustering_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,3 +288,27 @@ def test_a_clustering_run_starts_from_a_simclr_run_and_trains_on_the_views_of_ea
     logged = [r for r in records(tmp_path / "scan") if "mining/neighbour_precision" in r]
     assert len(logged) == 1 and logged[0]["mining/neighbour_precision"] == pytest.approx(by_hand)
     assert logged[0]["stage"] == "scan" and 0.5 < by_hand < 1.0
+
+
+def test_the_head_is_selected_on_the_weights_each_read_out_sees(tmp_path, monkeypatch):
+    # SCAN scores its heads after each epoch: the choice after the scan stage's last epoch is the read-out
+    # and the head self-labelling trains (an E-step before each epoch chose on the weights one epoch old)
+    seen = []
+    select_head = SCAN.select_head
+
+    def recording(self, probabilities):
+        seen.append({f"heads.{k}.weight": head.weight.detach().clone() for k, head in enumerate(self.heads)})
+        return select_head(self, probabilities)
+
+    monkeypatch.setattr(SCAN, "select_head", recording)
+    launcher.main([str(CONFIG), f"run.output_dir={tmp_path}", "run.name=r", *SMALL, "method.selflabel_epochs=1"])
+    assert len(seen) == 2   # one per evaluation of the scan stage (eval.every_epochs=1), none in self-labelling
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    chosen = int(state["model"]["head_index"])
+    assert state["stage_name"] == "selflabel"
+    assert chosen == int(state["model"]["head_losses"].argmin())
+    # the head self-labelling leaves alone holds the scan stage's final weights, and so did the last
+    # selection: it scored the heads after the stage's last epoch, which trained every head
+    other = f"heads.{1 - chosen}.weight"
+    assert torch.equal(state["model"][other], seen[-1][other].cpu())
+    assert not torch.equal(seen[0][other], seen[-1][other])

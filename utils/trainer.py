@@ -382,6 +382,12 @@ class Trainer:
         record: dict[str, float] = {}
         epoch_metrics: dict[str, float] = {}
         if "cluster" in due:
+            if self.method.selects_readout():   # e.g. SCAN's head, chosen for the weights read out
+                self.method.select_readout(self._features(self.train_data, self.method.readout_selection_feature_kind,
+                                                          should_stop))
+                # the read-out's own features may depend on the choice: none cached from before it
+                self._feature_cache = {key: value for key, value in self._feature_cache.items()
+                                       if key[1] != self.method.head_feature_kind}
             self.last_metrics = self.evaluate(should_stop)
             epoch_metrics.update(self.last_metrics)
             record.update({f"eval/{k}": v for k, v in self.last_cluster_sizes.items()})
