@@ -43,6 +43,7 @@ class NNM(SCAN):
     config_class: ClassVar[type[MethodConfig]] = NNMConfig
     num_views: ClassVar[int] = 3
     per_sample_buffers: ClassVar[tuple[str, ...]] = ("neighbours", "bank")
+    pseudo_label_feature_kind: ClassVar[str] = "backbone"   # the E-step builds the bank from these
 
     def __init__(self, cfg: NNMConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__(cfg, backbone=backbone, norm=norm, data=data)
@@ -58,8 +59,6 @@ class NNM(SCAN):
         return 3 if self.stage == self.SCAN else 2
 
     # ---- the bank, at each E-step of the clustering stage (heads are selected at read-outs, as SCAN's)
-    pseudo_label_feature_kind: ClassVar[str] = "backbone"
-
     def wants_pseudo_labels(self, epoch: int) -> bool:
         return self.stage == self.SCAN
 
