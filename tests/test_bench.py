@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.torchrun_util import REPO_ROOT, load_script
+from tests.torchrun_util import REPO_ROOT, SHARED_DATA, load_script
 
 
 def _run_bench(script: str, *args: str) -> str:
@@ -238,3 +238,25 @@ def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each
     assert 1 <= done["cluster"] <= planned["cluster_epochs"]  # the tol rule may end it earlier
     assert row["epochs"] == sum(done.values()) and row["planned_epochs"] == sum(planned.values())
     assert 0 <= row["acc"] <= 1 and row["knn_acc"] == [r for r in measured if "eval/knn_acc" in r][-1]["eval/knn_acc"]
+
+
+def test_gpu_checks_run_their_commands_and_summarise_each_one(tmp_path, capsys):
+    # the prepared run for a lent GPU, small on the CPU: its commands must work before device time is spent
+    checks = load_script(REPO_ROOT / "bench" / "gpu_checks.py")
+    argv = ["--out", str(tmp_path / "ok"), "--device", "cpu", "--quick", "--data", str(SHARED_DATA)]
+    assert checks.main([*argv, "--only", "env,kmeans_agreement,run_propos"]) == 0
+    summary = (tmp_path / "ok" / "summary.txt").read_text()
+    assert [line.split("]")[0][1:] for line in summary.splitlines() if line.startswith("[")] == [
+        "env", "kmeans_agreement", "run_propos"]
+    assert summary.count("exit 0") == 3 and summary.rstrip().endswith("3 of 3 checks passed")
+    assert "agreement cpu vs cpu: labels 1.000000" in summary and "final (2 epochs" in summary
+    assert "===== run_propos: exit 0" in (tmp_path / "ok" / "logs.txt").read_text()   # the whole output kept
+    # a check that fails (no GPU here) is named with the end of its output; one the budget leaves is skipped
+    assert checks.main([*argv, "--device", "cuda", "--only", "run_propos"]) == 1
+    failed = (tmp_path / "ok" / "summary.txt").read_text()
+    assert "[run_propos] exit 1" in failed and "failed: run_propos" in failed and "| error: run.device" in failed
+    assert checks.main([*argv, "--only", "env", "--budget-s", "0"]) == 1
+    assert "0 of 0 checks passed; skipped (budget of 0 s spent): env" in (tmp_path / "ok" / "summary.txt").read_text()
+    with pytest.raises(SystemExit):
+        checks.main([*argv, "--only", "no_such_check"])
+    assert "--only: no check named ['no_such_check']" in capsys.readouterr().err
