@@ -22,12 +22,12 @@ NCCL with one lent GPU; the test suite checks them with gloo on the CPU. Checks 
 until `--budget-s` is spent (the device tool stops a command after 10 minutes); those left are listed
 as skipped.
 
-    python bench/gpu_checks.py --out $OUT --data .gpu_data               # on the lent machine
+    python bench/gpu_checks.py --out $OUT --data .devdata                # on the lent machine
     python bench/gpu_checks.py --out /tmp/checks --device cpu --quick    # the same commands, small, on a CPU
 
-Before the device call, here: `mkdir -p .gpu_data && cp ../shared/data/{mnist,cifar10_test}.npz .gpu_data/
-&& echo /.gpu_data/ >> .git/info/exclude`; then the device tool's run with `carry: [".gpu_data"]`, the
-command `python3 bench/gpu_checks.py --out $OUT --data .gpu_data` and `timeout_s: 600`.
+Before the device call, here: `mkdir -p .devdata && cp ../shared/data/{mnist,cifar10_test}.npz .devdata/`
+(.gitignore keeps /.devdata/ out of git); then the device tool's run with `carry: [".devdata"]`, the
+command `python3 bench/gpu_checks.py --out $OUT --data .devdata` and `timeout_s: 600`.
 
 `--data` is a folder holding `mnist.npz` and `cifar10_test.npz` (copies of ../shared/data's, carried to
 the machine: 40 MB). `--quick` shrinks every check (a smoke run of the commands, whose figures are not
