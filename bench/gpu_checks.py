@@ -15,7 +15,7 @@ and the lines that carry its figures:
   device: their steps, whole-set passes, k-means and read-outs on CUDA tensors;
 - deterministic: the ProPos run again with `run.deterministic=true`; the summary lists the warnings of
   the ops torch has no deterministic kernel for;
-- run_propos_cifar10: ProPos with a ResNet-18 for 2 epochs on the 10,000 CIFAR-10 test images (bf16
+- propos_cifar10: ProPos with a ResNet-18 for 2 epochs on the 10,000 CIFAR-10 test images (bf16
   autocast), the pipeline at a real size;
 - train_step: ProPos with a ResNet-18 on CIFAR-10 images (images/s of `bench/train_step.py`) with
   `train.amp` none and bf16, and `run.cudnn_benchmark` off and on.
@@ -129,7 +129,7 @@ def build_checks(*, device: str, data: Path, quick: bool, runs: Path) -> list[Ch
                                           "run.name=deterministic"], 240))
     # the real-size pipeline: ResNet-18 ProPos on the 10,000 CIFAR-10 test images, 2 epochs with the
     # clustering terms on in the second (E-step k-means, whole-set passes and read-out at that size)
-    checks.append(Check("run_propos_cifar10", [
+    checks.append(Check("propos_cifar10", [
         python, str(REPO_ROOT / "main.py"), str(REPO_ROOT / "config" / "cifar10_r18_propos.yml"),
         f"data.root={cifar}", "data.split=test", f"data.limit={256 if small else 0}", f"run.device={device}",
         f"run.output_dir={runs}", "run.name=propos_cifar10", "logging.progress_bar=false", "train.epochs=2",
