@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from data.datasets import shared_data_dir  # noqa: E402
 
 # The lines of a check's output that hold its figures (the rest stays in its log).
 FIGURE_LINE = re.compile(r"final \(|feed|images/s|\bours\b|agreement|^torch |cuda|warn|passed|failed|error|skipped",
@@ -174,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for summary.txt and the checks' logs")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"),
-                   help="folder holding mnist.npz and cifar10_test.npz")
+    p.add_argument("--data", default=str(shared_data_dir()), help="folder holding mnist.npz and cifar10_test.npz")
     p.add_argument("--quick", action="store_true", help="every check small: a smoke run of the commands")
     p.add_argument("--only", default="", help="comma-separated check names (prefixes) to run")
     p.add_argument("--budget-s", type=float, default=540,

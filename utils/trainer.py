@@ -65,7 +65,6 @@ def resolve_num_clusters(cfg: Config, train_data: ImageData, requested: int | No
 
 @dataclass
 class FitResult:
-    epochs_done: int              # by this process (fewer than the run's after a resume)
     epochs_total: int             # the run's epochs trained, over all its processes
     metrics: dict[str, float]     # the last evaluation
     best: dict[str, float]
@@ -153,7 +152,6 @@ class Trainer:
         self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step) this run last wrote or resumed
-        self.resumed_at: tuple[int, int] | None = None  # (epoch, epoch step) of the checkpoint `load` resumed
         self.stage_index = 0        # the current stage; len(self.stages) once the last one is done
         self.stage_epoch = 0        # epochs done in the current stage
         self.stage_start_step = 0   # global step at which the current stage began
@@ -275,7 +273,8 @@ class Trainer:
         same step and save last.pt (with the position inside the epoch) without evaluating."""
         cfg = self.cfg
         start = time.perf_counter()
-        epochs_done = 0
+        # before fit, only `load` sets last_checkpoint: the position this process resumed the run at
+        resumed_at = None if self.last_checkpoint is None else (self.epoch, self.epoch_step)
         self.load_pretrained()
         log.info("training %s: %s; %d steps per epoch (global batch %d) on %s x %d", cfg.method.name,
                  ", ".join(f"{s.name} {s.epochs} epochs" for s in self.stages), self.steps_per_epoch,
@@ -303,7 +302,6 @@ class Trainer:
                 self.epoch_step = 0
                 self.epoch = epoch + 1
                 self.stage_epoch += 1
-                epochs_done += 1
                 minutes = (time.perf_counter() - start) / 60
                 out_of_time = bool(cfg.train.time_budget_minutes) and minutes >= cfg.train.time_budget_minutes
                 # rank 0's clock decides, so every rank stops (and saves) at the same epoch
@@ -335,10 +333,10 @@ class Trainer:
             log.info("stage %s done after %d epochs (step %d)%s", stage.name, self.stage_epoch, self.global_step,
                      ": the method asked to stop" if self.stage_stopped else "")
             self._next_stage()
-        return FitResult(epochs_done=epochs_done, epochs_total=self.epoch, metrics=self.last_metrics, best=self.best,
+        return FitResult(epochs_total=self.epoch, metrics=self.last_metrics, best=self.best,
                          seconds=time.perf_counter() - start,
                          stopped_on_request=self.interrupted and self.stage_index < len(self.stages),
-                         resumed_at=self.resumed_at)
+                         resumed_at=resumed_at)
 
     def _stoppable(self, what: str, run: Callable[[], Any]) -> tuple[bool, Any]:
         """(True, `run()`), or (False, None) when a stop request ended one of its feature passes
@@ -787,7 +785,6 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.last_checkpoint = (path, self.global_step)
         self.epoch_step = int(state.get("epoch_step", 0))
-        self.resumed_at = (self.epoch, self.epoch_step)
         # Checkpoints from before this was saved: a stage was started once a step or an epoch of it ran.
         self.stage_started = bool(state.get("stage_started", self.stage_epoch > 0 or self.epoch_step > 0))
         if not 0 <= self.epoch_step < self.steps_per_epoch:
