@@ -24,7 +24,9 @@ number of workers, and in a resumed epoch. Clean views (SCAN's self-labelling): 
 `set_clean_views(views)`, the views numbered in `views` are the evaluation transform of their image
 (no augmentation), the others augmented as before. View count: after `set_views(count)`, batches hold
 only the first `count` of the loader's views; the others are neither augmented nor drawn for (a resumed
-epoch still gets the uninterrupted epoch's views).
+epoch still gets the uninterrupted epoch's views). Phases (`phases=`, set when the loader is built): the
+epoch visits row ranges one after another, each shuffled on its own and cut to whole global batches, so
+that no step mixes two of them (CC on STL-10 trains on the unlabeled images first, then on the rest).
 """
 from __future__ import annotations
 
@@ -95,10 +97,47 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def rank_indices(n: int, *, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """The indices rank `rank` visits in `epoch`, in order (DistributedSampler semantics, drop_last)."""
-    usable = (n // world_size) * world_size
-    return epoch_permutation(n, seed=seed, epoch=epoch)[:usable][rank::world_size]
+Phases = Sequence[tuple[int, int]]
+
+
+def rank_indices(n: int, *, seed: int, epoch: int, rank: int, world_size: int, phases: Phases | None = None,
+                 batch_size_per_rank: int = 1) -> torch.Tensor:
+    """The indices rank `rank` visits in `epoch`, in order (DistributedSampler semantics, drop_last).
+
+    With `phases`, (start, stop) row ranges that cover [0, n) in the order the epoch visits them (see
+    `check_phases`): each range has its own permutation, from (seed, epoch, phase number), is cut to
+    whole global batches (world_size x batch_size_per_rank rows) and dealt out like the whole set, and
+    the ranges follow one another, so no batch of any rank mixes rows of two of them."""
+    if phases is None:
+        usable = (n // world_size) * world_size
+        return epoch_permutation(n, seed=seed, epoch=epoch)[:usable][rank::world_size]
+    global_batch = world_size * batch_size_per_rank
+    parts = []
+    for number, (start, stop) in enumerate(phases):
+        generator = torch.Generator().manual_seed(mixed_seed(seed, epoch, number))
+        usable = (stop - start) // global_batch * global_batch
+        parts.append((torch.randperm(stop - start, generator=generator) + start)[:usable][rank::world_size])
+    return torch.cat(parts)
+
+
+def check_phases(phases: Phases | None, n: int, *, batch_size_per_rank: int, world_size: int) -> list | None:
+    """phases as a list of (start, stop) int pairs that tile [0, n) in some order, each holding at least one
+    global batch (world_size x batch_size_per_rank rows), or a ValueError naming what is wrong."""
+    if phases is None:
+        return None
+    phases = [(int(start), int(stop)) for start, stop in phases]
+    ordered = sorted(phases)
+    tiles = (bool(ordered) and ordered[0][0] == 0 and ordered[-1][1] == n
+             and all(start < stop for start, stop in ordered)
+             and all(stop == start for (_, stop), (start, _) in zip(ordered, ordered[1:])))
+    if not tiles:
+        raise ValueError(f"phases: expected (start, stop) row ranges that tile [0, {n}), got {phases}")
+    global_batch = world_size * batch_size_per_rank
+    for start, stop in phases:
+        if stop - start < global_batch:
+            raise ValueError(f"phases: rows [{start}, {stop}) do not fill one batch of {batch_size_per_rank} on each "
+                             f"of {world_size} rank(s); lower the batch size")
+    return phases
 
 
 def mixed_seed(*values: int) -> int:
@@ -162,7 +201,9 @@ def _check_first_batch(first_batch: int, num_batches: int) -> int:
     return first_batch
 
 
-def _check_sharding(n: int, *, batch_size_per_rank: int, num_views: int, rank: int, world_size: int) -> int:
+def _check_sharding(n: int, *, batch_size_per_rank: int, num_views: int, rank: int, world_size: int,
+                    phases: Phases | None = None) -> tuple[int, list | None]:
+    """(batches per epoch on each rank, the checked phases), or a ValueError."""
     if batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank: expected >= 1, got {batch_size_per_rank}")
     if num_views < 1:
@@ -173,18 +214,22 @@ def _check_sharding(n: int, *, batch_size_per_rank: int, num_views: int, rank: i
     if batches == 0:
         raise ValueError(f"{n} images on {world_size} rank(s) do not fill one batch of {batch_size_per_rank} "
                          "per rank; lower the batch size")
-    return batches
+    phases = check_phases(phases, n, batch_size_per_rank=batch_size_per_rank, world_size=world_size)
+    if phases is not None:
+        batches = sum((stop - start) // (world_size * batch_size_per_rank) for start, stop in phases)
+    return batches, phases
 
 
 class DeviceTensorLoader:
     """The whole uint8 dataset on `device`, batches gathered and augmented there (BatchAugment)."""
 
     def __init__(self, data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
-                 device: torch.device | str, rank: int, world_size: int, seed: int):
+                 device: torch.device | str, rank: int, world_size: int, seed: int, phases: Phases | None = None):
         if data.images is None:
             raise ValueError(f"{data.name}: the device loader needs in-memory images (see decode_files)")
-        self.num_batches = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
-                                           num_views=num_views, rank=rank, world_size=world_size)
+        self.num_batches, self.phases = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
+                                                        num_views=num_views, rank=rank, world_size=world_size,
+                                                        phases=phases)
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.augments = build_batch_augments(aug, num_views=num_views, image_size=data.image_size,
@@ -221,7 +266,8 @@ class DeviceTensorLoader:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         order = rank_indices(len(self.images), seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size)
+                             world_size=self.world_size, phases=self.phases,
+                             batch_size_per_rank=self.batch_size_per_rank)
         partner_order = None if self.partners is None else draw_partners(
             self.partners, order, seed=self.seed, epoch=self.epoch).to(self.device)
         order = order.to(self.device)
@@ -259,8 +305,12 @@ class _EpochShardSampler(torch.utils.data.Sampler):
     of the current epoch, from `first` on. It runs in the main process, so a new partner table, set of
     clean views or view count reaches persistent workers."""
 
-    def __init__(self, n: int, *, seed: int, rank: int, world_size: int, num_views: int):
+    def __init__(self, n: int, *, seed: int, rank: int, world_size: int, num_views: int, phases: list | None,
+                 batch_size_per_rank: int, num_batches: int):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.phases, self.batch_size_per_rank = phases, batch_size_per_rank
+        # Rows per epoch: the whole rank's share, or (phases) exactly its whole batches.
+        self.per_rank = n // world_size if phases is None else num_batches * batch_size_per_rank
         self.epoch, self.first = 0, 0
         self.partners: torch.Tensor | None = None
         self.clean_views: frozenset[int] = frozenset()
@@ -270,11 +320,11 @@ class _EpochShardSampler(torch.utils.data.Sampler):
         self.epoch, self.first = epoch, first
 
     def __len__(self) -> int:
-        return self.n // self.world_size - self.first
+        return self.per_rank - self.first
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int, int]]:
-        order = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                             world_size=self.world_size)[self.first:]
+        order = rank_indices(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                             phases=self.phases, batch_size_per_rank=self.batch_size_per_rank)[self.first:]
         indices = order.numpy()
         seeds = _sample_seeds(mixed_seed(self.seed, self.epoch), indices)
         partners = ([-1] * len(indices) if self.partners is None
@@ -332,9 +382,11 @@ class WorkersLoader:
     """torch DataLoader with per-sample torchvision v2 views, decoded and augmented in workers."""
 
     def __init__(self, data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
-                 device: torch.device | str, rank: int, world_size: int, seed: int, num_workers: int = 4):
-        self.num_batches = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
-                                           num_views=num_views, rank=rank, world_size=world_size)
+                 device: torch.device | str, rank: int, world_size: int, seed: int, num_workers: int = 4,
+                 phases: Phases | None = None):
+        self.num_batches, phases = _check_sharding(len(data), batch_size_per_rank=batch_size_per_rank,
+                                                   num_views=num_views, rank=rank, world_size=world_size,
+                                                   phases=phases)
         self.device = torch.device(device)
         transforms = [build_sample_transform(aug, image_size=data.image_size, channels=data.channels,
                                              mean=data.mean, std=data.std, view=k % 2) for k in range(num_views)]
@@ -342,7 +394,8 @@ class WorkersLoader:
                                        channels=data.channels, mean=data.mean, std=data.std)
         self.num_views = num_views
         self.sampler = _EpochShardSampler(len(data), seed=seed, rank=rank, world_size=world_size,
-                                          num_views=num_views)
+                                          num_views=num_views, phases=phases, batch_size_per_rank=batch_size_per_rank,
+                                          num_batches=self.num_batches)
         self.loader = torch.utils.data.DataLoader(
             _ViewsDataset(data, transforms, clean), batch_size=batch_size_per_rank, sampler=self.sampler,
             drop_last=True, num_workers=num_workers, pin_memory=self.device.type == "cuda",
@@ -377,9 +430,10 @@ class WorkersLoader:
 
 def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_rank: int, num_views: int,
                        device: torch.device | str, rank: int, world_size: int, seed: int, mode: str = "auto",
-                       num_workers: int = 4) -> TrainLoader:
+                       num_workers: int = 4, phases: Phases | None = None) -> TrainLoader:
     """The training loader of `mode`: device | workers | auto (device when the images are in memory and
-    the augmentation has no per-sample-only step).
+    the augmentation has no per-sample-only step). `phases`: row ranges each epoch visits one after
+    another (`rank_indices`), such as CC's STL-10 epoch, unlabeled images first.
     A file-backed dataset in device mode is decoded into memory first (at `data.image_size`)."""
     if mode not in LOADER_MODES:
         raise ValueError(f"data.loader: expected one of {', '.join(LOADER_MODES)}, got {mode!r}")
@@ -389,7 +443,7 @@ def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_ra
         raise ValueError("data.loader=device: augment.strong_ops and augment.cutout_size exist only in the per-sample "
                          "pipeline; use data.loader=workers (or auto)")
     common = dict(batch_size_per_rank=batch_size_per_rank, num_views=num_views, device=device, rank=rank,
-                  world_size=world_size, seed=seed)
+                  world_size=world_size, seed=seed, phases=phases)
     if mode == "device":
         if data.images is None:
             logger.info("decoding %d files of %s into memory for the device loader", len(data), data.name)

@@ -354,3 +354,64 @@ def test_a_bad_view_count_is_refused(count, mode):
     loader = _loader(_toy(60), mode=mode, views=3)
     with pytest.raises(ValueError, match=rf"view count: expected an int in \[1, 3\], got {count!r}"):
         loader.set_views(count)
+
+
+def _phased(data, phases, **kwargs):
+    kwargs.setdefault("rank", 0)
+    return build_train_loader(data, AUG, batch_size_per_rank=kwargs.pop("batch", 8), num_views=2,
+                              device=torch.device("cpu"), seed=3, phases=phases, **kwargs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_phases_visit_their_rows_in_turn_in_whole_global_batches(world_size):
+    # 109 rows: [70, 109) first (39 rows), then [0, 70). The oracle is the definition: every global batch
+    # (batch b of every rank) lies in one phase, the first phase's batches come first, each phase
+    # gives floor(size / (W x 8)) global batches of distinct rows, and the epochs reshuffle.
+    data = _toy(109, size=8)
+    phases = [(70, 109), (0, 70)]
+    loaders = [_phased(data, phases, rank=r, world_size=world_size) for r in range(world_size)]
+    expected = [39 // (world_size * 8), 70 // (world_size * 8)]
+    for epoch in (0, 1):
+        batches = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches.append([b.indices for b in loader])
+        assert all(len(rank_batches) == len(loaders[0]) == sum(expected) for rank_batches in batches)
+        kinds = []
+        for b in range(sum(expected)):
+            rows = torch.cat([rank_batches[b] for rank_batches in batches])
+            assert bool((rows >= 70).all()) or bool((rows < 70).all())
+            kinds.append(int(rows[0] >= 70))
+        assert kinds == [1] * expected[0] + [0] * expected[1]
+        seen = torch.cat([i for rank_batches in batches for i in rank_batches]).tolist()
+        assert len(set(seen)) == len(seen)
+    one = _phased(data, phases, world_size=1)
+    assert not torch.equal(_epoch_indices(one, 0), _epoch_indices(one, 1))
+
+
+@pytest.mark.parametrize("mode, workers", [("device", 0), ("workers", 2)])
+def test_phased_epochs_agree_in_both_loaders_and_resume_mid_epoch(mode, workers):
+    data = _toy(90, size=8)
+    phases = [(60, 90), (0, 60)]
+    device = _phased(data, phases, world_size=2)
+    loader = _phased(data, phases, world_size=2, mode=mode, num_workers=workers)
+    assert len(loader) == len(device) == 1 + 3
+    assert torch.equal(_epoch_indices(loader, 2), _epoch_indices(device, 2))
+    loader.set_epoch(2)
+    full = list(loader)
+    for first in (1, 3):
+        fresh = _phased(data, phases, world_size=2, mode=mode, num_workers=workers)
+        fresh.set_epoch(2, first_batch=first)
+        for a, b in zip(full[first:], list(fresh), strict=True):
+            assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+
+@pytest.mark.parametrize("phases, message", [
+    ([(0, 50), (60, 90)], r"phases: expected \(start, stop\) row ranges that tile \[0, 90\), got"),
+    ([(0, 60), (50, 90)], r"tile \[0, 90\)"),
+    ([(0, 90), (90, 90)], r"tile \[0, 90\)"),
+    ([(80, 90), (0, 80)], r"phases: rows \[80, 90\) do not fill one batch of 8 on each of 2 rank\(s\); lower the"),
+])
+def test_bad_phases_are_refused(phases, message):
+    with pytest.raises(ValueError, match=message):
+        _phased(_toy(90, size=8), phases, world_size=2)
