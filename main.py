@@ -146,6 +146,7 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
     state is left out, so the data may be other images) and the Trainer, from the config and
     `datasets` = build_datasets(cfg). What the config asks of the data or the checkpoint that they
     cannot give (a batch larger than the data, another model's weights) is a one-line error."""
+    from data.datasets import extra_training_rows
     from models import DataInfo, build_method
     from utils.checkpoint import load_model_state
     from utils.trainer import Trainer, resolve_num_clusters
@@ -156,7 +157,8 @@ def build_trainer(cfg, dist_info, run_dir: Path, writer, datasets: Datasets, wei
         method = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                               data=DataInfo(in_channels=train_data.channels, image_size=train_data.image_size,
                                             num_classes=train_data.num_classes, num_samples=len(train_data),
-                                            num_clusters=num_clusters))
+                                            num_clusters=num_clusters,
+                                            num_extra_rows=extra_training_rows(cfg.data, train_data)))
         if weights is not None:
             state = dict(weights.state["model"])
             for name in method.per_sample_buffers:  # the data evaluated may have another N than the training's

@@ -147,6 +147,18 @@ def build_train_dataset(cfg: DataConfig) -> ImageData:
     return build_dataset(cfg, split=cfg.split, with_unlabeled=cfg.stl10_unlabeled)
 
 
+def extra_training_rows(cfg: DataConfig, train_data: ImageData) -> int:
+    """How many of the last rows of `train_data` (= build_train_dataset(cfg), maybe cut by data.limit) only
+    train, outside the set clustered and scored: STL-10's unlabeled images (label -1, after the labeled
+    rows) when data.stl10_unlabeled, else 0."""
+    if not cfg.stl10_unlabeled:
+        return 0
+    extra = int((train_data.labels < 0).sum())
+    if extra and bool((train_data.labels[len(train_data) - extra:] >= 0).any()):
+        raise ValueError(f"{train_data.name}: the unlabeled rows are not the last {extra} of the training set")
+    return extra
+
+
 def build_eval_dataset(cfg: DataConfig) -> ImageData:
     """The set clustered and scored: `cfg.eval_split` (default `cfg.split`), never unlabeled rows."""
     return build_dataset(cfg, split=cfg.eval_split or cfg.split)

@@ -10,7 +10,8 @@ hooks; the trainer (utils/trainer.py) calls only these and never asks which meth
   and `clean_training_views()`, the views left un-augmented (SCAN's self-labelling targets);
 - `training_views()`: how many of the `num_views` views the next epoch's steps get (the loader makes
   only those; NNM needs its third view in the clustering stage only);
-- `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor);
+- `parameter_groups()` (per-group `lr_scale`, e.g. ProPos's 10x predictor), and
+  `parameters_left_alone()`, those the last step did not train (their gradients are dropped);
 - `after_optimizer_step(progress)` (momentum/EMA updates, queues);
 - the EM loop: `wants_pseudo_labels(epoch)`, then `update_from_features(features, cluster, K)` with
   the whole dataset's features named `pseudo_label_feature_kind`; by default that is one k-means
@@ -74,6 +75,9 @@ class DataInfo:
     num_classes: int
     num_samples: int       # N of the training set (pseudo-labels are indexed by dataset position)
     num_clusters: int      # K of the EM loop's k-means
+    # The last rows of the training set that only train, outside the set clustered and scored
+    # (STL-10's unlabeled images with data.stl10_unlabeled); 0 otherwise.
+    num_extra_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,9 @@ class Method(nn.Module):
     # Buffers with a row per training image (pseudo-labels, DEC's targets): training state that the
     # read-out never uses, left out when a checkpoint is evaluated on other data (another N).
     per_sample_buffers: ClassVar[tuple[str, ...]] = ()
+    # Train on the extra rows (`DataInfo.num_extra_rows`) apart: each epoch visits them first, then the
+    # clustered rows, in whole global batches (the loader's phases), so a step sees one kind only.
+    extra_rows_apart: ClassVar[bool] = False
 
     def training_cluster_counts(self) -> dict[str, int]:
         """{config key: K} of the clusterings of the training images that the method runs besides
@@ -151,6 +158,13 @@ class Method(nn.Module):
         """views: `training_views()` tensors (B, C, H, W); indices (B,) dataset positions.
         Returns named scalar terms; "loss" is the one to minimise."""
         raise NotImplementedError
+
+    def parameters_left_alone(self) -> list[nn.Parameter]:
+        """Asked after each step's backward pass: parameters that the step's loss reached only through a
+        zero-weighted term (kept so that DistributedDataParallel sees every parameter used). The trainer
+        drops their gradients, so the optimiser skips them and their state, as if the step had not used
+        them (CC's cluster head in an instance-only step)."""
+        return []
 
     def parameter_groups(self) -> list[dict]:
         """Optimizer groups; each may carry `lr_scale` (x base lr) and `weight_decay`."""

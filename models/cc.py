@@ -10,6 +10,14 @@ Both contrasts run over the global batch: rows and assignment matrices are gathe
 with gradients (utils.distributed.all_gather_with_grad), so W ranks give the one-process gradient of
 the W*B batch. The reference is one-GPU only; a multi-GPU port that contrasted per-rank columns was
 reported to lose about 10 points of ACC, since each rank then sees only B/K images per cluster column.
+
+STL-10 with its unlabeled images (data.stl10_unlabeled=true), as CC trains it: each epoch first visits
+the 100,000 unlabeled images with the instance loss alone, then train+test with both losses
+(`extra_rows_apart`: the loader's phases keep the two kinds in separate steps). The cluster head sits out
+the instance-only steps: it joins their loss with weight 0, for DistributedDataParallel, and its
+gradients are dropped (`parameters_left_alone`), so Adam leaves it and its moments as they were. That
+is the reference under torch >= 2.0, whose `zero_grad()` sets gradients to None; under torch 1.x it
+zeroed them instead, and Adam kept moving the head on its momentum for a few steps.
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ class CC(Method):
     default_eval_features: ClassVar[str] = "backbone"   # for k-means read-outs; evaluation uses the head
     has_head: ClassVar[bool] = True
     head_feature_kind: ClassVar[str | None] = "cluster"
+    extra_rows_apart: ClassVar[bool] = True
 
     def __init__(self, cfg: CCConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__()
@@ -71,21 +80,47 @@ class CC(Method):
         dim = self.backbone.out_dim
         self.instance_head = projection_head(dim, cfg.instance_hidden_dim, cfg.feature_dim, bn=cfg.head_bn, norm=norm)
         self.cluster_head = projection_head(dim, cfg.cluster_hidden_dim, data.num_clusters, bn=cfg.head_bn, norm=norm)
+        self.num_samples = data.num_samples
+        self.first_extra_row = data.num_samples - data.num_extra_rows   # rows from here on: instance loss only
+        self._left_alone: list[torch.nn.Parameter] = []
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
                       progress: Progress) -> dict[str, torch.Tensor]:
         x1, x2 = views
         h = self.backbone(torch.cat([x1, x2]))
         z1, z2 = self.instance_head(h).chunk(2)
-        p1, p2 = F.softmax(self.cluster_head(h), dim=1).chunk(2)
         z1, z2 = du.all_gather_with_grad(z1), du.all_gather_with_grad(z2)
-        p1, p2 = du.all_gather_with_grad(p1), du.all_gather_with_grad(p2)
         instance = nt_xent_loss(z1, z2, temperature=self.cfg.instance_temperature, symmetric=True)
+        self._left_alone = []
+        if self._extra_rows(indices):
+            # Every parameter must take part for DistributedDataParallel: the cluster head with weight 0.
+            self._left_alone = list(self.cluster_head.parameters())
+            idle = sum(p.sum() for p in self._left_alone) * 0.0
+            return {"loss": instance + idle, "instance": instance.detach()}
+        p1, p2 = F.softmax(self.cluster_head(h), dim=1).chunk(2)
+        p1, p2 = du.all_gather_with_grad(p1), du.all_gather_with_grad(p2)
         contrast = cluster_contrastive_loss(p1, p2, temperature=self.cfg.cluster_temperature)
         entropy = cluster_entropy_loss(p1, p2)
         loss = instance + contrast + self.cfg.entropy_weight * entropy
         return {"loss": loss, "instance": instance.detach(), "cluster": contrast.detach(),
                 "entropy": entropy.detach()}
+
+    def _extra_rows(self, indices: torch.Tensor) -> bool:
+        """Whether the batch holds extra rows only (instance loss alone); a batch that mixes them with
+        clustered rows is an error (the trainer's phases keep every global batch to one kind)."""
+        if self.first_extra_row >= self.num_samples:
+            return False   # no extra rows: no check, no device sync
+        extra = indices >= self.first_extra_row
+        if bool(extra.all()):
+            return True
+        if bool(extra.any()):
+            raise RuntimeError(f"CC: a batch mixes extra rows (>= {self.first_extra_row}) with clustered ones; "
+                               "train them in the loader's phases (Method.extra_rows_apart)")
+        return False
+
+    def parameters_left_alone(self) -> list[torch.nn.Parameter]:
+        """The cluster head after an instance-only step, else nothing."""
+        return self._left_alone
 
     def cluster_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, K) soft assignments."""

@@ -117,3 +117,27 @@ def test_gathered_losses_give_the_same_gradients_on_one_and_two_ranks(tmp_path):
         assert grads_one.keys() == grads_two.keys() and len(grads_one) > 0
         for param, g in grads_one.items():
             torch.testing.assert_close(grads_two[param], g, rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
+
+
+def test_cc_steps_on_extra_rows_train_the_instance_loss_alone():
+    # Rows 24..31 are extra (STL-10's unlabeled images): a batch of them gives the instance term of a
+    # full step on the same images (the same weights and views), no cluster terms, and the cluster head
+    # as the parameters to leave alone; a batch mixing both kinds is refused.
+    torch.manual_seed(0)
+    extra_info = DataInfo(in_channels=1, image_size=28, num_classes=4, num_samples=32, num_clusters=4,
+                          num_extra_rows=8)
+    method = build_method(CONFIGS["cc"](), backbone="small_cnn", norm="batch", data=extra_info)
+    plain = build_method(CONFIGS["cc"](), backbone="small_cnn", norm="batch", data=INFO)
+    plain.load_state_dict(method.state_dict())
+    views, _ = fixed_batch(8)
+    terms = method.training_step(views, torch.arange(24, 32), progress(0))
+    full = plain.training_step(views, torch.arange(24, 32), progress(0))
+    assert sorted(terms) == ["instance", "loss"] and "cluster" in full
+    assert terms["loss"].item() == pytest.approx(full["instance"].item(), rel=1e-6)
+    assert method.parameters_left_alone() == list(method.cluster_head.parameters())
+    terms["loss"].backward()   # every parameter takes part (DistributedDataParallel needs it), the head with 0
+    assert all(p.grad is not None and not p.grad.any() for p in method.cluster_head.parameters())
+    assert sorted(method.training_step(views, torch.arange(8), progress(1))) == sorted(full)
+    assert method.parameters_left_alone() == []
+    with pytest.raises(RuntimeError, match=r"CC: a batch mixes extra rows \(>= 24\) with clustered ones"):
+        method.training_step(views, torch.arange(20, 28), progress(2))

@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import ImageData
+from data.datasets import ImageData, extra_training_rows
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.assignments import cluster_size_stats, format_cluster_sizes
@@ -130,10 +130,17 @@ class Trainer:
         batch_size_per_rank = cfg.train.batch_size_per_rank
         if evaluate_only:  # never trains: a few images of another set must not fail the "one full batch" check
             batch_size_per_rank = min(batch_size_per_rank, max(1, len(train_data) // dist_info.world_size))
+        phases = None
+        extra = extra_training_rows(cfg.data, train_data)
+        if method.extra_rows_apart and extra and not evaluate_only:
+            n = len(train_data)
+            phases = [(n - extra, n), (0, n - extra)]
+            log.info("each epoch trains on the %d extra (unlabeled) images first, then on the %d others",
+                     extra, n - extra)
         self.loader = build_train_loader(
             train_data, cfg.augment, batch_size_per_rank=batch_size_per_rank, num_views=method.num_views,
             device=self.device, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
-            mode=cfg.data.loader, num_workers=cfg.data.num_workers)
+            mode=cfg.data.loader, num_workers=cfg.data.num_workers, phases=phases)
         self.steps_per_epoch = len(self.loader)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -149,6 +156,9 @@ class Trainer:
         # they cover: saved mid-epoch, so a resumed epoch logs the averages of all its steps.
         self.epoch_term_sums: dict[str, float] = {}
         self.epoch_term_steps = 0
+        # Steps that returned each term: a method may leave a term out of some steps (CC's instance-only
+        # steps on STL-10's unlabeled images have no cluster terms), and its average covers its own steps.
+        self.epoch_term_counts: dict[str, int] = {}
         self.interrupted = False    # should_stop ended the run (apart from the method's own `stop_requested`)
         self.last_save_time = time.monotonic()
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step) this run last wrote or resumed
@@ -438,8 +448,8 @@ class Trainer:
         self.loader.set_clean_views(self.method.clean_training_views())
         self.loader.set_epoch(epoch, first_batch=first)
         if first == 0:
-            self.epoch_term_sums, self.epoch_term_steps = {}, 0
-        sums = self.epoch_term_sums
+            self.epoch_term_sums, self.epoch_term_steps, self.epoch_term_counts = {}, 0, {}
+        sums, counts = self.epoch_term_sums, self.epoch_term_counts
         images = 0
         start = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=2.0,
@@ -457,6 +467,7 @@ class Trainer:
             self.epoch_term_steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             images += batch.indices.shape[0] * self.dist.world_size
             bar.update(1)
             if self.global_step % cfg.train.log_every_steps == 0:
@@ -478,7 +489,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         # The terms average over every step of the epoch, those before a mid-epoch resume included;
         # the speed figures cover only the steps this call ran.
-        stats = {k: v / max(1, self.epoch_term_steps) for k, v in sums.items()}
+        stats = {k: v / counts[k] for k, v in sums.items()}
         stats["images_per_s"] = images / max(seconds, 1e-9)
         stats["epoch_seconds"] = seconds
         return stats
@@ -501,6 +512,8 @@ class Trainer:
                                      f"or check the data; {saved}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        for parameter in self.method.parameters_left_alone():
+            parameter.grad = None   # the optimiser skips it and leaves its state as it was
         if self.cfg.optim.grad_clip_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip_norm)
@@ -716,6 +729,7 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "epoch_term_sums": dict(self.epoch_term_sums),
             "epoch_term_steps": self.epoch_term_steps,
+            "epoch_term_counts": dict(self.epoch_term_counts),
             "stage": self.stage_index,
             "stage_name": self.stage.name,
             "stage_epoch": self.stage_epoch,
@@ -794,6 +808,9 @@ class Trainer:
         # Checkpoints from before these were saved: the resumed epoch averages only its own steps.
         self.epoch_term_sums = {k: float(v) for k, v in state.get("epoch_term_sums", {}).items()}
         self.epoch_term_steps = int(state.get("epoch_term_steps", 0))
+        # Checkpoints from before per-term counts: every term came from every step.
+        self.epoch_term_counts = {k: int(v) for k, v in state.get(
+            "epoch_term_counts", {k: self.epoch_term_steps for k in self.epoch_term_sums}).items()}
         self.best = dict(state["best"])
         self.pending_evaluations = list(state.get("pending_evaluations", []))
         self.last_metrics = dict(state.get("last_metrics", {}))
