@@ -100,3 +100,15 @@ def test_two_ranks_train_stl10s_phases_under_distributed_data_parallel(tmp_path)
                         nproc=2)
     assert "final (2 epochs" in proc.stdout
     assert_adam_steps_and_term_averages(tmp_path / "cc2")
+
+
+def test_a_step_cap_that_ends_every_epoch_on_the_extra_images_is_warned_of(tmp_path):
+    _stl10_folder(tmp_path / "stl10")
+    common = [str(CONFIG), f"data.root={tmp_path / 'stl10'}", f"run.output_dir={tmp_path}",
+              f"train.batch_size_per_rank={BATCH}", *SMALL, "train.epochs=1"]
+    warning = (f"WARNING utils.trainer: train.max_steps_per_epoch=7 ends every epoch within its first {EXTRA_STEPS} "
+               "steps, on the extra images: the other 80 images are never trained")
+    launcher.main([*common, "run.name=capped", "train.max_steps_per_epoch=7"])
+    assert warning in (tmp_path / "capped" / "train.log").read_text()
+    launcher.main([*common, "run.name=reaches", "train.max_steps_per_epoch=8"])   # one step with both losses
+    assert "max_steps_per_epoch" not in (tmp_path / "reaches" / "train.log").read_text()

@@ -144,6 +144,11 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        extra_steps = extra // (dist_info.world_size * batch_size_per_rank)   # the first phase's, in whole batches
+        if phases is not None and self.steps_per_epoch <= extra_steps:
+            log.warning("train.max_steps_per_epoch=%d ends every epoch within its first %d steps, on the extra images: "
+                        "the other %d images are never trained",
+                        self.steps_per_epoch, extra_steps, len(train_data) - extra)
         if self.steps_per_epoch < 1:
             raise ValueError(f"train.batch_size_per_rank={cfg.train.batch_size_per_rank} x {dist_info.world_size} ranks "
                              f"is larger than the training set ({len(train_data)} images): no full batch per epoch")
