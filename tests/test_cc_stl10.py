@@ -112,3 +112,13 @@ def test_a_step_cap_that_ends_every_epoch_on_the_extra_images_is_warned_of(tmp_p
     assert warning in (tmp_path / "capped" / "train.log").read_text()
     launcher.main([*common, "run.name=reaches", "train.max_steps_per_epoch=8"])   # one step with both losses
     assert "max_steps_per_epoch" not in (tmp_path / "reaches" / "train.log").read_text()
+
+
+def test_too_few_unlabeled_images_for_a_batch_of_their_own_is_a_one_line_error(tmp_path):
+    _stl10_folder(tmp_path / "stl10")
+    with pytest.raises(SystemExit, match=r"^error: train.batch_size_per_rank=16 x 1 rank\(s\): CC trains the 5 extra "
+                                         r"\(unlabeled\) images in steps of their own, and they do not fill one batch; "
+                                         r"lower the batch size$"):
+        launcher.main([str(CONFIG), f"data.root={tmp_path / 'stl10'}", f"run.output_dir={tmp_path}", "run.name=few",
+                       f"train.batch_size_per_rank={BATCH}", *SMALL, "data.limit=85"])   # 80 labelled + 5 unlabeled
+    assert not (tmp_path / "few").exists()

@@ -135,6 +135,11 @@ class Trainer:
         if method.extra_rows_apart and extra and not evaluate_only:
             n = len(train_data)
             phases = [(n - extra, n), (0, n - extra)]
+            for size, what in ((extra, "extra (unlabeled)"), (n - extra, "other")):
+                if size < dist_info.world_size * batch_size_per_rank:
+                    raise ValueError(f"train.batch_size_per_rank={batch_size_per_rank} x {dist_info.world_size} "
+                                     f"rank(s): {type(method).__name__} trains the {size} {what} images in steps of "
+                                     "their own, and they do not fill one batch; lower the batch size")
             log.info("each epoch trains on the %d extra (unlabeled) images first, then on the %d others",
                      extra, n - extra)
         self.loader = build_train_loader(
