@@ -80,8 +80,8 @@ class CC(Method):
         dim = self.backbone.out_dim
         self.instance_head = projection_head(dim, cfg.instance_hidden_dim, cfg.feature_dim, bn=cfg.head_bn, norm=norm)
         self.cluster_head = projection_head(dim, cfg.cluster_hidden_dim, data.num_clusters, bn=cfg.head_bn, norm=norm)
-        self.num_samples = data.num_samples
-        self.first_extra_row = data.num_samples - data.num_extra_rows   # rows from here on: instance loss only
+        # Rows from here on train the instance loss alone (None: the training set has no extra rows).
+        self.first_extra_row = data.num_samples - data.num_extra_rows if data.num_extra_rows else None
         self._left_alone: list[torch.nn.Parameter] = []
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor,
@@ -108,8 +108,8 @@ class CC(Method):
     def _extra_rows(self, indices: torch.Tensor) -> bool:
         """Whether the batch holds extra rows only (instance loss alone); a batch that mixes them with
         clustered rows is an error (the trainer's phases keep every global batch to one kind)."""
-        if self.first_extra_row >= self.num_samples:
-            return False   # no extra rows: no check, no device sync
+        if self.first_extra_row is None:
+            return False   # no check, no device sync
         extra = indices >= self.first_extra_row
         if bool(extra.all()):
             return True

@@ -43,7 +43,6 @@ class NNM(SCAN):
     config_class: ClassVar[type[MethodConfig]] = NNMConfig
     num_views: ClassVar[int] = 3
     per_sample_buffers: ClassVar[tuple[str, ...]] = ("neighbours", "bank")
-    pseudo_label_feature_kind: ClassVar[str] = "backbone"   # the E-step builds the bank from these
 
     def __init__(self, cfg: NNMConfig, *, backbone: str, norm: str, data: DataInfo):
         super().__init__(cfg, backbone=backbone, norm=norm, data=data)

@@ -132,11 +132,12 @@ class Trainer:
             batch_size_per_rank = min(batch_size_per_rank, max(1, len(train_data) // dist_info.world_size))
         phases = None
         extra = extra_training_rows(cfg.data, train_data)
+        global_batch = dist_info.world_size * batch_size_per_rank
         if method.extra_rows_apart and extra and not evaluate_only:
             n = len(train_data)
             phases = [(n - extra, n), (0, n - extra)]
             for size, what in ((extra, "extra (unlabeled)"), (n - extra, "other")):
-                if size < dist_info.world_size * batch_size_per_rank:
+                if size < global_batch:
                     raise ValueError(f"train.batch_size_per_rank={batch_size_per_rank} x {dist_info.world_size} "
                                      f"rank(s): {type(method).__name__} trains the {size} {what} images in steps of "
                                      "their own, and they do not fill one batch; lower the batch size")
@@ -149,7 +150,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
-        extra_steps = extra // (dist_info.world_size * batch_size_per_rank)   # the first phase's, in whole batches
+        extra_steps = extra // global_batch   # the first phase's, in whole batches
         if phases is not None and self.steps_per_epoch <= extra_steps:
             log.warning("train.max_steps_per_epoch=%d ends every epoch within its first %d steps, on the extra images: "
                         "the other %d images are never trained",
@@ -165,7 +166,6 @@ class Trainer:
         # Sums of the method's terms over the steps of `self.epoch` done so far, and how many steps
         # they cover: saved mid-epoch, so a resumed epoch logs the averages of all its steps.
         self.epoch_term_sums: dict[str, float] = {}
-        self.epoch_term_steps = 0
         # Steps that returned each term: a method may leave a term out of some steps (CC's instance-only
         # steps on STL-10's unlabeled images have no cluster terms), and its average covers its own steps.
         self.epoch_term_counts: dict[str, int] = {}
@@ -458,7 +458,7 @@ class Trainer:
         self.loader.set_clean_views(self.method.clean_training_views())
         self.loader.set_epoch(epoch, first_batch=first)
         if first == 0:
-            self.epoch_term_sums, self.epoch_term_steps, self.epoch_term_counts = {}, 0, {}
+            self.epoch_term_sums, self.epoch_term_counts = {}, {}
         sums, counts = self.epoch_term_sums, self.epoch_term_counts
         images = 0
         start = time.perf_counter()
@@ -474,7 +474,6 @@ class Trainer:
                     break
             terms = self.train_step(batch.views, batch.indices, epoch)
             self.epoch_step = step_in_epoch + 1
-            self.epoch_term_steps += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -738,7 +737,6 @@ class Trainer:
             "global_step": self.global_step,
             "epoch_step": self.epoch_step,
             "epoch_term_sums": dict(self.epoch_term_sums),
-            "epoch_term_steps": self.epoch_term_steps,
             "epoch_term_counts": dict(self.epoch_term_counts),
             "stage": self.stage_index,
             "stage_name": self.stage.name,
@@ -817,10 +815,9 @@ class Trainer:
                              "it ran with")
         # Checkpoints from before these were saved: the resumed epoch averages only its own steps.
         self.epoch_term_sums = {k: float(v) for k, v in state.get("epoch_term_sums", {}).items()}
-        self.epoch_term_steps = int(state.get("epoch_term_steps", 0))
-        # Checkpoints from before per-term counts: every term came from every step.
+        # Checkpoints from before per-term counts kept one count of steps: every term came from every step.
         self.epoch_term_counts = {k: int(v) for k, v in state.get(
-            "epoch_term_counts", {k: self.epoch_term_steps for k in self.epoch_term_sums}).items()}
+            "epoch_term_counts", {k: state.get("epoch_term_steps", 0) for k in self.epoch_term_sums}).items()}
         self.best = dict(state["best"])
         self.pending_evaluations = list(state.get("pending_evaluations", []))
         self.last_metrics = dict(state.get("last_metrics", {}))
