@@ -2,8 +2,9 @@
 
 A config file is a mapping of sections (`run`, `data`, `augment`, `model`, `method`, `optim`,
 `train`, `cluster`, `eval`, `logging`). A file may extend another with `base: other.yml` (a path
-relative to the file); its keys are merged over the base's, section by section. Dotted command-line
-overrides (`train.epochs=2`) are applied to the merged mapping and go through the same validation.
+relative to the file), or several with `base: [a.yml, b.yml]` (merged left to right); its keys are
+merged over the bases', section by section. Dotted command-line overrides (`train.epochs=2`) are applied
+to the merged mapping and go through the same validation.
 
 Every key is checked against the dataclass fields of its section: an unknown key is an error with a
 suggestion, scalars are coerced to the field's type (PyYAML reads `1e-4` as a string), and each
@@ -250,9 +251,13 @@ def read_yaml_with_bases(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
     base = raw.pop("base", None)
     if base is None:
         return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
-    merged = read_yaml_with_bases(path.parent / base, _seen + (path,))
+    # a list of bases is merged left to right: a method's settings, then a dataset's (config/base/data_*.yml)
+    bases = base if isinstance(base, list) else [base]
+    if not bases or not all(isinstance(name, str) and name for name in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of file names, got {base!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        merged = deep_merge(merged, read_yaml_with_bases(path.parent / name, _seen + (path,)))
     return deep_merge(merged, raw)
 
 
