@@ -7,6 +7,8 @@ import socket
 import subprocess
 import textwrap
 import time
+import warnings
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,7 @@ def _run_job(script: str, env: dict[str, str], run_dir: Path, *, signal_after_fi
     once the first training step is logged. Returns (exit status, output)."""
     argv = ["bash", str(REPO_ROOT / "scripts" / script), str(DEMO), f"run.output_dir={run_dir.parent}",
             f"run.name={run_dir.name}", *RUN]
+    started = time.monotonic()
     job = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         if signal_after_first_step:
@@ -82,7 +85,28 @@ def _run_job(script: str, env: dict[str, str], run_dir: Path, *, signal_after_fi
     finally:
         if job.poll() is None:
             job.kill()
+    _warn_if_slow(script, time.monotonic() - started, out)
     return job.returncode, out
+
+
+SLOW_JOB_S = 120  # a job takes 7-15 s here; one CI run saw it stall for about 8 minutes, cause not found
+
+
+def _warn_if_slow(script: str, seconds: float, out: str) -> None:
+    """A stalled job still passes, but leaves a warning in the test summary with the longest silence in
+    torchrun's own log (LOGLEVEL=INFO: timestamped lines) and the lines either side of it, to find it."""
+    if seconds < SLOW_JOB_S:
+        return
+    stamped = []
+    for line in out.splitlines():
+        try:  # torchrun's format: 'I1206 21:52:06.674000 5819 file.py:855] message'
+            stamped.append((datetime.strptime(line[1:21], "%m%d %H:%M:%S.%f"), line))
+        except ValueError:
+            continue
+    gaps = [(b[0] - a[0], a[1], b[1]) for a, b in zip(stamped, stamped[1:])]
+    gap, before, after = max(gaps) if gaps else (None, "(no torchrun log lines)", "")
+    warnings.warn(f"{script}: the job took {seconds:.0f} s; longest silence in torchrun's log: {gap} between\n"
+                  f"{before}\n{after}", stacklevel=2)
 
 
 @pytest.mark.parametrize("script, tasks", [("slurm_1node_4gpu.sbatch", 2), ("slurm_multinode.sbatch", 1)])
@@ -98,7 +122,7 @@ def test_sbatch_script_stops_requeues_and_the_next_start_finishes_the_run(tmp_pa
            "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_NTASKS": str(tasks),
            "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "127.0.0.1",
            "SLURM_CPUS_PER_TASK": "2", "GPUS_PER_NODE": "2", "RDZV_PORT": port, "MASTER_PORT": port,
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "LOGLEVEL": "INFO"}  # LOGLEVEL: torchrun's own
     run_dir = tmp_path / "runs" / "job"
 
     status, out = _run_job(script, env, run_dir, signal_after_first_step=True)
