@@ -95,6 +95,29 @@ def test_base_chain_and_overrides(tmp_path):
         load_config(child, ["epochs"])
 
 
+def test_a_list_of_bases_merges_left_to_right_then_the_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path, MINIMAL + "train:\n  epochs: 10\n  batch_size_per_rank: 64\n", "common.yml")
+    write(tmp_path, "base: common.yml\ntrain:\n  epochs: 30\noptim:\n  lr: 0.2\n", "method.yml")
+    # a fragment in another folder that extends the same common file (a diamond, not a cycle)
+    write(tmp_path, "base: ../common.yml\ndata:\n  name: stl10\n  image_size: 96\noptim:\n  lr: 0.3\n",
+          "base/data.yml")
+    child = write(tmp_path, "base: [method.yml, base/data.yml]\ndata:\n  image_size: 64\n", "child.yml")
+    cfg = load_config(child)
+    # data.yml's copy of common.yml (epochs 10) comes after method.yml's epochs 30: later bases win
+    assert (cfg.train.epochs, cfg.train.batch_size_per_rank, cfg.optim.lr) == (10, 64, 0.3)
+    assert (cfg.data.name, cfg.data.image_size) == ("stl10", 64)
+    swapped = write(tmp_path, "base: [base/data.yml, method.yml]\n", "swapped.yml")
+    cfg = load_config(swapped)
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.data.name) == (30, 0.2, "stl10")
+    for bad in ("[]", "[method.yml, 3]", "{a: b}"):
+        with pytest.raises(ConfigError, match=r"bad.yml: base: expected a file name or a list of file names"):
+            load_config(write(tmp_path, f"base: {bad}\n", "bad.yml"))
+    write(tmp_path, "base: [common.yml, loop.yml]\n", "loop.yml")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.yml")
+
+
 def test_circular_base_and_missing_file(tmp_path):
     write(tmp_path, "base: b.yml\n" + MINIMAL, "a.yml")
     write(tmp_path, "base: a.yml\n", "b.yml")
@@ -162,3 +185,36 @@ def test_print_config_prints_the_resolved_config_that_loads_back_to_itself(tmp_p
     assert not re.search(r"^base:", printed, re.M) and not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit, match=r"^error: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
         launcher.main([str(demo), "train.epoch=3", "--print-config"])
+
+
+METHODS_MD = REPO.parent / "shared" / "docs" / "methods.md"
+SUBSET_CONFIGS = [p for p in SHIPPED if p.name.startswith(("imagenet10_", "imagenetdogs_"))]
+
+
+def _listed_synsets(subset: str) -> list[str]:
+    """The synsets methods.md lists for `subset` (its line '- ImageNet-10: n02056570 king penguin, ...')."""
+    lists = [re.findall(r"\bn\d{8}\b", line) for line in METHODS_MD.read_text(encoding="utf-8").splitlines()
+             if line.startswith(f"- {subset}:")]
+    return next(synsets for synsets in lists if synsets)  # the protocol section's line has none
+
+
+@pytest.mark.skipif(not METHODS_MD.is_file(), reason="needs ../shared/docs/methods.md")
+@pytest.mark.parametrize("path", SUBSET_CONFIGS, ids=[p.name for p in SUBSET_CONFIGS])
+def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, path):
+    """Each ImageNet-10 / ImageNet-Dogs config (on its data fragment) picks, out of an ILSVRC-like train
+    folder, exactly the synsets that methods.md lists for its subset, in that order, with train+test
+    being the train folder alone."""
+    from PIL import Image
+
+    from data.datasets import build_eval_dataset, build_train_dataset
+
+    expected = _listed_synsets("ImageNet-10" if path.name.startswith("imagenet10_") else "ImageNet-Dogs")
+    assert len(expected) == (10 if path.name.startswith("imagenet10_") else 15)
+    everything = sorted(set(_listed_synsets("ImageNet-10") + _listed_synsets("ImageNet-Dogs")) | {"n01440764"})
+    for k, synset in enumerate(everything):
+        (tmp_path / synset).mkdir()
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / synset / f"{synset}_1.JPEG", format="JPEG")
+    cfg = load_config(path, [f"data.root={tmp_path}"])
+    for data in (build_train_dataset(cfg.data), build_eval_dataset(cfg.data)):
+        assert data.class_names == expected and data.labels.tolist() == list(range(len(expected)))
+        assert [Path(f).parent.name for f in data.files] == expected
