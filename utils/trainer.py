@@ -395,8 +395,10 @@ class Trainer:
     def _run_evaluations(self, epoch: int, due: list[str],
                          should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], bool]:
         """The evaluations `due` at the end of `epoch`, logged: (the epoch record's eval/ entries, whether
-        it is the best epoch so far by `eval.best_metric`, which updates `best`). `should_stop` may end
-        their feature passes (`StopRequested`) before `best` changes."""
+        it is the best epoch so far by `eval.best_metric`, which updates `best`; `eval/seconds`: what they
+        took, which bench/methods.py prices apart from the epochs). `should_stop` may end their feature
+        passes (`StopRequested`) before `best` changes."""
+        started = time.perf_counter()
         record: dict[str, float] = {}
         epoch_metrics: dict[str, float] = {}
         if "cluster" in due:
@@ -416,6 +418,8 @@ class Trainer:
             epoch_metrics["knn_acc"] = self.knn_evaluate(should_stop)
             log.info("epoch %d: knn_acc %.4f", epoch, epoch_metrics["knn_acc"])
         record.update({f"eval/{k}": v for k, v in epoch_metrics.items()})
+        if due:
+            record["eval/seconds"] = time.perf_counter() - started
         key = self.cfg.eval.best_metric
         is_best = key in epoch_metrics and (key not in self.best or epoch_metrics[key] > self.best[key])
         if is_best:  # best.pt: the best `eval.best_metric` among the epochs that measured it
