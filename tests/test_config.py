@@ -201,9 +201,9 @@ def _listed_synsets(subset: str) -> list[str]:
 @pytest.mark.skipif(not METHODS_MD.is_file(), reason="needs ../shared/docs/methods.md")
 @pytest.mark.parametrize("path", SUBSET_CONFIGS, ids=[p.name for p in SUBSET_CONFIGS])
 def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, path):
-    """Each ImageNet-10 / ImageNet-Dogs config (on its data fragment) picks, out of an ILSVRC-like train
-    folder, exactly the synsets that methods.md lists for its subset, in that order, with train+test
-    being the train folder alone."""
+    """Each ImageNet-10 / ImageNet-Dogs config (on its data fragment) picks, out of an ILSVRC-like tree
+    (train/ and val/ class folders), exactly the synsets that methods.md lists for its subset, in that
+    order: the training images, and those it scores (train, or val/ for NNM's train -> val protocol)."""
     from PIL import Image
 
     from data.datasets import build_eval_dataset, build_train_dataset
@@ -211,10 +211,14 @@ def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, pat
     expected = _listed_synsets("ImageNet-10" if path.name.startswith("imagenet10_") else "ImageNet-Dogs")
     assert len(expected) == (10 if path.name.startswith("imagenet10_") else 15)
     everything = sorted(set(_listed_synsets("ImageNet-10") + _listed_synsets("ImageNet-Dogs")) | {"n01440764"})
-    for k, synset in enumerate(everything):
-        (tmp_path / synset).mkdir()
-        Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / synset / f"{synset}_1.JPEG", format="JPEG")
+    for part in ("train", "val"):
+        for k, synset in enumerate(everything):
+            (tmp_path / part / synset).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / part / synset / f"{synset}_1.JPEG", format="JPEG")
     cfg = load_config(path, [f"data.root={tmp_path}"])
-    for data in (build_train_dataset(cfg.data), build_eval_dataset(cfg.data)):
+    scored_part = "val" if cfg.data.eval_split == "test" else "train"
+    for data, part in ((build_train_dataset(cfg.data), "train"), (build_eval_dataset(cfg.data), scored_part)):
         assert data.class_names == expected and data.labels.tolist() == list(range(len(expected)))
         assert [Path(f).parent.name for f in data.files] == expected
+        assert all(Path(f).parent.parent.name == part for f in data.files)
+    assert (scored_part == "val") == (cfg.method.name == "nnm")
