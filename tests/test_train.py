@@ -972,3 +972,30 @@ def test_a_run_under_an_ascii_locale_reads_and_writes_utf8(tmp_path):
     with pytest.raises(ConfigError,
                        match=rf"^{re.escape(str(config))}: expected UTF-8 text, got byte 0xe9 at offset 11$"):
         load_config(config, [])
+
+
+def test_image_file_names_that_are_not_utf8_reach_clusters_csv_as_they_are_on_disk(tmp_path, digit_folders):
+    """A file name's bytes that are not UTF-8 (a Latin-1 'é') reach Python as surrogate escapes; the run
+    reads those images and writes their names to clusters.csv as the same bytes, instead of failing
+    at its very end, and train.log shows them escaped."""
+    _, _, _, subset = digit_folders
+    folder = tmp_path / os.fsdecode(b"noms_\xe9")  # in every path too
+    folder.mkdir()
+    for k, path in enumerate(sorted(subset.iterdir())):
+        stem = os.fsdecode(b"chiffre_\xe9_") if k % 3 == 0 else ("chiffre_\u00e9_" if k % 3 == 1 else "digit_")
+        shutil.copy(path, folder / f"{stem}{k:02d}.png")
+    assert any("\udce9" in name for name in os.listdir(folder))  # the file system holds the raw byte
+    launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=run", *FOLDER_RUN, "train.epochs=1",
+                   "cluster.num_clusters=10", f"data.root={folder}"])
+    raw = (tmp_path / "run" / "clusters.csv").read_bytes()
+    assert b"chiffre_\xe9_00.png" in raw and "chiffre_\u00e9_01.png".encode() in raw
+    with (tmp_path / "run" / "clusters.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["file"] for r in rows] == sorted(str(folder / name) for name in os.listdir(folder))
+    # An unreadable image of such a name: a one-line error, and train.log holds it escaped (strict UTF-8).
+    (folder / os.fsdecode(b"z_\xe9_broken.png")).write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    with pytest.raises(SystemExit, match=r"/z_\udce9_broken\.png: not a readable image"):  # the escape itself
+        launcher.main([str(DEMO), f"run.output_dir={tmp_path}", "run.name=broken", *FOLDER_RUN, "train.epochs=1",
+                       "cluster.num_clusters=10", f"data.root={folder}"])
+    log = (tmp_path / "broken" / "train.log").read_text(encoding="utf-8")
+    assert "ERROR main: " + str(folder).replace("\udce9", "\\udce9") + "/z_\\udce9_broken.png: not a readable" in log

@@ -67,10 +67,12 @@ def gather_rng_states() -> list[dict[str, Any]]:
 def write_file_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
     """Write a file through `write(f)` atomically: a hidden temporary file in the same folder, fsync,
     then os.replace, so a reader never sees half a file and a crash never leaves a truncated one. A
-    failed write (a full disk) leaves the old file and no temporary one."""
+    failed write (a full disk) leaves the old file and no temporary one. Text is UTF-8; a file name
+    whose bytes are not UTF-8 (a surrogate escape in Python) is written back as those bytes."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        with open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8",
+                  errors=None if binary else "surrogateescape") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -26,7 +26,8 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     stream.setFormatter(fmt)
     root.addHandler(stream)
     if log_file is not None:
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        # a file name that is not UTF-8 (surrogate escapes) in a message must not break the log
+        file_handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(level)
