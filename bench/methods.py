@@ -128,11 +128,9 @@ def stage_epoch_key(stage: str) -> str:
     return STAGE_EPOCH_KEYS[stage]
 
 
-def demo_stage_epochs(config: Path, overrides: list[str]) -> dict[str, int]:
-    """{method key: epochs} of the config's stage-epoch keys that are set (> 0); {} for a method in
-    one stage (its epochs are `train.epochs`)."""
-    from utils.config import load_config
-    method_cfg = load_config(config, overrides).method
+def demo_stage_epochs(method_cfg) -> dict[str, int]:
+    """{method key: epochs} of the stage-epoch keys set (> 0) in `method_cfg` (a loaded config's `method`
+    section); {} for a method in one stage (its epochs are `train.epochs`)."""
     keys = dict.fromkeys([*STAGE_EPOCH_KEYS.values(), "layerwise_epochs"])
     return {key: getattr(method_cfg, key) for key in keys if getattr(method_cfg, key, 0) > 0}
 
@@ -199,7 +197,8 @@ def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[
     # whose epochs the bench then scales).
     common = [*extra, f"run.output_dir={output_dir}", "logging.progress_bar=false"]
     calibration_name, run_name = run_names(method)
-    demo_epochs = demo_stage_epochs(config, extra)  # {} unless the method trains in stages
+    demo = load_config(config, extra)
+    demo_epochs = demo_stage_epochs(demo.method)  # {} unless the method trains in stages
 
     calibration_epochs = ([f"method.{key}={min(epochs, 2)}" for key, epochs in demo_epochs.items()]
                           if demo_epochs else ["train.epochs=2"])
@@ -208,7 +207,7 @@ def bench_method(method: str, *, budget_s: float, output_dir: Path, extra: list[
     costs = stage_costs(read_metric_records(output_dir / calibration_name), int(calib.group(2)))
     if not costs:
         raise SystemExit(f"error: {method}: its calibration logged no epoch records in {output_dir / calibration_name}")
-    eval_every = load_config(config, extra).eval.every_epochs  # the measured run's cadence (the demo's)
+    eval_every = demo.eval.every_epochs  # the measured run's evaluation cadence
     plan: dict = {"calibration_stage_seconds": {
         stage: {"fixed": round(fixed, 2), "per_epoch": round(per_epoch, 2), "per_evaluation": round(evaluation, 2)}
         for stage, (fixed, per_epoch, evaluation) in costs.items()}}

@@ -225,7 +225,7 @@ def test_methods_bench_reads_the_epochs_of_every_stage_the_method_builds(method,
     built = build_method(cfg.method, backbone=cfg.model.backbone, norm=cfg.model.norm,
                          data=DataInfo(in_channels=1, image_size=28, num_classes=10, num_samples=5000, num_clusters=10))
     stages = built.training_stages()
-    demo = bench.demo_stage_epochs(bench.config_path(method), overrides)
+    demo = bench.demo_stage_epochs(cfg.method)
     assert {stage.name: demo[bench.stage_epoch_key(stage.name)] for stage in stages} == \
         {stage.name: stage.epochs for stage in stages}
     assert bool(demo) == (len(stages) > 1)  # a method in one stage keeps train.epochs
