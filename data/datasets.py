@@ -72,9 +72,10 @@ class ImageData:
     """A dataset as the loaders see it: labels, statistics, and either the images or their files.
 
     images: (N, C, H, W) uint8 on the CPU when the set fits in memory; files: image paths decoded
-    lazily (resized on the shorter side to `image_size`, centre-cropped at test time). `image_size` is
-    the side of the images the pipelines produce (the native side unless `data.image_size` says
-    otherwise). labels: (N,) int64, -1 where unknown (STL-10 unlabeled).
+    lazily (resized on the shorter side to `image_size`, centre-cropped at test time). Both are set
+    once `decode_files` has decoded the files: the pipelines read the images, the files still name
+    them (clusters.csv). `image_size` is the side of the images the pipelines produce (the native side
+    unless `data.image_size` says otherwise). labels: (N,) int64, -1 where unknown (STL-10 unlabeled).
     """
 
     name: str
@@ -89,11 +90,11 @@ class ImageData:
     files: list[str] | None = None
 
     def __post_init__(self) -> None:
-        if (self.images is None) == (self.files is None):
-            raise ValueError(f"{self.name}: ImageData needs exactly one of images or files")
-        n = len(self.images) if self.images is not None else len(self.files)
-        if self.labels.shape != (n,):
-            raise ValueError(f"{self.name}: {n} images but labels of shape {tuple(self.labels.shape)}")
+        if self.images is None and self.files is None:
+            raise ValueError(f"{self.name}: ImageData needs images or files")
+        for what, rows in (("images", self.images), ("files", self.files)):
+            if rows is not None and self.labels.shape != (len(rows),):
+                raise ValueError(f"{self.name}: {len(rows)} {what} but labels of shape {tuple(self.labels.shape)}")
         if self.images is not None and (self.images.dtype != torch.uint8 or self.images.dim() != 4
                                         or self.images.shape[1] != self.channels):
             raise ValueError(f"{self.name}: images must be (N, {self.channels}, H, W) uint8, got "
@@ -714,7 +715,8 @@ def load_image_file(path: str, *, image_size: int, channels: int) -> torch.Tenso
 
 
 def decode_files(data: ImageData, *, num_threads: int | None = None) -> ImageData:
-    """The same dataset with its files decoded into memory at `image_size` (for the device loader)."""
+    """The same dataset with its files decoded into memory at `image_size`, as every test-time pass of
+    the files would decode them (`load_image_file`); the files stay, naming the images."""
     if data.images is not None:
         return data
     out = torch.empty((len(data), data.channels, data.image_size, data.image_size), dtype=torch.uint8)
@@ -724,4 +726,4 @@ def decode_files(data: ImageData, *, num_threads: int | None = None) -> ImageDat
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads or os.cpu_count() or 1)) as pool:
         list(pool.map(fill, range(len(data))))
-    return replace(data, images=out, files=None)
+    return replace(data, images=out)

@@ -573,6 +573,43 @@ def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, digit_folde
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_device_loader_decodes_an_image_folder_once_for_training_and_every_feature_pass(tmp_path, digit_folders,
+                                                                                          monkeypatch):
+    """data.loader=device on image files: each file is decoded once, although the run clusters and
+    scores every image several times (k-means each epoch after the warm-up, evaluations, the final
+    read-out). The oracle for that copy: --eval cluster of the checkpoint through the workers loader,
+    which decodes the files on its single pass, gives the clusters the run wrote (same features)."""
+    import data.datasets
+    import data.loaders
+
+    decoded = Counter()
+
+    def counting(decode):
+        def load(path, **kwargs):
+            decoded[Path(path).name] += 1
+            return decode(path, **kwargs)
+        return load
+
+    for module in (data.datasets, data.loaders):
+        monkeypatch.setattr(module, "load_image_file", counting(module.load_image_file))
+    classes = digit_folders[1]
+    common = [str(DEMO), f"run.output_dir={tmp_path}", "run.name=dev", *FOLDER_RUN, f"data.root={classes}",
+              "eval.every_epochs=1"]
+    launcher.main([*common, "data.loader=device"])
+    files = sorted(p.name for p in classes.rglob("*.png"))
+    assert sorted(decoded) == files and set(decoded.values()) == {1}
+    rows = read_clusters(tmp_path / "dev" / "clusters.csv")
+    assert sorted(Path(r["file"]).name for r in rows) == files   # the files still name the images
+    log = (tmp_path / "dev" / "train.log").read_text()
+    assert "decoding the 160 files of classes into memory at 28 px (data.loader=device), once" in log
+    decoded.clear()
+    launcher.main([*common, "data.loader=workers", "--eval", "cluster",
+                   "--checkpoint", str(tmp_path / "dev" / "last.pt")])
+    assert sorted(decoded) == files and set(decoded.values()) == {1}
+    assert read_clusters(tmp_path / "dev" / "last.clusters.csv") == rows
+    assert len({r["cluster"] for r in rows}) > 1
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("pass_overrides", [
     pytest.param(["method.warmup_epochs=2", "eval.every_epochs=2"], id="training-batch"),

@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import ImageData, extra_training_rows
+from data.datasets import ImageData, decode_files, extra_training_rows
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.assignments import cluster_size_stats, format_cluster_sizes
@@ -82,6 +82,20 @@ def check_sync_batch_device(device: torch.device, world_size: int) -> None:
                          "(run.device=auto found no GPU, or run.device=cpu); use model.norm=batch")
 
 
+def decode_for_device_loader(train_data: ImageData, eval_data: ImageData) -> tuple[ImageData, ImageData]:
+    """(train, eval) with their image files decoded into memory once (`data.loader=device`): the device
+    loader trains on that copy, and every feature pass (k-means, evaluation, DEC's targets, kNN) reads
+    it too instead of decoding each file again. In-memory sets are returned as they are."""
+    decoded = []
+    for data in (train_data, eval_data) if eval_data is not train_data else (train_data,):
+        if data.images is None:
+            log.info("decoding the %d files of %s into memory at %d px (data.loader=device), once: %.2f GB",
+                     len(data), data.name, data.image_size,
+                     len(data) * data.channels * data.image_size ** 2 / 1e9)
+        decoded.append(decode_files(data))
+    return decoded[0], decoded[-1]
+
+
 class Trainer:
     def __init__(self, cfg: Config, method: Method, train_data, eval_data, *, dist_info: du.DistInfo,
                  run_dir: Path, writer: MetricWriter | None, evaluate_only: bool = False):
@@ -95,6 +109,8 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = run_dir
         self.writer = writer
+        if cfg.data.loader == "device" and not evaluate_only:
+            train_data, eval_data = decode_for_device_loader(train_data, eval_data)
         self.train_data = train_data
         self.eval_data = eval_data
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
