@@ -222,3 +222,27 @@ def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, pat
         assert [Path(f).parent.name for f in data.files] == expected
         assert all(Path(f).parent.parent.name == part for f in data.files)
     assert (scored_part == "val") == (cfg.method.name == "nnm")
+
+
+# The images each full-size DEC / IDEC config trains on (methods.md's dataset protocols), by file prefix.
+DEC_TRAINING_IMAGES = {"mnist70k_": 70_000, "cifar10_": 60_000, "cifar20_": 60_000, "stl10_": 13_000,
+                       "imagenet10_": 13_000, "imagenetdogs_": 19_500, "tinyimagenet_": 100_000}
+
+
+def test_dec_and_idec_configs_run_the_papers_iterations_on_their_dataset():
+    """DEC's schedule is counted in iterations of batch 256 (methods.md): 50,000 per layer-wise pair and
+    100,000 end to end; IDEC clusters for at most 20,000. Each full-size config sets those as epochs of
+    its own dataset (N // 256 steps each), rounded down, rather than inheriting MNIST's."""
+    checked = []
+    for path in SHIPPED:
+        cfg = load_config(path)
+        prefix = next((p for p in DEC_TRAINING_IMAGES if path.name.startswith(p)), None)
+        if cfg.method.name not in ("dec", "idec") or prefix is None:
+            continue
+        assert cfg.train.batch_size_per_rank == 256 and cfg.method.pretrain == "layerwise", path.name
+        steps = DEC_TRAINING_IMAGES[prefix] // 256
+        assert (cfg.method.layerwise_epochs, cfg.method.pretrain_epochs) == (50_000 // steps, 100_000 // steps), path
+        if cfg.method.name == "idec":
+            assert cfg.method.cluster_epochs == 20_000 // steps, path.name
+        checked.append(path.name)
+    assert len(checked) == 2 * len(DEC_TRAINING_IMAGES), checked
