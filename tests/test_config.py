@@ -224,6 +224,71 @@ def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, pat
     assert (scored_part == "val") == (cfg.method.name == "nnm")
 
 
+PROPOS_MD = REPO.parent / "shared" / "docs" / "propos.md"
+# The reported-results tables' row names -> the method a config of that row runs, and their dataset
+# columns -> (config file prefix, what such a config must read).
+REPORTED_METHODS = {"DEC (DAC)": "dec", "DCCM": "dccm", "SimCLR + k-means": "simclr", "MoCo": "moco",
+                    "SimSiam": "simsiam", "BYOL": "byol", "PCL": "pcl", "CC": "cc", "SCAN-loss": "scan",
+                    "SCAN + self-label": "scan", "NNM": "nnm", "ProPos": "propos"}
+REPORTED_DATASETS = {"CIFAR-10": "cifar10_", "CIFAR-20": "cifar20_", "STL-10": "stl10_", "ImageNet-10": "imagenet10_",
+                     "Dogs": "imagenetdogs_", "ImageNet-Dogs": "imagenetdogs_", "Tiny": "tinyimagenet_"}
+
+
+def _reported_results() -> list[tuple[str, str, list[str]]]:
+    """(method row, dataset column, [NMI, ACC, ARI] as written) of every figure in methods.md's
+    "Reported results" table and in propos.md's table of the paper's results."""
+    cells = []
+    lines = METHODS_MD.read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("|method|"))
+    columns = lines[header].strip("|").split("|")[1:]
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        row, *values = line.strip("|").split("|")
+        cells += [(row, column, re.findall(r"\.\d{3}", value)) for column, value in zip(columns, values)
+                  if value.strip() != "–"]
+    for line in PROPOS_MD.read_text(encoding="utf-8").splitlines():
+        if re.match(r"\| [\w-]+ \| 0\.\d{3} \|", line):
+            dataset, *values = [part.strip() for part in line.strip("|").split("|")]
+            cells.append(("ProPos", dataset, [value[1:] for value in values]))
+    return cells
+
+
+@pytest.mark.skipif(not (METHODS_MD.is_file() and PROPOS_MD.is_file()), reason="needs ../shared/docs/")
+def test_every_reported_result_has_a_config_that_quotes_it_and_reads_that_protocol():
+    """Each figure of the reported-results tables (methods.md: the baselines, propos.md: ProPos) has a
+    shipped config of that method on that dataset, which reads the dataset and split of the protocol
+    (train+test on CIFAR and STL-10; the train images of the ImageNet subsets and Tiny-ImageNet; SCAN
+    and NNM train on train and score test), and one such config quotes the three figures."""
+    cells = _reported_results()
+    assert len(cells) >= 50 and {row for row, _, _ in cells} == set(REPORTED_METHODS)
+    missing, unquoted = [], []
+    for row, column, figures in cells:
+        assert len(figures) == 3, (row, column, figures)
+        method, prefix = REPORTED_METHODS[row], REPORTED_DATASETS[column]
+        configs = [(path, load_config(path)) for path in SHIPPED if path.name.startswith(prefix)]
+        configs = [(path, cfg) for path, cfg in configs if cfg.method.name == method]
+        if not configs:
+            missing.append(f"{row} on {column}")
+            continue
+        for path, cfg in configs:
+            data = cfg.data
+            named = {"cifar10_": "cifar10", "cifar20_": "cifar100", "stl10_": "stl10"}.get(prefix, "imagefolder")
+            assert data.name == named, path.name
+            assert data.cifar100_superclasses or prefix != "cifar20_", path.name
+            assert len(data.classes) == {"imagenet10_": 10, "imagenetdogs_": 15}.get(prefix, 0), path.name
+            if method in ("scan", "nnm"):
+                assert (data.split, data.resolved_eval_split) == ("train", "test"), path.name
+            else:
+                whole = "train+test" if prefix in ("cifar10_", "cifar20_", "stl10_") else "train"
+                assert (data.split, data.resolved_eval_split) == (whole, whole), path.name
+        if not any(all(re.search(rf"(?<![\d.])0?{re.escape(figure)}(?!\d)", path.read_text()) for figure in figures)
+                   for path, _ in configs):
+            unquoted.append(f"{row} on {column} ({'/'.join(figures)}): {', '.join(p.name for p, _ in configs)}")
+    assert not missing, f"no config for: {missing}"
+    assert not unquoted, f"no config quotes: {unquoted}"
+
+
 # The images each full-size DEC / IDEC config trains on (methods.md's dataset protocols), by file prefix.
 DEC_TRAINING_IMAGES = {"mnist70k_": 70_000, "cifar10_": 60_000, "cifar20_": 60_000, "stl10_": 13_000,
                        "imagenet10_": 13_000, "imagenetdogs_": 19_500, "tinyimagenet_": 100_000}
