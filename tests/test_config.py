@@ -39,6 +39,19 @@ def test_unknown_method_key_and_section(tmp_path):
         load_config(write(tmp_path, MINIMAL + "trian:\n  epochs: 3\n"))
 
 
+def test_a_config_without_a_method_says_it_is_a_fragment_for_base(tmp_path):
+    """A data fragment run on its own names the file and what it is for; a method section without a name
+    keeps the plain message."""
+    fragment = REPO / "config" / "base" / "data_imagenet10.yml"
+    with pytest.raises(ConfigError, match=rf"^method.name: required, and {re.escape(str(fragment))} names no "
+                                          r"method \(with its bases\): a fragment such as config/base/\*.yml goes in "
+                                          r"the base: list of a config that names one$"):
+        load_config(fragment)
+    with pytest.raises(ConfigError, match=r"^method.name: required \(the registered method to train, e.g. propos\)$"):
+        load_config(write(tmp_path, "method:\n  temperature: 0.5\n"))
+    assert len(load_config(fragment, ["method.name=propos"]).data.classes) == 10  # with a method it runs
+
+
 def test_unknown_method_name_lists_known(tmp_path):
     with pytest.raises(ConfigError, match=r"method.name: unknown method 'propoz'.*did you mean 'propos'"):
         load_config(write(tmp_path, "method:\n  name: propoz\n"))

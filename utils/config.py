@@ -225,6 +225,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     raw = read_yaml_with_bases(Path(path))
     for item in overrides:
         apply_override(raw, item)
+    if "method" not in raw:  # e.g. config/base/data_imagenet10.yml run as it is
+        raise ConfigError(f"method.name: required, and {path} names no method (with its bases): a fragment such as "
+                          "config/base/*.yml goes in the base: list of a config that names one")
     cfg = build_config(raw)
     cfg.source = str(path)
     # resolved here, so that a printed or saved config (a run's config.yml) names the same run directory
