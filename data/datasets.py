@@ -69,7 +69,7 @@ STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 
 @dataclass
 class ImageData:
-    """A dataset as the loaders see it: labels, statistics, and either the images or their files.
+    """A dataset as the loaders see it: labels, statistics, and the images, their files, or both.
 
     images: (N, C, H, W) uint8 on the CPU when the set fits in memory; files: image paths decoded
     lazily (resized on the shorter side to `image_size`, centre-cropped at test time). Both are set
