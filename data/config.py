@@ -50,6 +50,11 @@ class DataConfig:
     stl10_unlabeled: bool = False  # stl10: append the 100k unlabeled images (label -1) to the TRAINING set only
     loader: str = "auto"  # device | workers | auto (device when the images are an in-memory uint8 tensor)
     num_workers: int = 4  # DataLoader processes of the workers loader (and of file decoding at evaluation)
+    # Image files: decode each once, at image_size, when the run starts, and keep that copy (N x C x S^2 bytes
+    # per rank) for every feature pass (k-means, evaluation, mining, DEC's targets), which would otherwise
+    # decode every file again. Exact: the passes' own decoding. Training through the workers loader still
+    # reads the files (its crops need the whole image); data.loader=device trains on the copy, so always keeps it.
+    decode_once: bool = False
     # >0: keep only `limit` images of each built set (debugging, reduced-size runs): its first rows, or, for
     # sets stored class by class (mnist_5k, imagefolder), the first of each class in turn, so every class stays
     limit: int = 0

@@ -435,7 +435,7 @@ def build_train_loader(data: ImageData, aug: AugmentConfig, *, batch_size_per_ra
     the augmentation has no per-sample-only step). `phases`: row ranges each epoch visits one after
     another (`rank_indices`), such as CC's STL-10 epoch, unlabeled images first.
     A file-backed dataset in device mode is decoded into memory first (at `data.image_size`); the
-    trainer decodes it before (utils.trainer.decode_for_device_loader), so that its feature passes read
+    trainer decodes it before (utils.trainer.decode_once), so that its feature passes read
     the same copy."""
     if mode not in LOADER_MODES:
         raise ValueError(f"data.loader: expected one of {', '.join(LOADER_MODES)}, got {mode!r}")

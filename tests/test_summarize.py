@@ -16,11 +16,12 @@ ONE_EPOCH = [*TINY, "train.epochs=1"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three seeds of one config and one run with another learning rate: run directory -> the final
-    scores main.py returned."""
+    """Three seeds of one config (one of them decoding its images once, which changes nothing it
+    computes) and one run with another learning rate: run directory -> the final scores main.py returned."""
     out = tmp_path_factory.mktemp("runs")
     returned = {}
-    for name, overrides in (("s0", ["run.seed=0"]), ("s1", ["run.seed=1"]), ("s2", ["run.seed=2"]),
+    for name, overrides in (("s0", ["run.seed=0"]), ("s1", ["run.seed=1"]),
+                            ("s2", ["run.seed=2", "data.decode_once=true"]),
                             ("lr", ["run.seed=0", "optim.lr=0.01"])):
         returned[out / name] = launcher.main([BYOL, f"run.output_dir={out}", f"run.name={name}", *ONE_EPOCH,
                                               "eval.knn_every_epochs=1", *overrides])

@@ -610,6 +610,45 @@ def test_the_device_loader_decodes_an_image_folder_once_for_training_and_every_f
     assert len({r["cluster"] for r in rows}) > 1
 
 
+def test_decode_once_serves_the_feature_passes_from_memory_and_leaves_training_on_the_files(tmp_path, digit_folders,
+                                                                                         monkeypatch):
+    """data.decode_once with the workers loader: the feature passes decode each file once in all, the
+    training batches still read the files, and the run is the run without it (the oracle): the same
+    metrics at every epoch and the same clusters."""
+    import data.datasets
+    import data.loaders
+
+    decoded, trained = Counter(), Counter()
+
+    def counting(function, counter):
+        def call(path, *args, **kwargs):
+            counter[Path(path).name] += 1
+            return function(path, *args, **kwargs)
+        return call
+
+    for module in (data.datasets, data.loaders):
+        monkeypatch.setattr(module, "load_image_file", counting(module.load_image_file, decoded))
+    monkeypatch.setattr(data.loaders, "read_image_file", counting(data.loaders.read_image_file, trained))
+    classes = digit_folders[1]
+    common = [str(DEMO), f"run.output_dir={tmp_path}", *FOLDER_RUN, f"data.root={classes}", "eval.every_epochs=1",
+              "data.loader=workers"]
+    files = sorted(p.name for p in classes.rglob("*.png"))
+    runs = {}
+    for name, decode in (("files", "false"), ("once", "true")):
+        decoded.clear(), trained.clear()
+        launcher.main([*common, f"run.name={name}", f"data.decode_once={decode}"])
+        runs[name] = (read_clusters(tmp_path / name / "clusters.csv"),
+                      [{k: v for k, v in r.items() if k.startswith(("eval/", "train/loss")) and k != "eval/seconds"}
+                       for r in records(tmp_path / name)])
+        assert sorted(trained) == files   # every training image read from its file (2 epochs of batches)
+        passes = decoded[files[0]]
+        assert set(decoded.values()) == {passes} and sorted(decoded) == files
+    assert passes == 1   # with decode_once; without it, every pass decoded every file again
+    assert runs["once"] == runs["files"] and len({r["cluster"] for r in runs["once"][0]}) > 1
+    assert "decoding the 160 files of classes into memory at 28 px (data.decode_once), once" in \
+        (tmp_path / "once" / "train.log").read_text()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("pass_overrides", [
     pytest.param(["method.warmup_epochs=2", "eval.every_epochs=2"], id="training-batch"),

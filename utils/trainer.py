@@ -82,16 +82,15 @@ def check_sync_batch_device(device: torch.device, world_size: int) -> None:
                          "(run.device=auto found no GPU, or run.device=cpu); use model.norm=batch")
 
 
-def decode_for_device_loader(train_data: ImageData, eval_data: ImageData) -> tuple[ImageData, ImageData]:
-    """(train, eval) with their image files decoded into memory once (`data.loader=device`): the device
-    loader trains on that copy, and every feature pass (k-means, evaluation, DEC's targets, kNN) reads
-    it too instead of decoding each file again. In-memory sets are returned as they are."""
+def decode_once(train_data: ImageData, eval_data: ImageData, why: str) -> tuple[ImageData, ImageData]:
+    """(train, eval) with their image files decoded into memory once (`data.decode_once`, or
+    `data.loader=device`, which trains on that copy): every feature pass (k-means, evaluation, DEC's
+    targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are."""
     decoded = []
     for data in (train_data, eval_data) if eval_data is not train_data else (train_data,):
         if data.images is None:
-            log.info("decoding the %d files of %s into memory at %d px (data.loader=device), once: %.2f GB",
-                     len(data), data.name, data.image_size,
-                     len(data) * data.channels * data.image_size ** 2 / 1e9)
+            log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB", len(data), data.name,
+                     data.image_size, why, len(data) * data.channels * data.image_size ** 2 / 1e9)
         decoded.append(decode_files(data))
     return decoded[0], decoded[-1]
 
@@ -109,8 +108,6 @@ class Trainer:
         self.device = dist_info.device
         self.run_dir = run_dir
         self.writer = writer
-        if cfg.data.loader == "device" and not evaluate_only:
-            train_data, eval_data = decode_for_device_loader(train_data, eval_data)
         self.train_data = train_data
         self.eval_data = eval_data
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
@@ -159,8 +156,17 @@ class Trainer:
                                      "their own, and they do not fill one batch; lower the batch size")
             log.info("each epoch trains on the %d extra (unlabeled) images first, then on the %d others",
                      extra, n - extra)
+        # Decoded after the checks above, which need no images. The workers loader keeps training on the files
+        # (`loader_data`): given decoded images it would crop those instead of the whole images, and
+        # `data.loader=auto` would switch to the device loader.
+        loader_data = train_data
+        if (cfg.data.loader == "device" or cfg.data.decode_once) and not evaluate_only:
+            why = "data.loader=device" if cfg.data.loader == "device" else "data.decode_once"
+            self.train_data, self.eval_data = decode_once(train_data, eval_data, why)
+            if cfg.data.loader == "device":
+                loader_data = self.train_data
         self.loader = build_train_loader(
-            train_data, cfg.augment, batch_size_per_rank=batch_size_per_rank, num_views=method.num_views,
+            loader_data, cfg.augment, batch_size_per_rank=batch_size_per_rank, num_views=method.num_views,
             device=self.device, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
             mode=cfg.data.loader, num_workers=cfg.data.num_workers, phases=phases)
         self.steps_per_epoch = len(self.loader)
