@@ -266,6 +266,31 @@ def test_methods_bench_trains_a_method_in_stages_with_the_planned_epochs_of_each
     assert 0 <= row["acc"] <= 1 and row["knn_acc"] == [r for r in measured if "eval/knn_acc" in r][-1]["eval/knn_acc"]
 
 
+def test_dec_bench_shares_one_pretraining_and_gives_idec_its_configs_iterations(tmp_path, monkeypatch, capsys):
+    """bench/dec_mnist.py on 256 CIFAR-10 images: the autoencoder run, then DEC and IDEC from its
+    checkpoint; IDEC's epochs default to its config's cluster_epochs (20,000 iterations on CIFAR-10's
+    60,000 images: 85, not MNIST's 73), and the printed table holds each stage's scores."""
+    import yaml
+
+    from utils.config import load_config
+
+    bench = load_script(REPO_ROOT / "bench" / "dec_mnist.py")
+    out = tmp_path / "dec"
+    monkeypatch.setattr(sys, "argv", ["dec_mnist.py", "--dataset", "cifar10", "--data-limit", "256",
+                                      "--pretrain-epochs", "1", "--dec-epochs", "1", "--output-dir", str(out)])
+    bench.main()
+    resolved = {run: yaml.safe_load((out / f"{run}_seed0" / "config.yml").read_text())["method"]
+                for run in ("ae", "dec", "idec")}
+    expected = load_config(REPO_ROOT / "config" / "cifar10_mlp_idec.yml").method.cluster_epochs
+    assert expected == 20_000 // (60_000 // 256) and resolved["idec"]["cluster_epochs"] == expected
+    assert resolved["dec"]["cluster_epochs"] == 1 and resolved["ae"]["cluster"] is False
+    pretrained = str(out / "ae_seed0" / "last.pt")
+    assert resolved["dec"]["pretrained"] == resolved["idec"]["pretrained"] == pretrained
+    summary = json.loads((out / "summary_seed0.json").read_text())
+    assert [row["stage"] for row in summary["rows"]][-2:] == ["DEC", "IDEC"]
+    assert all(0 <= row["acc"] <= 1 for row in summary["rows"]) and "IDEC" in capsys.readouterr().out
+
+
 def test_gpu_checks_run_their_commands_and_summarise_each_one(tmp_path, capsys):
     # the prepared run for a lent GPU, small on the CPU: its commands must work before device time is spent
     checks = load_script(REPO_ROOT / "bench" / "gpu_checks.py")
