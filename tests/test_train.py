@@ -643,6 +643,39 @@ def test_decode_once_serves_the_feature_passes_from_memory_and_leaves_training_o
         (tmp_path / "once" / "train.log").read_text()
 
 
+def test_decoding_more_than_the_memory_available_is_refused_in_one_line_before_any_file(tmp_path, digit_folders,
+                                                                                      monkeypatch):
+    """160 files of 3 x 28 x 28 bytes take 376,320 bytes per rank. With 400,000 bytes available (80%:
+    320,000) decode_once is refused in one line that gives the sizes and what to set, before any file
+    is decoded, and no run directory is left; with 500,000 (80%: 400,000) the same run trains."""
+    import data.datasets
+    import utils.trainer
+
+    decoded = Counter()
+    monkeypatch.setattr(data.datasets, "load_image_file", counting_calls(data.datasets.load_image_file, decoded))
+    run = [str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=m", *FOLDER_RUN, "train.epochs=1",
+           f"data.root={digit_folders[1]}", "data.decode_once=true"]
+    monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 400_000)
+    with pytest.raises(SystemExit, match=r"^error: data.decode_once: decoding 160 files at 28 px takes 0.000376 GB per "
+                                         r"rank \(0.000376 GB for the 1 rank\(s\) on this node\), more than 80% of the "
+                                         r"0.0004 GB of memory available; set data.decode_once=false and "
+                                         r"data.loader=workers, or a smaller data.image_size$"):
+        launcher.main(run)
+    assert not decoded and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 500_000)
+    launcher.main(run)
+    assert sum(decoded.values()) == 160 and (tmp_path / "runs" / "m" / "clusters.csv").is_file()
+    # Every rank on the node holds a copy: 4 x 376,320 bytes do not fit in 80% of 1,000,000, one does.
+    from data.datasets import build_train_dataset
+
+    folder = build_train_dataset(load_config(DEMO, run[1:]).data)
+    monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 1_000_000)
+    with pytest.raises(ValueError, match=r"\(0.00151 GB for the 4 rank\(s\) on this node\)"):
+        utils.trainer.decode_once(folder, folder, "data.decode_once", ranks_on_node=4)
+    assert utils.trainer.decode_once(folder, folder, "data.decode_once", ranks_on_node=1)[0].images.shape == \
+        (160, 3, 28, 28)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("pass_overrides", [
     pytest.param(["method.warmup_epochs=2", "eval.every_epochs=2"], id="training-batch"),

@@ -82,12 +82,37 @@ def check_sync_batch_device(device: torch.device, world_size: int) -> None:
                          "(run.device=auto found no GPU, or run.device=cpu); use model.norm=batch")
 
 
-def decode_once(train_data: ImageData, eval_data: ImageData, why: str) -> tuple[ImageData, ImageData]:
+def available_memory_bytes() -> int | None:
+    """The memory the kernel can give without swapping (MemAvailable in /proc/meminfo: free memory and
+    reclaimable page cache), or None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *,
+                ranks_on_node: int = 1) -> tuple[ImageData, ImageData]:
     """(train, eval) with their image files decoded into memory once (`data.decode_once`, or
     `data.loader=device`, which trains on that copy): every feature pass (k-means, evaluation, DEC's
-    targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are."""
+    targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are.
+    Every rank holds its own copy: if the `ranks_on_node` copies would take more than 80% of the memory
+    available, that is a one-line ValueError before anything is decoded (not an out-of-memory kill later)."""
+    sets = (train_data, eval_data) if eval_data is not train_data else (train_data,)
+    files = [data for data in sets if data.images is None]
+    per_rank = sum(len(data) * data.channels * data.image_size ** 2 for data in files)
+    available = available_memory_bytes() if files else None
+    if available is not None and per_rank * ranks_on_node > 0.8 * available:
+        raise ValueError(f"{why}: decoding {sum(map(len, files))} files at {files[0].image_size} px takes "
+                         f"{per_rank / 1e9:.3g} GB per rank ({per_rank * ranks_on_node / 1e9:.3g} GB for the "
+                         f"{ranks_on_node} rank(s) on this node), more than 80% of the {available / 1e9:.3g} GB "
+                         "of memory available; set data.decode_once=false and data.loader=workers, or a smaller "
+                         "data.image_size")
     decoded = []
-    for data in (train_data, eval_data) if eval_data is not train_data else (train_data,):
+    for data in sets:
         if data.images is None:
             log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB", len(data), data.name,
                      data.image_size, why, len(data) * data.channels * data.image_size ** 2 / 1e9)
@@ -162,7 +187,8 @@ class Trainer:
         loader_data = train_data
         if (cfg.data.loader == "device" or cfg.data.decode_once) and not evaluate_only:
             why = "data.loader=device" if cfg.data.loader == "device" else "data.decode_once"
-            self.train_data, self.eval_data = decode_once(train_data, eval_data, why)
+            self.train_data, self.eval_data = decode_once(train_data, eval_data, why,
+                                                          ranks_on_node=dist_info.local_world_size)
             if cfg.data.loader == "device":
                 loader_data = self.train_data
         self.loader = build_train_loader(
