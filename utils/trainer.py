@@ -101,9 +101,12 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *,
     targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are.
     Every rank holds its own copy: if the `ranks_on_node` copies would take more than 80% of the memory
     available, that is a one-line ValueError before anything is decoded (not an out-of-memory kill later)."""
+    def decoded_bytes(data: ImageData) -> int:
+        return len(data) * data.channels * data.image_size ** 2
+
     sets = (train_data, eval_data) if eval_data is not train_data else (train_data,)
     files = [data for data in sets if data.images is None]
-    per_rank = sum(len(data) * data.channels * data.image_size ** 2 for data in files)
+    per_rank = sum(map(decoded_bytes, files))
     available = available_memory_bytes() if files else None
     if available is not None and per_rank * ranks_on_node > 0.8 * available:
         raise ValueError(f"{why}: decoding {sum(map(len, files))} files at {files[0].image_size} px takes "
@@ -115,7 +118,7 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *,
     for data in sets:
         if data.images is None:
             log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB", len(data), data.name,
-                     data.image_size, why, len(data) * data.channels * data.image_size ** 2 / 1e9)
+                     data.image_size, why, decoded_bytes(data) / 1e9)
         decoded.append(decode_files(data))
     return decoded[0], decoded[-1]
 
