@@ -139,10 +139,10 @@ def stage_costs(records: list[dict], run_seconds: float) -> dict[str, tuple[floa
     """{stage: (fixed seconds, seconds per epoch, seconds per evaluation)} from a run's metric records
     ("train" for a method in one stage). An epoch spans the seconds since the previous epoch record (its
     E-step, evaluations and, for a stage's first epoch, the stage's start: mining, k-means
-    initialisation); the run's first epoch
-    spans the run's seconds less all later ones. Less its evaluations (`eval/seconds`), a stage's later
-    epochs give its seconds per epoch, and what its first epoch costs beyond that is fixed; a stage
-    with one epoch is all per-epoch. Its evaluations are priced by their mean (0 if it has none)."""
+    initialisation); the run's first epoch spans the run's seconds less all later ones. Less its
+    evaluations (`eval/seconds`), a stage's later epochs give its seconds per epoch, and what its first
+    epoch costs beyond that is fixed; a stage with one epoch is all per-epoch. Its evaluations are
+    priced by their mean (0 if it has none)."""
     epochs = [r for r in records if "train/epoch_seconds" in r]
     if not epochs:
         return {}

@@ -1,5 +1,6 @@
 """Config loading: validation, suggestions, coercion, bases, overrides, and every shipped YAML."""
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,13 @@ def test_imagenet_subset_configs_read_the_classes_methods_md_lists(tmp_path, pat
 
 
 PROPOS_MD = REPO.parent / "shared" / "docs" / "propos.md"
+
+
+@lru_cache(maxsize=None)
+def shipped_config(path: Path):
+    """The shipped config at `path`, loaded once for the tests below that read every one (only read)."""
+    return load_config(path)
+
 # The reported-results tables' row names -> the method a config of that row runs, and their dataset
 # columns -> (config file prefix, what such a config must read).
 REPORTED_METHODS = {"DEC (DAC)": "dec", "DCCM": "dccm", "SimCLR + k-means": "simclr", "MoCo": "moco",
@@ -279,7 +287,7 @@ def test_every_reported_result_has_a_config_that_quotes_it_and_reads_that_protoc
     for row, column, figures in cells:
         assert len(figures) == 3, (row, column, figures)
         method, prefix = REPORTED_METHODS[row], REPORTED_DATASETS[column]
-        configs = [(path, load_config(path)) for path in SHIPPED if path.name.startswith(prefix)]
+        configs = [(path, shipped_config(path)) for path in SHIPPED if path.name.startswith(prefix)]
         configs = [(path, cfg) for path, cfg in configs if cfg.method.name == method]
         if not configs:
             missing.append(f"{row} on {column}")
@@ -313,7 +321,7 @@ def test_dec_and_idec_configs_run_the_papers_iterations_on_their_dataset():
     its own dataset (N // 256 steps each), rounded down, rather than inheriting MNIST's."""
     checked = []
     for path in SHIPPED:
-        cfg = load_config(path)
+        cfg = shipped_config(path)
         prefix = next((p for p in DEC_TRAINING_IMAGES if path.name.startswith(p)), None)
         if cfg.method.name not in ("dec", "idec") or prefix is None:
             continue

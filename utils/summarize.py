@@ -7,7 +7,8 @@ Papers report means over several seeds (SCAN: 10 runs); this reads each run dire
 `config.yml` and `metrics.jsonl`, takes the run's last evaluation (its final NMI / ACC / ARI, and
 kNN accuracy when monitored), and groups runs whose configs are equal once the keys that name or
 place a run (`run.name`, `run.seed`, `run.output_dir`, the device and threads, `data.root`,
-`data.num_workers`, `data.decode_once`, `logging.*`) are left out. The spread is the sample standard deviation (n - 1).
+`data.num_workers`, `data.decode_once`, `logging.*`) are left out. The spread is the sample standard
+deviation (n - 1).
 A run without scores is listed as skipped, with why: no evaluation yet (just started), or finished
 on unlabeled images (it wrote `clusters.csv` and nothing to score).
 """

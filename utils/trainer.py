@@ -184,20 +184,19 @@ class Trainer:
                                      "their own, and they do not fill one batch; lower the batch size")
             log.info("each epoch trains on the %d extra (unlabeled) images first, then on the %d others",
                      extra, n - extra)
-        # Decoded after the checks above, which need no images. The workers loader keeps training on the files
-        # (`loader_data`): given decoded images it would crop those instead of the whole images, and
-        # `data.loader=auto` would switch to the device loader.
-        loader_data = train_data
-        if (cfg.data.loader == "device" or cfg.data.decode_once) and not evaluate_only:
-            why = "data.loader=device" if cfg.data.loader == "device" else "data.decode_once"
-            self.train_data, self.eval_data = decode_once(train_data, eval_data, why,
-                                                          ranks_on_node=dist_info.local_world_size)
-            if cfg.data.loader == "device":
-                loader_data = self.train_data
+        # Decoded after the checks above, which need no images. The device loader holds the images whatever
+        # the run does (an --eval run too), so its copy also serves the feature passes. The workers loader
+        # keeps training on the files: given decoded images it would crop those instead of the whole
+        # images, and `data.loader=auto` would switch to the device loader.
+        device_loader = cfg.data.loader == "device"
+        if device_loader or (cfg.data.decode_once and not evaluate_only):
+            self.train_data, self.eval_data = decode_once(
+                train_data, eval_data, "data.loader=device" if device_loader else "data.decode_once",
+                ranks_on_node=dist_info.local_world_size)
         self.loader = build_train_loader(
-            loader_data, cfg.augment, batch_size_per_rank=batch_size_per_rank, num_views=method.num_views,
-            device=self.device, rank=dist_info.rank, world_size=dist_info.world_size, seed=cfg.run.seed,
-            mode=cfg.data.loader, num_workers=cfg.data.num_workers, phases=phases)
+            self.train_data if device_loader else train_data, cfg.augment, batch_size_per_rank=batch_size_per_rank,
+            num_views=method.num_views, device=self.device, rank=dist_info.rank, world_size=dist_info.world_size,
+            seed=cfg.run.seed, mode=cfg.data.loader, num_workers=cfg.data.num_workers, phases=phases)
         self.steps_per_epoch = len(self.loader)
         if cfg.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
