@@ -720,10 +720,17 @@ def decode_files(data: ImageData, *, num_threads: int | None = None) -> ImageDat
     if data.images is not None:
         return data
     out = torch.empty((len(data), data.channels, data.image_size, data.image_size), dtype=torch.uint8)
+    return replace(data, images=decode_files_into(out, data, 0, num_threads=num_threads))
 
-    def fill(i: int) -> None:
-        out[i] = load_image_file(data.files[i], image_size=data.image_size, channels=data.channels)
+
+def decode_files_into(out: torch.Tensor, data: ImageData, start: int, *,
+                      num_threads: int | None = None) -> torch.Tensor:
+    """Fill `out` (M, C, S, S) uint8 with files [start, start + M) of `data`, decoded as `load_image_file`
+    does, on `num_threads` threads (default: one per core); returns `out`. The first file Pillow cannot
+    decode is an UnreadableImageError naming it."""
+    def fill(row: int) -> None:
+        out[row] = load_image_file(data.files[start + row], image_size=data.image_size, channels=data.channels)
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads or os.cpu_count() or 1)) as pool:
-        list(pool.map(fill, range(len(data))))
-    return replace(data, images=out)
+        list(pool.map(fill, range(out.shape[0])))
+    return out

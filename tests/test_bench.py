@@ -311,3 +311,15 @@ def test_gpu_checks_run_their_commands_and_summarise_each_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         checks.main([*argv, "--only", "no_such_check"])
     assert "--only: no check named ['no_such_check']" in capsys.readouterr().err
+
+
+def test_decode_bench_times_both_ways_on_two_ranks_and_checks_the_copies_agree(tmp_path):
+    # The workers compare the exchanged copy with every rank's own decode and exit non-zero if they differ.
+    out = _run_bench("decode.py", "--files", "12", "--width", "64", "--height", "48", "--image-size", "32",
+                     "--repeats", "1", "--folder", str(tmp_path))
+    assert "12 files at 32 px, 2 ranks" in out
+    assert re.search(r"median: \d+\.\d\d s -> \d+\.\d\d s, ratio \d+\.\d\d", out), out
+    assert len(list((tmp_path / "12_64x48").rglob("*.jpg"))) == 12
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "decode.py"), "--files", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --files must be >= 1, got 0"

@@ -131,3 +131,36 @@ def test_init_distributed_refuses_cuda_without_a_usable_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(du.DeviceUnavailableError, match=r"^run.device=cuda: torch \S+ sees no usable CUDA device"):
         du.init_distributed("cuda")
+
+
+def test_decode_once_on_two_ranks_decodes_each_file_once_and_gives_both_the_one_process_copy(tmp_path):
+    """23 real digits (a 12-row and an 11-row shard), exchanged in blocks of 2 rows: the two ranks decode
+    each file once between them, and both end with the copy one process decodes alone. A file that
+    cannot be decoded, in rank 1's shard, stops both ranks with the same line naming it."""
+    from collections import Counter
+
+    import numpy as np
+    from PIL import Image
+
+    from data.config import DataConfig
+    from data.datasets import build_dataset, decode_files, shared_data_dir
+
+    digits = np.load(shared_data_dir() / "mnist.npz")["x_train"][:23]
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(digits):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    oracle = decode_files(build_dataset(DataConfig(name="imagefolder", root=str(folder)), split="train"))
+    block_bytes = 2 * oracle.images[0].numel()
+    run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, block_bytes, nproc=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    decoded = Counter(ranks[0]["decoded"] + ranks[1]["decoded"])
+    assert sorted(decoded) == sorted(p.name for p in folder.iterdir()) and set(decoded.values()) == {1}
+    assert len(ranks[0]["decoded"]) == 12
+    for rank in ranks:
+        assert torch.equal(rank["images"], oracle.images)
+
+    (folder / "zz_bad.png").write_bytes(b"not a png")
+    run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, block_bytes, nproc=2)
+    errors = [torch.load(tmp_path / f"rank{r}.pt")["error"] for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith(f"{folder / 'zz_bad.png'}: not a readable image")

@@ -22,6 +22,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 import main as launcher
 from tests.stop_util import (assert_same_weights, feature_pass_signalling_at_batch, logged_steps,
                              train_step_signalling_after)
+from utils import distributed as du
 from utils.checkpoint import CHECKPOINT_KEYS
 from utils.config import ConfigError, load_config
 from utils.stop import EXIT_STOPPED
@@ -670,9 +671,12 @@ def test_decoding_more_than_the_memory_available_is_refused_in_one_line_before_a
 
     folder = build_train_dataset(load_config(DEMO, run[1:]).data)
     monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 1_000_000)
+    def on_node(ranks: int) -> du.DistInfo:
+        return du.DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=ranks, device=torch.device("cpu"))
+
     with pytest.raises(ValueError, match=r"\(0.00151 GB for the 4 rank\(s\) on this node\)"):
-        utils.trainer.decode_once(folder, folder, "data.decode_once", ranks_on_node=4)
-    assert utils.trainer.decode_once(folder, folder, "data.decode_once", ranks_on_node=1)[0].images.shape == \
+        utils.trainer.decode_once(folder, folder, "data.decode_once", dist_info=on_node(4))
+    assert utils.trainer.decode_once(folder, folder, "data.decode_once", dist_info=on_node(1))[0].images.shape == \
         (160, 3, 28, 28)
 
 

@@ -252,6 +252,45 @@ def all_gather_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
     return out
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] in one process). Collective."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_shards_into(out: torch.Tensor, device: torch.device, *, block_bytes: int = 64 << 20) -> torch.Tensor:
+    """Complete `out` (N, ...) on every rank, each rank having filled its own contiguous shard of it (the
+    rows of `all_gather_rows`: [r * ceil(N/W), min(N, (r + 1) * ceil(N/W)))). The shards travel through
+    `device`, the process group's (NCCL gathers CUDA tensors), in blocks of at most `block_bytes` per
+    rank, so `out` (a decoded image set, say) never sits on the device whole. Collective; returns `out`."""
+    world = get_world_size()
+    if world == 1:
+        return out
+    n, rank = out.shape[0], get_rank()
+    per_rank = max(1, -(-n // world))
+    row_bytes = max(1, out[0].numel() * out.element_size()) if n else 1
+    block = max(1, min(per_rank, block_bytes // row_bytes))
+    send = torch.zeros((block, *out.shape[1:]), dtype=out.dtype, device=device)
+    parts = [torch.empty_like(send) for _ in range(world)]
+
+    def block_rows(r: int, offset: int) -> tuple[int, int]:
+        """Global rows [start, stop) of rank r's shard in the block at `offset` (none past its end or N)."""
+        return min(n, r * per_rank + offset), min(n, r * per_rank + min(per_rank, offset + block))
+
+    for offset in range(0, per_rank, block):
+        start, stop = block_rows(rank, offset)
+        send[: stop - start].copy_(out[start:stop])
+        dist.all_gather(parts, send)
+        for r, part in enumerate(parts):
+            start, stop = block_rows(r, offset)
+            if r != rank and stop > start:
+                out[start:stop].copy_(part[: stop - start])
+    return out
+
+
 def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = None):
     """Shuffling BN, step 1: gather (B, ...) from every rank, permute the global batch, keep a slice.
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import ImageData, decode_files, extra_training_rows
+from data.datasets import ImageData, UnreadableImageError, decode_files_into, extra_training_rows
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.assignments import cluster_size_stats, format_cluster_sizes
@@ -94,13 +94,23 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *,
-                ranks_on_node: int = 1) -> tuple[ImageData, ImageData]:
+def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo | None = None,
+                gather_block_bytes: int = 64 << 20) -> tuple[ImageData, ImageData]:
     """(train, eval) with their image files decoded into memory once (`data.decode_once`, or
     `data.loader=device`, which trains on that copy): every feature pass (k-means, evaluation, DEC's
     targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are.
-    Every rank holds its own copy: if the `ranks_on_node` copies would take more than 80% of the memory
-    available, that is a one-line ValueError before anything is decoded (not an out-of-memory kill later)."""
+
+    Collective in a distributed run: each rank decodes its contiguous share of the files, on its share
+    of the node's cores, and the shares are all-gathered (in blocks of `gather_block_bytes` through the
+    process group's device), so each file is decoded once in all and every rank ends with the whole copy.
+    A file that cannot be decoded is the same UnreadableImageError on every rank. If the copies of the
+    ranks on a node would take more than 80% of the memory available, that is a one-line ValueError
+    before anything is decoded (not an out-of-memory kill later)."""
+    from data.loaders import shard_bounds
+
+    rank, world, ranks_on_node = (0, 1, 1) if dist_info is None else (
+        dist_info.rank, dist_info.world_size, dist_info.local_world_size)
+
     def decoded_bytes(data: ImageData) -> int:
         return len(data) * data.channels * data.image_size ** 2
 
@@ -116,10 +126,30 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *,
                          "data.image_size")
     decoded = []
     for data in sets:
-        if data.images is None:
-            log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB", len(data), data.name,
-                     data.image_size, why, decoded_bytes(data) / 1e9)
-        decoded.append(decode_files(data))
+        if data.images is not None:
+            decoded.append(data)
+            continue
+        first, last = shard_bounds(len(data), rank, world)
+        log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB%s", len(data), data.name,
+                 data.image_size, why, decoded_bytes(data) / 1e9,
+                 f"; this rank decodes {last - first} of them, then the {world} ranks exchange theirs" if world > 1
+                 else "")
+        images = torch.empty((len(data), data.channels, data.image_size, data.image_size), dtype=torch.uint8)
+        failure = None
+        try:
+            decode_files_into(images[first:last], data, first,
+                              num_threads=max(1, du.available_cpu_cores() // ranks_on_node))
+        except UnreadableImageError as exc:
+            failure = exc
+        # Every rank learns of a failure before the exchange, so all stop with the same line (not only one).
+        messages = [message for message in du.all_gather_object(failure and failure.one_line) if message]
+        if failure is not None:
+            raise failure
+        if messages:
+            raise UnreadableImageError(messages[0])
+        du.all_gather_shards_into(images, dist_info.device if dist_info else torch.device("cpu"),
+                                  block_bytes=gather_block_bytes)
+        decoded.append(replace(data, images=images))
     return decoded[0], decoded[-1]
 
 
@@ -192,7 +222,7 @@ class Trainer:
         if device_loader or (cfg.data.decode_once and not evaluate_only):
             self.train_data, self.eval_data = decode_once(
                 train_data, eval_data, "data.loader=device" if device_loader else "data.decode_once",
-                ranks_on_node=dist_info.local_world_size)
+                dist_info=dist_info)
         self.loader = build_train_loader(
             self.train_data if device_loader else train_data, cfg.augment, batch_size_per_rank=batch_size_per_rank,
             num_views=method.num_views, device=self.device, rank=dist_info.rank, world_size=dist_info.world_size,
