@@ -141,12 +141,11 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
                               num_threads=max(1, du.available_cpu_cores() // ranks_on_node))
         except UnreadableImageError as exc:
             failure = exc
-        # Every rank learns of a failure before the exchange, so all stop with the same line (not only one).
+        # Every rank learns of a failure before the exchange, so all stop with the same line (not only one):
+        # the lowest rank's, should several fail.
         messages = [message for message in du.all_gather_object(failure and failure.one_line) if message]
-        if failure is not None:
-            raise failure
         if messages:
-            raise UnreadableImageError(messages[0])
+            raise UnreadableImageError(messages[0]) from failure
         du.all_gather_shards_into(images, dist_info.device if dist_info else torch.device("cpu"),
                                   block_bytes=gather_block_bytes)
         decoded.append(replace(data, images=images))
