@@ -18,7 +18,9 @@ and the lines that carry its figures:
 - propos_cifar10: ProPos with a ResNet-18 for 2 epochs on the 10,000 CIFAR-10 test images (bf16
   autocast), the pipeline at a real size;
 - train_step: ProPos with a ResNet-18 on CIFAR-10 images (images/s of `bench/train_step.py`) with
-  `train.amp` none and bf16, and `run.cudnn_benchmark` off and on.
+  `train.amp` none and bf16, and `run.cudnn_benchmark` off and on;
+- every_config: a real-size config of each method (ResNet-18/34 at 32-224 px, PCL's 1,000 clusters,
+  SCAN's and NNM's stages after SimCLR) one epoch per stage on small data (`bench/every_config.py`).
 NCCL needs two GPUs (it refuses two ranks on one), so the all-gathers across ranks stay unchecked on
 NCCL with one lent GPU; the test suite checks them with gloo on the CPU. Checks run in the order above
 until `--budget-s` is spent (the device tool stops a command after 10 minutes); those left are listed
@@ -56,8 +58,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from data.datasets import shared_data_dir  # noqa: E402
 
 # The lines of a check's output that hold its figures (the rest stays in its log).
-FIGURE_LINE = re.compile(r"final \(|feed|images/s|\bours\b|agreement|^torch |cuda|warn|passed|failed|error|skipped",
-                         re.IGNORECASE)
+FIGURE_LINE = re.compile(r"final \(|feed|images/s|\bours\b|agreement|^torch |cuda|warn|passed|failed|error|skipped"
+                         r"|configs ran|^FAIL ", re.IGNORECASE)
+# One real-size config of each method for the every_config check (SimCLR's ImageNet-10 run serves NNM's).
+EVERY_METHOD_CONFIGS = ("imagenet10_r18_simclr", "imagenet10_r18_nnm", "stl10_r18_simclr", "stl10_r18_scan",
+                        "imagenet10_r34_cc", "imagenetdogs_r34_pcl", "stl10_r18_moco", "stl10_r18_byol",
+                        "stl10_r18_simsiam", "tinyimagenet_r18_propos", "stl10_dccm", "imagenet10_mlp_idec")
 
 
 class Check(NamedTuple):
@@ -148,6 +154,10 @@ def build_checks(*, device: str, data: Path, quick: bool, runs: Path) -> list[Ch
     for amp, cudnn in (("none", "false"), ("bf16", "false"), ("bf16", "true")):
         checks.append(Check(f"train_step_amp-{amp}_cudnn-benchmark-{cudnn}",
                             [*step_args, *step_config, f"train.amp={amp}", f"run.cudnn_benchmark={cudnn}"], 240))
+    # real-size configs of every method, one epoch per stage on small data (bench/every_config.py)
+    checks.append(Check("every_config", [python, str(REPO_ROOT / "bench" / "every_config.py"), "--device", device,
+                                         "--data", str(data), "--only", "mnist_cnn_propos" if small else
+                                         ",".join(EVERY_METHOD_CONFIGS)], 240))
     return checks
 
 

@@ -323,3 +323,21 @@ def test_decode_bench_times_both_ways_on_two_ranks_and_checks_the_copies_agree(t
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "decode.py"), "--files", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --files must be >= 1, got 0"
+
+
+def test_every_config_check_runs_each_config_small_and_names_the_ones_that_fail(tmp_path, capsys):
+    check = load_script(REPO_ROOT / "bench" / "every_config.py")
+    argv = ["--data", str(SHARED_DATA), "--out", str(tmp_path)]
+    # a demo and MNIST 70k's DEC (its layer-wise stages, one epoch each, on 600 digits)
+    assert check.main([*argv, "--only", "mnist_cnn_propos,mnist70k_mlp_dec"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^OK   mnist70k_mlp_dec\.yml .* NMI \d\.\d{4}  ACC", out, re.MULTILINE), out
+    assert out.rstrip().endswith("2 of 2 configs ran")
+    assert len(list((tmp_path / "runs" / "mnist70k_mlp_dec").glob("*.pt"))) >= 1
+    # SCAN alone: the SimCLR run it starts from was not made, and the line says why
+    assert check.main([*argv, "--only", "cifar10_r18_scan"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL cifar10_r18_scan.yml" in out and "pretrained weights: checkpoint not found" in out
+    assert out.rstrip().endswith("0 of 1 configs ran; failed: cifar10_r18_scan.yml")
+    with pytest.raises(SystemExit, match="--only no_such: no config"):
+        check.main([*argv, "--only", "no_such"])
