@@ -22,7 +22,6 @@ FAIL with the error's last line; exits 1 if any failed. `--out` keeps the runs a
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import tempfile
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                 where = traceback.extract_tb(exc.__traceback__)[-1]
                 print(f"FAIL {path.name:34s} {time.perf_counter() - start:7.1f}s  {type(exc).__name__}: {last} "
                       f"({Path(where.filename).name}:{where.lineno})", flush=True)
-            logging.getLogger().handlers.clear()   # each run sets up its own train.log
     print(f"{len(paths) - len(failed)} of {len(paths)} configs ran"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
