@@ -226,30 +226,28 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(t)
 
 
+def _rows_per_shard(n: int, world: int) -> int:
+    """Rows of every rank's contiguous shard of n rows but the last: ceil(n / W), at least 1 (gloo has
+    crashed on zero-element tensors, so no gathered block is ever empty)."""
+    return max(1, -(-n // world))
+
+
 def all_gather_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
     """Gather per-rank contiguous shards of a dataset-ordered tensor into exactly `total_rows` rows.
 
-    Rank r holds rows [r*ceil(N/W), min(N, (r+1)*ceil(N/W))) (possibly none). gloo needs equal
-    shapes and has crashed on zero-element tensors, so every shard is padded to ceil(N/W) >= 1
-    rows, gathered, and the padding trimmed: no duplicates, no missing rows, dataset order.
+    Rank r holds rows [r*ceil(N/W), min(N, (r+1)*ceil(N/W))) (possibly none); the result is every row
+    once, in dataset order (`all_gather_shards_into` through `local`'s device).
     """
     world = get_world_size()
     if world == 1:
         if local.shape[0] != total_rows:
             raise RuntimeError(f"expected {total_rows} rows in a one-process gather, got {local.shape[0]}")
         return local
-    per_rank = max(1, -(-total_rows // world))
-    padded = local.new_zeros((per_rank, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    gathered = all_gather_no_grad(padded)
-    pieces = []
-    for r in range(world):
-        start = min(total_rows, r * per_rank)
-        stop = min(total_rows, (r + 1) * per_rank)
-        pieces.append(gathered[r * per_rank: r * per_rank + (stop - start)])
-    out = torch.cat(pieces)
-    assert out.shape[0] == total_rows
-    return out
+    per_rank = _rows_per_shard(total_rows, world)
+    start = min(total_rows, get_rank() * per_rank)
+    out = local.new_empty((total_rows, *local.shape[1:]))
+    out[start:start + local.shape[0]] = local.detach()
+    return all_gather_shards_into(out, local.device)
 
 
 def all_gather_object(obj) -> list:
@@ -270,7 +268,7 @@ def all_gather_shards_into(out: torch.Tensor, device: torch.device, *, block_byt
     if world == 1:
         return out
     n, rank = out.shape[0], get_rank()
-    per_rank = max(1, -(-n // world))
+    per_rank = _rows_per_shard(n, world)
     row_bytes = max(1, out[0].numel() * out.element_size()) if n else 1
     block = max(1, min(per_rank, block_bytes // row_bytes))
     send = torch.zeros((block, *out.shape[1:]), dtype=out.dtype, device=device)

@@ -94,7 +94,7 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo | None = None,
+def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo,
                 gather_block_bytes: int = 64 << 20) -> tuple[ImageData, ImageData]:
     """(train, eval) with their image files decoded into memory once (`data.decode_once`, or
     `data.loader=device`, which trains on that copy): every feature pass (k-means, evaluation, DEC's
@@ -108,8 +108,7 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
     before anything is decoded (not an out-of-memory kill later)."""
     from data.loaders import shard_bounds
 
-    rank, world, ranks_on_node = (0, 1, 1) if dist_info is None else (
-        dist_info.rank, dist_info.world_size, dist_info.local_world_size)
+    rank, world, ranks_on_node = dist_info.rank, dist_info.world_size, dist_info.local_world_size
 
     def decoded_bytes(data: ImageData) -> int:
         return len(data) * data.channels * data.image_size ** 2
@@ -146,8 +145,7 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
         messages = [message for message in du.all_gather_object(failure and failure.one_line) if message]
         if messages:
             raise UnreadableImageError(messages[0]) from failure
-        du.all_gather_shards_into(images, dist_info.device if dist_info else torch.device("cpu"),
-                                  block_bytes=gather_block_bytes)
+        du.all_gather_shards_into(images, dist_info.device, block_bytes=gather_block_bytes)
         decoded.append(replace(data, images=images))
     return decoded[0], decoded[-1]
 
