@@ -1,6 +1,7 @@
 """Decoding an image folder once for a distributed run (`data.decode_once`, `data.loader=device`):
 every rank decoding every file (the baseline) against each rank decoding its share and the ranks
-exchanging the shares (`utils.trainer.decode_once`), in one torchrun job, alternating.
+exchanging the shares into one copy per node in shared memory (`utils.trainer.decode_once`), in one
+torchrun job, alternating.
 
     python bench/decode.py                       # 2,000 JPEGs of 500 x 375 at 96 px, 2 ranks
     python bench/decode.py --files 13000 --nproc 4 --threads 16
@@ -8,7 +9,9 @@ exchanging the shares (`utils.trainer.decode_once`), in one torchrun job, altern
 The folder is made once under --folder from the first --files CIFAR-10 JPEGs of ../shared/data
 (cifar10_jpeg.npz), upscaled to --width x --height (bicubic) and saved as quality-90 JPEGs, about
 the size of ImageNet's. Rank 0 prints each repeat's seconds (the slowest rank's) and the median
-ratio sharded / baseline. The two copies are compared: they must be equal.
+ratio sharded / baseline, and the node's memory that each way's copies take (the growth of the
+kernel's anonymous and shared pages in /proc/meminfo while they are held). The two copies are
+compared: they must be equal.
 """
 from __future__ import annotations
 
@@ -61,24 +64,37 @@ def worker(folder: str, image_size: int, repeats: int, threads: int) -> None:
     def slowest(seconds: float) -> float:
         return max(du.all_gather_object(seconds))
 
-    baseline, sharded = [], []
-    for _ in range(repeats):
+    def node_memory() -> int:
+        """Bytes of the node's anonymous and shared (tmpfs) pages, read by every rank once all are here."""
         du.barrier()
+        fields = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("AnonPages", "Shmem"))
+
+    baseline, sharded, baseline_bytes, sharded_bytes = [], [], [], []
+    for _ in range(repeats):
+        before = node_memory()
         start = time.perf_counter()
         whole = decode_files(data, num_threads=threads)  # what every rank did before: all files, all cores
         baseline.append(slowest(time.perf_counter() - start))
-        du.barrier()
+        baseline_bytes.append(node_memory() - before)
+        before = node_memory()
         start = time.perf_counter()
         shared, _ = decode_once(data, data, "bench", dist_info=info)
         sharded.append(slowest(time.perf_counter() - start))
+        sharded_bytes.append(node_memory() - before)
         if not torch.equal(whole.images, shared.images):
             raise SystemExit(f"rank {info.rank}: the exchanged copy differs from the decoded one")
+        del whole, shared
     if info.is_main:
-        print(f"{len(data)} files at {image_size} px, {info.world_size} ranks, {os.cpu_count()} cores")
+        copy = len(data) * data.channels * image_size ** 2
+        print(f"{len(data)} files at {image_size} px ({copy / 1e6:.1f} MB a copy), {info.world_size} ranks, "
+              f"{os.cpu_count()} cores")
         for i, (a, b) in enumerate(zip(baseline, sharded)):
-            print(f"  repeat {i}: every rank decodes all {a:6.2f} s   shares + exchange {b:6.2f} s   ratio {b / a:.2f}")
+            print(f"  repeat {i}: every rank decodes all {a:6.2f} s, {baseline_bytes[i] / 1e6:7.1f} MB   "
+                  f"shares + exchange {b:6.2f} s, {sharded_bytes[i] / 1e6:7.1f} MB   ratio {b / a:.2f}")
         print(f"  median: {statistics.median(baseline):.2f} s -> {statistics.median(sharded):.2f} s, "
-              f"ratio {statistics.median(s / b for s, b in zip(sharded, baseline)):.2f}")
+              f"ratio {statistics.median(s / b for s, b in zip(sharded, baseline)):.2f}; node memory "
+              f"{statistics.median(baseline_bytes) / 1e6:.1f} MB -> {statistics.median(sharded_bytes) / 1e6:.1f} MB")
     du.cleanup_distributed()
 
 

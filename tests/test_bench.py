@@ -317,8 +317,9 @@ def test_decode_bench_times_both_ways_on_two_ranks_and_checks_the_copies_agree(t
     # The workers compare the exchanged copy with every rank's own decode and exit non-zero if they differ.
     out = _run_bench("decode.py", "--files", "12", "--width", "64", "--height", "48", "--image-size", "32",
                      "--repeats", "1", "--folder", str(tmp_path))
-    assert "12 files at 32 px, 2 ranks" in out
-    assert re.search(r"median: \d+\.\d\d s -> \d+\.\d\d s, ratio \d+\.\d\d", out), out
+    assert "12 files at 32 px (0.0 MB a copy), 2 ranks" in out
+    assert re.search(r"median: \d+\.\d\d s -> \d+\.\d\d s, ratio \d+\.\d\d; "
+                     r"node memory -?\d+\.\d MB -> -?\d+\.\d MB", out), out
     assert len(list((tmp_path / "12_64x48").rglob("*.jpg"))) == 12
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "decode.py"), "--files", "0"],
                           capture_output=True, text=True, timeout=60)

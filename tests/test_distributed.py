@@ -1,4 +1,5 @@
 """Real two-process runs (torchrun, gloo on the CPU) against one process."""
+import os
 import subprocess
 import sys
 
@@ -133,12 +134,9 @@ def test_init_distributed_refuses_cuda_without_a_usable_device(monkeypatch):
         du.init_distributed("cuda")
 
 
-def test_decode_once_on_two_ranks_decodes_each_file_once_and_gives_both_the_one_process_copy(tmp_path):
-    """23 real digits (a 12-row and an 11-row shard), exchanged in blocks of 2 rows: the two ranks decode
-    each file once between them, and both end with the copy one process decodes alone. A file that
-    cannot be decoded, in rank 1's shard, stops both ranks with the same line naming it."""
-    from collections import Counter
-
+@pytest.fixture()
+def digit_folder(tmp_path):
+    """(a folder of 23 real digits as PNG files, their copy decoded by one process)."""
     import numpy as np
     from PIL import Image
 
@@ -150,17 +148,63 @@ def test_decode_once_on_two_ranks_decodes_each_file_once_and_gives_both_the_one_
     folder.mkdir()
     for i, image in enumerate(digits):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
-    oracle = decode_files(build_dataset(DataConfig(name="imagefolder", root=str(folder)), split="train"))
+    return folder, decode_files(build_dataset(DataConfig(name="imagefolder", root=str(folder)), split="train"))
+
+
+def shared_memory_files() -> set[str]:
+    return {name for name in os.listdir(du.SHARED_MEMORY_DIR) if name.startswith("clustering-")}
+
+
+def decoded_once_each(ranks: list[dict], folder) -> bool:
+    from collections import Counter
+
+    decoded = Counter(name for rank in ranks for name in rank["decoded"])
+    return sorted(decoded) == sorted(p.name for p in folder.iterdir()) and set(decoded.values()) == {1}
+
+
+def test_decode_once_on_two_ranks_decodes_each_file_once_and_gives_both_the_one_process_copy(tmp_path, digit_folder):
+    """23 real digits (a 12-row and an 11-row shard), exchanged in blocks of 2 rows: the two ranks decode
+    each file once between them, into one copy in memory that both map (each sees the other's writes),
+    equal to the copy one process decodes alone; nothing is left in /dev/shm. A file that cannot be
+    decoded, in rank 1's shard, stops both ranks with the same line naming it."""
+    folder, oracle = digit_folder
     block_bytes = 2 * oracle.images[0].numel()
+    before = shared_memory_files()
     run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, block_bytes, nproc=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    decoded = Counter(ranks[0]["decoded"] + ranks[1]["decoded"])
-    assert sorted(decoded) == sorted(p.name for p in folder.iterdir()) and set(decoded.values()) == {1}
-    assert len(ranks[0]["decoded"]) == 12
+    assert decoded_once_each(ranks, folder) and len(ranks[0]["decoded"]) == 12
     for rank in ranks:
         assert torch.equal(rank["images"], oracle.images)
+        assert rank["sees"] == [0, 1]
+    assert shared_memory_files() == before
 
     (folder / "zz_bad.png").write_bytes(b"not a png")
     run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, block_bytes, nproc=2)
     errors = [torch.load(tmp_path / f"rank{r}.pt")["error"] for r in range(2)]
     assert errors[0] == errors[1] and errors[0].startswith(f"{folder / 'zz_bad.png'}: not a readable image")
+    assert shared_memory_files() == before
+
+
+@pytest.mark.parametrize("nodes, shared_memory, sharing", [
+    # Two nodes of two ranks: each node's ranks share a copy; one rank of each writes the other node's rows.
+    pytest.param("a,a,b,b", None, [[0, 1], [0, 1], [2, 3], [2, 3]], id="two-nodes-of-two"),
+    # No shared memory on the node: each rank holds its own copy and writes the others' rows into it.
+    pytest.param("", "missing", [[0], [1]], id="no-shared-memory"),
+])
+def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder, nodes,
+                                                                                   shared_memory, sharing):
+    folder, oracle = digit_folder
+    env = {"NODES": nodes}
+    if shared_memory:
+        env["SHARED_MEMORY_DIR"] = str(tmp_path / shared_memory)
+    before = shared_memory_files()
+    run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, 2 * oracle.images[0].numel(), nproc=len(sharing),
+                 env=env)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sharing))]
+    assert decoded_once_each(ranks, folder)
+    for rank in ranks:
+        assert torch.equal(rank["images"], oracle.images)
+    assert [rank["sees"] for rank in ranks] == sharing
+    assert shared_memory_files() == before
+
+

@@ -1,5 +1,6 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import csv
+import functools
 import io
 import json
 import math
@@ -657,27 +658,28 @@ def test_decoding_more_than_the_memory_available_is_refused_in_one_line_before_a
     run = [str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=m", *FOLDER_RUN, "train.epochs=1",
            f"data.root={digit_folders[1]}", "data.decode_once=true"]
     monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 400_000)
-    with pytest.raises(SystemExit, match=r"^error: data.decode_once: decoding 160 files at 28 px takes 0.000376 GB per "
-                                         r"rank \(0.000376 GB for the 1 rank\(s\) on this node\), more than 80% of the "
-                                         r"0.0004 GB of memory available; set data.decode_once=false and "
-                                         r"data.loader=workers, or a smaller data.image_size$"):
+    with pytest.raises(SystemExit, match=r"^error: data.decode_once: decoding 160 files at 28 px takes 0.000376 GB "
+                                         r"\(one copy on this node\), more than 80% of the 0.0004 GB of memory "
+                                         r"available; set data.decode_once=false and data.loader=workers, or a "
+                                         r"smaller data.image_size$"):
         launcher.main(run)
     assert not decoded and not (tmp_path / "runs").exists()
     monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 500_000)
     launcher.main(run)
     assert sum(decoded.values()) == 160 and (tmp_path / "runs" / "m" / "clusters.csv").is_file()
-    # Every rank on the node holds a copy: 4 x 376,320 bytes do not fit in 80% of 1,000,000, one does.
+    # The 4 ranks of a node share one copy: 376,320 bytes fit in 80% of 1,000,000. Where the node's shared
+    # memory has too little room, each rank holds a copy, and 4 do not fit.
     from data.datasets import build_train_dataset
 
     folder = build_train_dataset(load_config(DEMO, run[1:]).data)
     monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 1_000_000)
-    def on_node(ranks: int) -> du.DistInfo:
-        return du.DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=ranks, device=torch.device("cpu"))
-
-    with pytest.raises(ValueError, match=r"\(0.00151 GB for the 4 rank\(s\) on this node\)"):
-        utils.trainer.decode_once(folder, folder, "data.decode_once", dist_info=on_node(4))
-    assert utils.trainer.decode_once(folder, folder, "data.decode_once", dist_info=on_node(1))[0].images.shape == \
-        (160, 3, 28, 28)
+    four_on_node = du.DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=4, device=torch.device("cpu"))
+    decode = functools.partial(utils.trainer.decode_once, folder, folder, "data.decode_once", dist_info=four_on_node)
+    assert decode()[0].images.shape == (160, 3, 28, 28)
+    monkeypatch.setattr(du, "shared_memory_free_bytes", lambda: 376_319)
+    with pytest.raises(ValueError, match=r"takes 0.000376 GB \(0.00151 GB for the 4 ranks on this node, a copy each: "
+                                         r"/dev/shm has too little room to share one\), more than 80%"):
+        decode()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

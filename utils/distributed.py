@@ -6,8 +6,12 @@ serves `python main.py` on a laptop, `torchrun` on a node, and `srun` under SLUR
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import socket
+import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -259,11 +263,14 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def all_gather_shards_into(out: torch.Tensor, device: torch.device, *, block_bytes: int = 64 << 20) -> torch.Tensor:
+def all_gather_shards_into(out: torch.Tensor, device: torch.device, *, block_bytes: int = 64 << 20,
+                           present: Collection[int] = ()) -> torch.Tensor:
     """Complete `out` (N, ...) on every rank, each rank having filled its own contiguous shard of it (the
     rows of `all_gather_rows`: [r * ceil(N/W), min(N, (r + 1) * ceil(N/W)))). The shards travel through
     `device`, the process group's (NCCL gathers CUDA tensors), in blocks of at most `block_bytes` per
-    rank, so `out` (a decoded image set, say) never sits on the device whole. Collective; returns `out`."""
+    rank, so `out` (a decoded image set, say) never sits on the device whole. The shards of the ranks in
+    `present` are already in `out` (memory shared with them) and are not copied; every rank still takes
+    part. Collective; returns `out`."""
     world = get_world_size()
     if world == 1:
         return out
@@ -284,9 +291,87 @@ def all_gather_shards_into(out: torch.Tensor, device: torch.device, *, block_byt
         dist.all_gather(parts, send)
         for r, part in enumerate(parts):
             start, stop = block_rows(r, offset)
-            if r != rank and stop > start:
+            if r != rank and r not in present and stop > start:
                 out[start:stop].copy_(part[: stop - start])
     return out
+
+
+# tmpfs: files there are memory, and a mapping of one is memory that processes share.
+SHARED_MEMORY_DIR = "/dev/shm"
+
+
+def node_name() -> str:
+    """The name of this rank's machine: ranks with the same one can share memory."""
+    return socket.gethostname()
+
+
+def shared_memory_free_bytes() -> int:
+    """Free bytes in SHARED_MEMORY_DIR (0 where there is none): the most `node_shared_empty` can share."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY_DIR)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
+def _create_shared_file(nbytes: int) -> str | None:
+    """A new file of `nbytes` reserved bytes in SHARED_MEMORY_DIR, or None (logged) where it cannot be
+    made. The bytes are allocated now: a mapping past what tmpfs can give would be SIGBUS later."""
+    if shared_memory_free_bytes() < nbytes:
+        log.warning("%s has %.3g GB free, less than the %.3g GB to share: every rank of this node keeps "
+                    "its own copy", SHARED_MEMORY_DIR, shared_memory_free_bytes() / 1e9, nbytes / 1e9)
+        return None
+    path = os.path.join(SHARED_MEMORY_DIR, f"clustering-{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("cannot share memory through %s (%s): every rank of this node keeps its own copy", path, exc)
+        return None
+    return path
+
+
+def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(an uninitialised CPU tensor of `shape`, the ranks that share its memory: this one and those of
+    its node that mapped the same file, in increasing order). Collective.
+
+    The lowest rank of each node (`node_name`) creates a file of the tensor's size in SHARED_MEMORY_DIR,
+    every rank of the node maps it (`torch.from_file`, shared: DataLoader workers forked later share it
+    too), and the file is unlinked as soon as all have mapped it: the memory goes with the last mapping,
+    and a run killed after that leaves nothing in the directory. A rank alone on its node, or whose
+    node lacks the room, or which cannot see the file (a /dev/shm of its own), gets a private tensor."""
+    rank = get_rank()
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if not is_dist():
+        return torch.empty(shape, dtype=dtype), (rank,)
+    nodes = all_gather_object(node_name())
+    on_node = [r for r, node in enumerate(nodes) if node == nodes[rank]]
+    created = _create_shared_file(nbytes) if rank == on_node[0] and len(on_node) > 1 and nbytes else None
+    mapped = None
+    try:
+        path = all_gather_object(created)[on_node[0]]
+        tensor = None
+        if path is not None:
+            try:
+                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+                mapped = path
+            except (OSError, RuntimeError) as exc:
+                log.warning("rank %d cannot map the node's shared memory %s (%s): it keeps its own copy",
+                            rank, path, exc)
+        mapped_by = all_gather_object(mapped)
+    finally:
+        if created is not None:
+            os.unlink(created)
+    if mapped is None:
+        return torch.empty(shape, dtype=dtype), (rank,)
+    return tensor, tuple(r for r, path in enumerate(mapped_by) if path == mapped)
 
 
 def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = None):

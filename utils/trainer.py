@@ -101,11 +101,12 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
     targets, kNN) reads it instead of decoding each file again. In-memory sets are returned as they are.
 
     Collective in a distributed run: each rank decodes its contiguous share of the files, on its share
-    of the node's cores, and the shares are all-gathered (in blocks of `gather_block_bytes` through the
-    process group's device), so each file is decoded once in all and every rank ends with the whole copy.
-    A file that cannot be decoded is the same UnreadableImageError on every rank. If the copies of the
-    ranks on a node would take more than 80% of the memory available, that is a one-line ValueError
-    before anything is decoded (not an out-of-memory kill later)."""
+    of the node's cores, into one copy that the ranks of its node share (`du.node_shared_empty`); the
+    shares of other nodes are all-gathered (in blocks of `gather_block_bytes` through the process group's
+    device), so each file is decoded once in all and every node holds the whole copy once. A node whose
+    shared memory is too small holds a copy per rank. A file that cannot be decoded is the same
+    UnreadableImageError on every rank. If the copies on a node would take more than 80% of the memory
+    available, that is a one-line ValueError before anything is decoded (not an out-of-memory kill later)."""
     from data.loaders import shard_bounds
 
     rank, world, ranks_on_node = dist_info.rank, dist_info.world_size, dist_info.local_world_size
@@ -117,11 +118,14 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
     files = [data for data in sets if data.images is None]
     per_rank = sum(map(decoded_bytes, files))
     available = available_memory_bytes() if files else None
-    if available is not None and per_rank * ranks_on_node > 0.8 * available:
+    copies = 1 if ranks_on_node == 1 or du.shared_memory_free_bytes() >= per_rank else ranks_on_node
+    if available is not None and per_rank * copies > 0.8 * available:
+        on_node = ("one copy on this node" if copies == 1 else
+                   f"{per_rank * copies / 1e9:.3g} GB for the {copies} ranks on this node, a copy each: "
+                   f"{du.SHARED_MEMORY_DIR} has too little room to share one")
         raise ValueError(f"{why}: decoding {sum(map(len, files))} files at {files[0].image_size} px takes "
-                         f"{per_rank / 1e9:.3g} GB per rank ({per_rank * ranks_on_node / 1e9:.3g} GB for the "
-                         f"{ranks_on_node} rank(s) on this node), more than 80% of the {available / 1e9:.3g} GB "
-                         "of memory available; set data.decode_once=false and data.loader=workers, or a smaller "
+                         f"{per_rank / 1e9:.3g} GB ({on_node}), more than 80% of the {available / 1e9:.3g} GB of "
+                         "memory available; set data.decode_once=false and data.loader=workers, or a smaller "
                          "data.image_size")
     decoded = []
     for data in sets:
@@ -129,11 +133,13 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
             decoded.append(data)
             continue
         first, last = shard_bounds(len(data), rank, world)
+        images, sharers = du.node_shared_empty((len(data), data.channels, data.image_size, data.image_size))
         log.info("decoding the %d files of %s into memory at %d px (%s), once: %.2f GB%s", len(data), data.name,
                  data.image_size, why, decoded_bytes(data) / 1e9,
-                 f"; this rank decodes {last - first} of them, then the {world} ranks exchange theirs" if world > 1
-                 else "")
-        images = torch.empty((len(data), data.channels, data.image_size, data.image_size), dtype=torch.uint8)
+                 f"; this rank decodes {last - first} of them into " + (
+                     f"one copy that the {world} ranks share" if len(sharers) == world else
+                     f"a copy that {len(sharers)} rank(s) of this node share, then the copies exchange their rows")
+                 if world > 1 else "")
         failure = None
         try:
             decode_files_into(images[first:last], data, first,
@@ -141,11 +147,17 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
         except UnreadableImageError as exc:
             failure = exc
         # Every rank learns of a failure before the exchange, so all stop with the same line (not only one):
-        # the lowest rank's, should several fail.
+        # the lowest rank's, should several fail. Every rank has finished decoding when this returns.
         messages = [message for message in du.all_gather_object(failure and failure.one_line) if message]
         if messages:
             raise UnreadableImageError(messages[0]) from failure
-        du.all_gather_shards_into(images, dist_info.device, block_bytes=gather_block_bytes)
+        if len(sharers) < world:  # the same on every rank: all share one copy, or some shares are elsewhere
+            # The lowest rank of those sharing a copy fills in the rest; the others only take part.
+            writes = rank == sharers[0]
+            du.all_gather_shards_into(images, dist_info.device, block_bytes=gather_block_bytes,
+                                      present=sharers if writes else range(world))
+            if len(sharers) > 1:
+                du.barrier()  # no rank reads the shared copy before its writer has filled it
         decoded.append(replace(data, images=images))
     return decoded[0], decoded[-1]
 

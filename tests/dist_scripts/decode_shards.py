@@ -1,9 +1,13 @@
 """Decode an image folder once across the ranks (utils.trainer.decode_once), counting the files each
-rank decodes; rank r saves OUT_DIR/rank{r}.pt: {"decoded": names, "images": the whole copy} or
-{"error": the one-line error}.
+rank decodes; rank r saves OUT_DIR/rank{r}.pt: {"decoded": names, "images": the whole copy, "sees": the
+ranks whose writes into the copy it sees (the ranks it shares the copy's memory with)} or {"error": the
+one-line error}.
 
 Usage: decode_shards.py FOLDER OUT_DIR GATHER_BLOCK_BYTES
+Environment: NODES, a node name per rank ("a,a,b,b": two nodes of two ranks), to act several nodes on
+one machine; SHARED_MEMORY_DIR, in place of /dev/shm.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +31,19 @@ def main(folder: str, out_dir: str, block_bytes: int) -> None:
         return load(path, **kwargs)
 
     data.datasets.load_image_file = counting_load
+    if os.environ.get("NODES"):
+        du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
+    du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     try:
         train, _ = utils.trainer.decode_once(dataset, dataset, "data.decode_once", dist_info=info,
                                              gather_block_bytes=block_bytes)
-        result = {"decoded": decoded, "images": train.images}
+        result = {"decoded": decoded, "images": train.images.clone()}
+        # Rank r writes 200 + r into the copy's element r (a black corner pixel of the first image).
+        flat = train.images.view(-1)
+        du.barrier()
+        flat[info.rank] = 200 + info.rank
+        du.barrier()
+        result["sees"] = [r for r in range(info.world_size) if flat[r] == 200 + r]
     except UnreadableImageError as exc:
         result = {"error": exc.one_line}
     torch.save(result, Path(out_dir) / f"rank{info.rank}.pt")
