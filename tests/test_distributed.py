@@ -185,6 +185,20 @@ def test_decode_once_on_two_ranks_decodes_each_file_once_and_gives_both_the_one_
     assert shared_memory_files() == before
 
 
+def test_a_rank_that_does_not_see_its_nodes_shared_file_keeps_its_own_copy(tmp_path):
+    """A rank with a /dev/shm of its own finds no file at the path its node's first rank made, or
+    another file: it maps neither (torch.from_file would create the missing one, empty)."""
+    token = b"0123456789abcdef"
+    missing, other = tmp_path / "missing", tmp_path / "other"
+    other.write_bytes(b"x" * 64)
+    assert du._map_shared_file(str(missing), token, 64, torch.uint8) is None and not missing.exists()
+    assert du._map_shared_file(str(other), token, 64, torch.uint8) is None
+    other.write_bytes(token + b"x" * 48)
+    mapped = du._map_shared_file(str(other), token, 64, torch.uint8)
+    mapped[-1] = ord("y")
+    assert other.read_bytes() == token + b"x" * 47 + b"y"  # the same memory as the file's
+
+
 @pytest.mark.parametrize("nodes, shared_memory, sharing", [
     # Two nodes of two ranks: each node's ranks share a copy; one rank of each writes the other node's rows.
     pytest.param("a,a,b,b", None, [[0, 1], [0, 1], [2, 3], [2, 3]], id="two-nodes-of-two"),

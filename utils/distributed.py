@@ -314,18 +314,21 @@ def shared_memory_free_bytes() -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-def _create_shared_file(nbytes: int) -> str | None:
-    """A new file of `nbytes` reserved bytes in SHARED_MEMORY_DIR, or None (logged) where it cannot be
-    made. The bytes are allocated now: a mapping past what tmpfs can give would be SIGBUS later."""
+def _create_shared_file(nbytes: int) -> tuple[str, bytes] | None:
+    """(the path of a new file of `nbytes` reserved bytes in SHARED_MEMORY_DIR, the random bytes written
+    at its start), or None (logged) where it cannot be made. The bytes are allocated now: a mapping past
+    what tmpfs can give would be SIGBUS later."""
     if shared_memory_free_bytes() < nbytes:
         log.warning("%s has %.3g GB free, less than the %.3g GB to share: every rank of this node keeps "
                     "its own copy", SHARED_MEMORY_DIR, shared_memory_free_bytes() / 1e9, nbytes / 1e9)
         return None
     path = os.path.join(SHARED_MEMORY_DIR, f"clustering-{os.getpid()}-{uuid.uuid4().hex}")
+    token = os.urandom(min(16, nbytes))
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, nbytes)
+            os.pwrite(fd, token, 0)
         except OSError:
             os.unlink(path)
             raise
@@ -334,7 +337,21 @@ def _create_shared_file(nbytes: int) -> str | None:
     except OSError as exc:
         log.warning("cannot share memory through %s (%s): every rank of this node keeps its own copy", path, exc)
         return None
-    return path
+    return path, token
+
+
+def _map_shared_file(path: str, token: bytes, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The file its node's first rank created, mapped, if this rank sees that file (its random start):
+    a rank with a /dev/shm of its own would otherwise map a new, empty file of the same name."""
+    try:
+        with open(path, "rb") as file:  # never created here, as torch.from_file would
+            if file.read(len(token)) != token:
+                raise OSError("another file than the one made for this node")
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    except (OSError, RuntimeError) as exc:
+        log.warning("rank %d cannot map its node's shared memory %s (%s): it keeps its own copy",
+                    get_rank(), path, exc)
+        return None
 
 
 def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -354,24 +371,17 @@ def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) 
     nodes = all_gather_object(node_name())
     on_node = [r for r, node in enumerate(nodes) if node == nodes[rank]]
     created = _create_shared_file(nbytes) if rank == on_node[0] and len(on_node) > 1 and nbytes else None
-    mapped = None
     try:
-        path = all_gather_object(created)[on_node[0]]
-        tensor = None
-        if path is not None:
-            try:
-                tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
-                mapped = path
-            except (OSError, RuntimeError) as exc:
-                log.warning("rank %d cannot map the node's shared memory %s (%s): it keeps its own copy",
-                            rank, path, exc)
+        made = all_gather_object(created)[on_node[0]]
+        tensor = _map_shared_file(*made, numel, dtype) if made is not None else None
+        mapped = made[0] if tensor is not None else None
         mapped_by = all_gather_object(mapped)
     finally:
         if created is not None:
-            os.unlink(created)
-    if mapped is None:
+            os.unlink(created[0])
+    if tensor is None:
         return torch.empty(shape, dtype=dtype), (rank,)
-    return tensor, tuple(r for r, path in enumerate(mapped_by) if path == mapped)
+    return tensor.view(shape), tuple(r for r, path in enumerate(mapped_by) if path == mapped)
 
 
 def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None = None):
