@@ -104,6 +104,7 @@ def build_datasets(cfg) -> Datasets:
 
     Called before the run directory is created, so that bad data never leaves a run directory behind."""
     from data.datasets import build_eval_dataset, build_train_dataset
+    from utils.trainer import share_images_on_node
 
     try:
         train_data = build_train_dataset(cfg.data)
@@ -111,7 +112,8 @@ def build_datasets(cfg) -> Datasets:
         eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
         raise SystemExit(f"error: data: {exc}") from None
-    return Datasets(train=train_data, eval=eval_data)
+    # Every rank has loaded the images; the ranks of a node keep one copy (collective).
+    return Datasets(*share_images_on_node(train_data, eval_data))
 
 
 class Checkpoint(NamedTuple):

@@ -199,6 +199,27 @@ def test_a_rank_that_does_not_see_its_nodes_shared_file_keeps_its_own_copy(tmp_p
     assert other.read_bytes() == token + b"x" * 47 + b"y"  # the same memory as the file's
 
 
+def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path):
+    """Two ranks load 64 training and 64 test digits each (two sets); each set ends as one copy that both
+    map (each sees the other's writes), equal to what one process loads; nothing is left in /dev/shm."""
+    import main as launcher
+    from data.datasets import shared_data_dir
+    from utils.config import load_config
+
+    overrides = ["data.name=mnist", f"data.root={shared_data_dir() / 'mnist.npz'}", "data.limit=64",
+                 "data.split=train", "data.eval_split=test"]
+    config = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
+    oracle = launcher.build_datasets(load_config(config, overrides))
+    before = shared_memory_files()
+    run_torchrun(SCRIPTS / "share_images.py", config, tmp_path, *overrides, nproc=2)
+    for r in range(2):
+        rank = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(rank["train"], oracle.train.images) and torch.equal(rank["eval"], oracle.eval.images)
+        assert rank["sees"] == {"train": [0, 1], "eval": [0, 1]}
+    assert not torch.equal(oracle.train.images, oracle.eval.images)
+    assert shared_memory_files() == before
+
+
 @pytest.mark.parametrize("nodes, shared_memory, sharing", [
     # Two nodes of two ranks: each node's ranks share a copy; one rank of each writes the other node's rows.
     pytest.param("a,a,b,b", None, [[0, 1], [0, 1], [2, 3], [2, 3]], id="two-nodes-of-two"),

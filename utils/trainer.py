@@ -94,6 +94,29 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def share_images_on_node(train_data: ImageData, eval_data: ImageData) -> tuple[ImageData, ImageData]:
+    """(train, eval) with their in-memory images (every rank has loaded the same) moved into one copy per
+    node that the node's ranks share (`du.node_shared_empty`), in place of a copy per rank: the lowest
+    rank of each node copies its images in and the others drop theirs once it has. File-backed sets, and
+    every set in one process, are returned as they are. Collective."""
+    if du.get_world_size() == 1:
+        return train_data, eval_data
+    shared = []
+    for data in (train_data, eval_data) if eval_data is not train_data else (train_data,):
+        if data.images is None:
+            shared.append(data)
+            continue
+        images, sharers = du.node_shared_empty(tuple(data.images.shape), data.images.dtype)
+        if du.get_rank() == sharers[0]:
+            images.copy_(data.images)
+        du.barrier()  # no rank reads the shared copy before it is filled
+        if len(sharers) > 1:
+            log.info("%s: %d images (%.2f GB) held once for the %d ranks of this node", data.name, len(data),
+                     data.images.numel() * data.images.element_size() / 1e9, len(sharers))
+        shared.append(replace(data, images=images))
+    return shared[0], shared[-1]
+
+
 def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo,
                 gather_block_bytes: int = 64 << 20) -> tuple[ImageData, ImageData]:
     """(train, eval) with their image files decoded into memory once (`data.decode_once`, or
