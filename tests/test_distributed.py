@@ -199,9 +199,12 @@ def test_a_rank_that_does_not_see_its_nodes_shared_file_keeps_its_own_copy(tmp_p
     assert other.read_bytes() == token + b"x" * 47 + b"y"  # the same memory as the file's
 
 
-def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path):
+@pytest.mark.parametrize("shared_memory, sharing", [(None, [[0, 1], [0, 1]]), ("missing", [[0], [1]])],
+                         ids=["shared", "no-shared-memory"])
+def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path, shared_memory, sharing):
     """Two ranks load 64 training and 64 test digits each (two sets); each set ends as one copy that both
-    map (each sees the other's writes), equal to what one process loads; nothing is left in /dev/shm."""
+    map (each sees the other's writes), equal to what one process loads; nothing is left in /dev/shm.
+    Without shared memory each rank keeps the images it loaded."""
     import main as launcher
     from data.datasets import shared_data_dir
     from utils.config import load_config
@@ -211,30 +214,25 @@ def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path
     config = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
     oracle = launcher.build_datasets(load_config(config, overrides))
     before = shared_memory_files()
-    run_torchrun(SCRIPTS / "share_images.py", config, tmp_path, *overrides, nproc=2)
+    env = {"SHARED_MEMORY_DIR": str(tmp_path / shared_memory)} if shared_memory else {}
+    run_torchrun(SCRIPTS / "share_images.py", config, tmp_path, *overrides, nproc=2, env=env)
     for r in range(2):
         rank = torch.load(tmp_path / f"rank{r}.pt")
         assert torch.equal(rank["train"], oracle.train.images) and torch.equal(rank["eval"], oracle.eval.images)
-        assert rank["sees"] == {"train": [0, 1], "eval": [0, 1]}
+        assert rank["sees"] == {"train": sharing[r], "eval": sharing[r]}
     assert not torch.equal(oracle.train.images, oracle.eval.images)
     assert shared_memory_files() == before
 
 
-@pytest.mark.parametrize("nodes, shared_memory, sharing", [
-    # Two nodes of two ranks: each node's ranks share a copy; one rank of each writes the other node's rows.
-    pytest.param("a,a,b,b", None, [[0, 1], [0, 1], [2, 3], [2, 3]], id="two-nodes-of-two"),
-    # No shared memory on the node: each rank holds its own copy and writes the others' rows into it.
-    pytest.param("", "missing", [[0], [1]], id="no-shared-memory"),
-])
-def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder, nodes,
-                                                                                   shared_memory, sharing):
+def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder):
+    """Four ranks acting two nodes of two: each node's ranks share a copy (each sees its node's writes
+    only), and one rank of each node writes the other node's rows into it. Each file is decoded once,
+    and every copy equals one process's."""
     folder, oracle = digit_folder
-    env = {"NODES": nodes}
-    if shared_memory:
-        env["SHARED_MEMORY_DIR"] = str(tmp_path / shared_memory)
+    sharing = [[0, 1], [0, 1], [2, 3], [2, 3]]
     before = shared_memory_files()
     run_torchrun(SCRIPTS / "decode_shards.py", folder, tmp_path, 2 * oracle.images[0].numel(), nproc=len(sharing),
-                 env=env)
+                 env={"NODES": "a,a,b,b"})
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sharing))]
     assert decoded_once_each(ranks, folder)
     for rank in ranks:

@@ -107,12 +107,14 @@ def share_images_on_node(train_data: ImageData, eval_data: ImageData) -> tuple[I
             shared.append(data)
             continue
         images, sharers = du.node_shared_empty(tuple(data.images.shape), data.images.dtype)
-        if du.get_rank() == sharers[0]:
+        if du.get_rank() == sharers[0] and len(sharers) > 1:
             images.copy_(data.images)
         du.barrier()  # no rank reads the shared copy before it is filled
-        if len(sharers) > 1:
-            log.info("%s: %d images (%.2f GB) held once for the %d ranks of this node", data.name, len(data),
-                     data.images.numel() * data.images.element_size() / 1e9, len(sharers))
+        if len(sharers) == 1:  # alone on its node, or no shared memory: the rank keeps what it loaded
+            shared.append(data)
+            continue
+        log.info("%s: %d images (%.2f GB) held once for the %d ranks of this node", data.name, len(data),
+                 data.images.numel() * data.images.element_size() / 1e9, len(sharers))
         shared.append(replace(data, images=images))
     return shared[0], shared[-1]
 

@@ -5,7 +5,7 @@ one-line error}.
 
 Usage: decode_shards.py FOLDER OUT_DIR GATHER_BLOCK_BYTES
 Environment: NODES, a node name per rank ("a,a,b,b": two nodes of two ranks), to act several nodes on
-one machine; SHARED_MEMORY_DIR, in place of /dev/shm.
+one machine.
 """
 import os
 import sys
@@ -33,7 +33,6 @@ def main(folder: str, out_dir: str, block_bytes: int) -> None:
     data.datasets.load_image_file = counting_load
     if os.environ.get("NODES"):
         du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
-    du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     try:
         train, _ = utils.trainer.decode_once(dataset, dataset, "data.decode_once", dist_info=info,
                                              gather_block_bytes=block_bytes)

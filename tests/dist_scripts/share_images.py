@@ -3,7 +3,9 @@ of the node keep one copy); rank r saves OUT_DIR/rank{r}.pt: {"train"/"eval": th
 set, the ranks whose writes into its images this rank sees}.
 
 Usage: share_images.py CONFIG OUT_DIR [key=value ...]
+Environment: SHARED_MEMORY_DIR, in place of /dev/shm.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from utils.config import load_config
 
 def main(config: str, out_dir: str, overrides: list[str]) -> None:
     info = du.init_distributed("cpu", threads_per_rank=1)
+    du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     datasets = launcher.build_datasets(load_config(config, overrides))
     result = {"train": datasets.train.images.clone(), "eval": datasets.eval.images.clone(), "sees": {}}
     for name, data in (("train", datasets.train), ("eval", datasets.eval)):
