@@ -905,16 +905,26 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, two_pro
     assert_same_weights(tmp_path / "ddp", two_process_run[0])
 
 
+# Two feature passes an epoch (the E-step's and the evaluation's features differ), in small batches.
+FEATURE_PASS_RUN = [str(DEMO), *DDP, "method.pseudo_label_features=online_backbone", "cluster.extract_batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def feature_pass_straight_run(tmp_path_factory) -> Path:
+    """The run directory of an uninterrupted two-process FEATURE_PASS_RUN (made once per module)."""
+    out = tmp_path_factory.mktemp("feature_pass")
+    run_torchrun(REPO_ROOT / "main.py", *FEATURE_PASS_RUN, f"run.output_dir={out}", "run.name=straight", nproc=2)
+    return out / "straight"
+
+
 @pytest.mark.parametrize("stop_in, pending", [("update_pseudo_labels", []), ("evaluate", ["cluster"])])
-def test_a_stop_signal_to_one_rank_during_a_feature_pass_stops_both_at_the_same_batch(tmp_path, stop_in, pending):
+def test_a_stop_signal_to_one_rank_during_a_feature_pass_stops_both_at_the_same_batch(tmp_path, stop_in, pending,
+                                                                                     feature_pass_straight_run):
     # Only rank 1 gets SIGUSR1, after the first batch of its shard in the feature pass of epoch 1's E-step
     # or of epoch 0's evaluation (the two kinds of features differ, so both passes run): both ranks end
     # the pass at the next batch and save epoch 1's start; the resumed run ends with the weights and
     # scores of the uninterrupted one.
-    argv = [str(DEMO), f"run.output_dir={tmp_path}", *DDP, "method.pseudo_label_features=online_backbone",
-            "cluster.extract_batch_size=128"]
-    run_torchrun(REPO_ROOT / "main.py", *argv, "run.name=straight", nproc=2)
-    stopped = [*argv, "run.name=stopped"]
+    stopped = [*FEATURE_PASS_RUN, f"run.output_dir={tmp_path}", "run.name=stopped"]
     proc = run_torchrun(SCRIPTS / "stop_one_rank.py", *stopped, nproc=2, check=False,
                         env={"STOP_RANK": "1", "STOP_IN": stop_in, "STOP_AT_FEATURE_BATCH": "0"})
     assert proc.returncode != 0  # torchrun reports the workers' EXIT_STOPPED as a failure
@@ -923,8 +933,8 @@ def test_a_stop_signal_to_one_rank_during_a_feature_pass_stops_both_at_the_same_
     assert (state["epoch"], state["epoch_step"], state["global_step"], state["pending_evaluations"],
             len(state["rng"])) == (1, 0, 10, pending, 2)
     run_torchrun(REPO_ROOT / "main.py", *stopped, "--resume", "auto", nproc=2)
-    assert_same_weights(tmp_path / "stopped", tmp_path / "straight")
-    assert eval_scores(tmp_path / "stopped") == pytest.approx(eval_scores(tmp_path / "straight"), rel=1e-6)
+    assert_same_weights(tmp_path / "stopped", feature_pass_straight_run)
+    assert eval_scores(tmp_path / "stopped") == pytest.approx(eval_scores(feature_pass_straight_run), rel=1e-6)
 
 
 # Every other single-stage method through the launcher: stopped after one epoch (MoCo, PCL and DEC/IDEC
