@@ -198,9 +198,11 @@ def _no_unlabeled(name: str, parts: tuple[str, ...]) -> None:
         raise ValueError(f"data.stl10_unlabeled: {name} has no unlabeled images (stl10 only)")
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units of (N, C, H, W) uint8 images, in float64 chunks."""
+def channel_stats(images: torch.Tensor, chunk_bytes: int = 32 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of (N, C, H, W) uint8 images, in float64 chunks of at
+    most `chunk_bytes` (4,096 images a chunk were 1.8 GB of temporaries at 96 px)."""
     channels = images.shape[1]
+    chunk = max(1, chunk_bytes // max(1, images[0].numel() * 8)) if len(images) else 1
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     for start in range(0, len(images), chunk):
@@ -480,21 +482,19 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         from torchvision.datasets import STL10
 
         STL10(str(base.parent), split="train", download=True)  # it creates stl10_binary there, as for CIFAR
-    images, labels = [], []
+    image_bytes = 3 * 96 * 96
+    sizes, labels = [], []  # (file, the images kept of it) per part
     for part in parts:
         x_path = base / f"{part}_X.bin"
         if not x_path.is_file():
             raise _missing("stl10", x_path, REFETCH_HINT)
-        pixels = np.fromfile(x_path, dtype=np.uint8)
-        if pixels.size % (3 * 96 * 96):
+        count, remainder = divmod(x_path.stat().st_size, image_bytes)
+        if remainder:
             raise ValueError(f"stl10: {x_path} is not a whole number of 3x96x96 images")
-        pixels = pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
-        count = len(pixels)
-        if cfg.limit:
-            pixels = pixels[:cfg.limit]
-        images.append(np.ascontiguousarray(pixels))
+        kept = min(count, cfg.limit) if cfg.limit else count
+        sizes.append((x_path, kept))
         if part == "unlabeled":
-            labels.append(np.full(len(pixels), -1, dtype=np.int64))
+            labels.append(np.full(kept, -1, dtype=np.int64))
             continue
         y_path = base / f"{part}_y.bin"
         if not y_path.is_file():
@@ -505,8 +505,22 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
                              f"expected one per image; {REFETCH_HINT}")
         if y.size and (y.min() < 1 or y.max() > 10):
             raise ValueError(f"stl10: {y_path} should hold 1-based labels 1..10")
-        labels.append(y[:len(pixels)] - 1)
-    tensor = torch.from_numpy(np.concatenate(images))
+        labels.append(y[:kept] - 1)
+    # Read straight into the one tensor, a block of images at a time: reading each file whole, transposing
+    # it and concatenating the parts held several copies at once (bench/load_memory.py).
+    tensor = torch.empty((sum(kept for _, kept in sizes), 3, 96, 96), dtype=torch.uint8)
+    rows = tensor.numpy()
+    row = 0
+    for x_path, kept in sizes:
+        with open(x_path, "rb") as file:
+            for start in range(0, kept, 1024):
+                count = min(1024, kept - start)
+                block = np.fromfile(file, dtype=np.uint8, count=count * image_bytes)
+                if block.size != count * image_bytes:
+                    raise ValueError(f"stl10: {x_path} ended while it was read; {REFETCH_HINT}")
+                block = block.reshape(count, 3, 96, 96)
+                rows[row:row + count] = block.transpose(0, 1, 3, 2)  # stored column-major per channel
+                row += count
     names_file = base / "class_names.txt"
     names = names_file.read_text(encoding="utf-8").split() if names_file.is_file() else list(STL10_CLASSES)
     labeled = tensor[: sum(len(y) for y, p in zip(labels, parts) if p != "unlabeled")]

@@ -326,6 +326,21 @@ def test_decode_bench_times_both_ways_on_two_ranks_and_checks_the_copies_agree(t
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --files must be >= 1, got 0"
 
 
+def test_load_memory_bench_loads_stl10_both_ways_and_checks_they_agree(tmp_path):
+    # The bench exits non-zero if the two ways load different images.
+    out = _run_bench("load_memory.py", "--labeled", "26", "--unlabeled", "20", "--repeats", "1",
+                     "--folder", str(tmp_path))
+    assert "46 STL-10 images, 1.3 MB; medians of 1" in out
+    growths = re.findall(r"peak memory +(\d+\.\d\d)x the images +\d+\.\d\d s", out)
+    ratio = re.search(r"ratio, the loader / the loader before: (\d+\.\d\d)", out)
+    assert len(growths) == 2 and ratio, out
+    assert sorted(p.name for p in (tmp_path / "26_20" / "stl10_binary").iterdir()) == [
+        "test_X.bin", "test_y.bin", "train_X.bin", "train_y.bin", "unlabeled_X.bin"]
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "load_memory.py"), "--labeled", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --labeled must be >= 2, got 1"
+
+
 def test_every_config_check_runs_each_config_small_and_names_the_ones_that_fail(tmp_path, capsys):
     check = load_script(REPO_ROOT / "bench" / "every_config.py")
     argv = ["--data", str(SHARED_DATA), "--out", str(tmp_path)]

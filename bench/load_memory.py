@@ -1,0 +1,123 @@
+"""Peak memory of loading STL-10's binaries into memory (`data.name=stl10`, with the unlabeled images):
+the loader (data.datasets: each file read in blocks straight into one tensor, the channel statistics
+in 32 MB chunks) against the loader before (each file read whole, transposed and the parts
+concatenated, the statistics in chunks of 4,096 images), each in a process of its own, alternating.
+
+    python bench/load_memory.py                          # 13,000 labelled + 10,000 unlabeled images
+    python bench/load_memory.py --unlabeled 100000       # STL-10's real counts (3.1 GB)
+
+The binaries are random pixels in STL-10's layout, made once under --folder. Each child reports the
+growth of its peak resident memory (ru_maxrss) over the load, after its imports; the table gives
+them as multiples of the images' bytes, with the seconds, and checks the two tensors are equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+IMAGE_BYTES = 3 * 96 * 96
+
+
+def make_binaries(base: Path, labeled: int, unlabeled: int) -> None:
+    """train/test/unlabeled _X.bin (and the label files) of random pixels, unless they are there."""
+    counts = {"train": labeled * 5 // 13, "test": labeled - labeled * 5 // 13, "unlabeled": unlabeled}
+    if all((base / f"{part}_X.bin").is_file() and (base / f"{part}_X.bin").stat().st_size == n * IMAGE_BYTES
+           for part, n in counts.items()):
+        return
+    base.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for part, n in counts.items():
+        with open(base / f"{part}_X.bin", "wb") as file:
+            for start in range(0, n, 1000):
+                rng.integers(0, 256, (min(1000, n - start), IMAGE_BYTES), dtype=np.uint8).tofile(file)
+        if part != "unlabeled":
+            rng.integers(1, 11, n).astype(np.uint8).tofile(base / f"{part}_y.bin")
+
+
+def load_whole_files(base: Path):
+    """The loader before: each file read whole, transposed into a contiguous copy, the parts concatenated;
+    the labelled images' channel statistics in float64 chunks of 4,096 images."""
+    import torch
+
+    from data.datasets import channel_stats
+
+    images, labeled = [], 0
+    for part in ("train", "test", "unlabeled"):
+        pixels = np.fromfile(base / f"{part}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+        images.append(np.ascontiguousarray(pixels))
+        labeled += len(pixels) if part != "unlabeled" else 0
+    tensor = torch.from_numpy(np.concatenate(images))
+    channel_stats(tensor[:labeled], chunk_bytes=4096 * IMAGE_BYTES * 8)
+    return tensor
+
+
+def child(way: str, root: str) -> None:
+    import torch
+
+    from data.config import DataConfig
+    from data.datasets import build_train_dataset
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if way == "loader":
+        images = build_train_dataset(DataConfig(name="stl10", root=root, stl10_unlabeled=True)).images
+    else:
+        images = load_whole_files(Path(root) / "stl10_binary")
+    seconds = time.perf_counter() - start
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    # Position-weighted, so that pixels in the wrong places (a transposition) change it too.
+    sample = torch.cat([images[::97], images[-1:]]).reshape(-1).to(torch.int64)
+    digest = int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum())
+    print(json.dumps({"bytes": images.numel(), "growth": growth, "seconds": seconds, "digest": digest}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--labeled", type=int, default=13000, help="train + test images (5:8, as STL-10's)")
+    parser.add_argument("--unlabeled", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "bench_stl10"),
+                        help="where the binaries are made (kept, and reused by a later run of the same size)")
+    parser.add_argument("--child", choices=("loader", "whole"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.folder)
+        return
+    for name, least in (("labeled", 2), ("unlabeled", 0), ("repeats", 1)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"error: --{name} must be >= {least}, got {getattr(args, name)}")
+    root = Path(args.folder) / f"{args.labeled}_{args.unlabeled}"
+    make_binaries(root / "stl10_binary", args.labeled, args.unlabeled)
+    runs: dict[str, list[dict]] = {"loader": [], "whole": []}
+    for _ in range(args.repeats):
+        for way in runs:
+            out = subprocess.run([sys.executable, __file__, "--child", way, "--folder", str(root)],
+                                 capture_output=True, text=True, check=True).stdout
+            runs[way].append(json.loads(out.strip().splitlines()[-1]))
+    if len({run["digest"] for way in runs.values() for run in way}) != 1:
+        raise SystemExit("error: the two ways loaded different images")
+    size = runs["loader"][0]["bytes"]
+    print(f"{args.labeled + args.unlabeled} STL-10 images, {size / 1e6:.1f} MB; medians of {args.repeats}")
+    medians = {}
+    for way, label in (("whole", "the loader before"), ("loader", "the loader, in blocks")):
+        growth = statistics.median(run["growth"] for run in runs[way]) / size
+        seconds = statistics.median(run["seconds"] for run in runs[way])
+        medians[way] = growth
+        print(f"  {label:22s} peak memory {growth:5.2f}x the images   {seconds:6.2f} s")
+    print(f"  ratio, the loader / the loader before: {medians['loader'] / medians['whole']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
