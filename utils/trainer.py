@@ -181,8 +181,9 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
             writes = rank == sharers[0]
             du.all_gather_shards_into(images, dist_info.device, block_bytes=gather_block_bytes,
                                       present=sharers if writes else range(world))
-            if len(sharers) > 1:
-                du.barrier()  # no rank reads the shared copy before its writer has filled it
+            # No rank reads a shared copy before its writer has filled it. Every rank waits, a rank alone
+            # on its node too: a barrier that only some ranks entered would pair with a later one.
+            du.barrier()
         decoded.append(replace(data, images=images))
     return decoded[0], decoded[-1]
 
