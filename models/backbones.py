@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet
 
 from utils.registry import Registry
 
@@ -31,6 +30,10 @@ class ResNetTrunk(nn.Module):
     max-pool for a 3x3/1 conv (32 px images keep their resolution into layer1)."""
 
     def __init__(self, depth: int, *, in_channels: int, norm: str, cifar_stem: bool):
+        # Imported here, not with the module: importing torchvision imports torch._dynamo (2.5 s a process
+        # on a 2-core CPU), which a run without a ResNet or per-sample transforms never needs.
+        from torchvision.models import resnet
+
         super().__init__()
         builders = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50}
         net = builders[depth](weights=None, norm_layer=norm2d(norm))
