@@ -37,16 +37,18 @@ def test_all_gather_rows_single_process_is_identity():
         du.all_gather_rows(x, 6)
 
 
-@pytest.mark.parametrize("n,batch,shuffle", [(301, 32, []), (3, 2, []), (301, 32, [7])])
-def test_feature_extraction_two_ranks_equals_one_process(tmp_path, n, batch, shuffle):
+def test_feature_extraction_two_ranks_equals_one_process(tmp_path):
     # N is not a multiple of 2 x batch: a padded DistributedSampler would duplicate rows; we must not.
     # N=3 on 2 ranks leaves rank 1 one row of a two-row shard. A shuffled pass (DCCM's) visits other
-    # batches on each rank, but its rows come back in dataset order all the same.
-    run_one_process(SCRIPTS / "extract_features.py", tmp_path / "one.pt", n, batch, *shuffle)
-    run_torchrun(SCRIPTS / "extract_features.py", tmp_path / "two.pt", n, batch, *shuffle, nproc=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one.shape == two.shape == (n, 512)
-    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+    # batches on each rank, but its rows come back in dataset order all the same. The cases share a run.
+    cases = [(301, 32, None), (3, 2, None), (301, 32, 7)]
+    args = [":".join(str(v) for v in case if v is not None) for case in cases]
+    run_one_process(SCRIPTS / "extract_features.py", tmp_path, "one", *args)
+    run_torchrun(SCRIPTS / "extract_features.py", tmp_path, "two", *args, nproc=2)
+    for n, batch, seed in cases:
+        one, two = (torch.load(tmp_path / f"{prefix}_{n}_{batch}_{seed}.pt") for prefix in ("one", "two"))
+        assert one.shape == two.shape == (n, 512)
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5, msg=f"N={n}, batch {batch}, shuffle seed {seed}")
 
 
 def test_a_shuffled_feature_pass_sees_mixed_near_equal_batches_and_returns_rows_in_dataset_order():
