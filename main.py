@@ -421,6 +421,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     from utils.stop import EXIT_STOPPED
 
     dist_info = start_distributed(cfg)
+    setup_logging(dist_info.rank, None)  # the console, until set_up_run adds train.log: the data's lines
     run_dir = prepare_run_dir(cfg, args.resume)
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
