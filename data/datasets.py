@@ -198,60 +198,64 @@ def _no_unlabeled(name: str, parts: tuple[str, ...]) -> None:
         raise ValueError(f"data.stl10_unlabeled: {name} has no unlabeled images (stl10 only)")
 
 
-def channel_stats(images: torch.Tensor, chunk_bytes: int = 32 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
+class ChannelMoments:
+    """Per-channel sums of [0, 1] pixel values and their squares, added a block of images at a time,
+    so that the statistics of a set need never hold it whole, nor it in float64."""
+
+    def __init__(self, channels: int, chunk_bytes: int = 8 << 20):
+        self.chunk_bytes = chunk_bytes
+        self.total = torch.zeros(channels, dtype=torch.float64)
+        self.total_sq = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, images: torch.Tensor) -> None:
+        """Add (N, C, H, W) uint8 images (any strides), in float64 chunks of at most `chunk_bytes`."""
+        chunk = max(1, self.chunk_bytes // max(1, images[0].numel() * 8)) if len(images) else 1
+        for start in range(0, len(images), chunk):
+            block = images[start:start + chunk].to(torch.float64).div_(255.0)
+            self.total += block.sum(dim=(0, 2, 3))
+            self.total_sq += block.square().sum(dim=(0, 2, 3))
+        self.count += len(images) * images.shape[2] * images.shape[3]
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean = self.total / max(1, self.count)
+        std = (self.total_sq / max(1, self.count) - mean.square()).clamp_min(1e-12).sqrt()
+        return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def channel_stats(images: torch.Tensor, chunk_bytes: int = 8 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units of (N, C, H, W) uint8 images, in float64 chunks of at
     most `chunk_bytes` (4,096 images a chunk were 1.8 GB of temporaries at 96 px)."""
-    channels = images.shape[1]
-    chunk = max(1, chunk_bytes // max(1, images[0].numel() * 8)) if len(images) else 1
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].to(torch.float64).div_(255.0)
-        total += block.sum(dim=(0, 2, 3))
-        total_sq += block.square().sum(dim=(0, 2, 3))
-    count = len(images) * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
-def _to_nchw(array: np.ndarray, what: str) -> torch.Tensor:
-    """(N, H, W) or (N, H, W, C) uint8 -> contiguous (N, C, H, W) uint8 tensor."""
-    if array.dtype != np.uint8:
-        raise ValueError(f"{what}: expected uint8 images, got {array.dtype}")
-    if array.ndim == 3:
-        array = array[:, None]
-    elif array.ndim == 4 and array.shape[-1] in (1, 3):
-        array = array.transpose(0, 3, 1, 2)
-    else:
-        raise ValueError(f"{what}: expected (N, H, W) or (N, H, W, C) with C in (1, 3), got {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    moments = ChannelMoments(images.shape[1], chunk_bytes)
+    moments.add(images)
+    return moments.mean_std()
 
 
 def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *, mode: str = "RGB",
                      num_threads: int | None = None) -> np.ndarray:
     """Decode images `rows` of a JPEG pack (image i is jpeg[offsets[i]:offsets[i+1]]) with Pillow,
-    in a thread pool (Pillow releases the GIL while decoding). Returns (len(rows), H, W, C) uint8."""
+    in a thread pool (Pillow releases the GIL while decoding), straight into channels-first rows:
+    (len(rows), C, H, W) uint8, with no second, transposed copy."""
     from PIL import Image
 
     def decode(i: int) -> np.ndarray:
         raw = jpeg[offsets[i]:offsets[i + 1]].tobytes()
         with Image.open(io.BytesIO(raw)) as image:
-            return np.asarray(image.convert(mode))
+            pixels = np.asarray(image.convert(mode))
+        return pixels[..., None] if pixels.ndim == 2 else pixels
 
     if len(rows) == 0:
         raise ValueError("decode_jpeg_rows: no rows to decode")
     first = decode(int(rows[0]))
-    first = first[..., None] if first.ndim == 2 else first
-    out = np.empty((len(rows), *first.shape), dtype=np.uint8)
-    out[0] = first
+    out = np.empty((len(rows), first.shape[2], *first.shape[:2]), dtype=np.uint8)
+    out[0] = first.transpose(2, 0, 1)
 
     def decode_range(start: int, stop: int) -> None:
         for k in range(start, stop):
             image = decode(int(rows[k]))
-            if image.shape[:2] != first.shape[:2]:
+            if image.shape != first.shape:
                 raise ValueError(f"JPEG row {rows[k]} is {image.shape[:2]}, the first is {first.shape[:2]}")
-            out[k] = image.reshape(first.shape)
+            out[k] = image.transpose(2, 0, 1)
 
     threads = max(1, min(num_threads or os.cpu_count() or 1, 16))
     bounds = np.linspace(1, len(rows), threads + 1).astype(int)
@@ -259,6 +263,116 @@ def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *,
         for future in [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
             future.result()
     return out
+
+
+NPZ_BLOCK_BYTES = 8 << 20  # an npz array is read this much at a time (bench/load_memory.py --format npz)
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _open_npz_images(archive, key: str, what: str):
+    """(source, stored shape) of the image array `key` of an open npz. `source` is the array's stream just
+    past its .npy header, so that rows can be read a block at a time without loading the array, or, where
+    numpy's public header readers do not cover its layout (Fortran order, format 3.0), the array read
+    whole. Images must be (N, H, W) or (N, H, W, C) uint8 with C in (1, 3)."""
+    member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+    stream = archive.zip.open(member)
+    version = np.lib.format.read_magic(stream)
+    if version in _NPY_HEADER_READERS:
+        shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+    source = stream
+    if version not in _NPY_HEADER_READERS or fortran_order:
+        stream.close()
+        source = archive[key]
+        shape, dtype = source.shape, source.dtype
+    problem = None
+    if dtype != np.uint8:
+        problem = f"expected uint8 images, got {dtype}"
+    elif not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
+        problem = f"expected (N, H, W) or (N, H, W, C) with C in (1, 3), got {shape}"
+    if problem is not None:
+        stream.close()
+        raise ValueError(f"{what}: {key}: {problem}")
+    return source, tuple(shape)
+
+
+def _npz_image_shape(archive, key: str, what: str) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of the image array `key` of an open npz, from its header."""
+    source, shape = _open_npz_images(archive, key, what)
+    if not isinstance(source, np.ndarray):
+        source.close()
+    return (shape[0], shape[3] if len(shape) == 4 else 1, shape[1], shape[2])
+
+
+def _npz_image_blocks(archive, key: str, what: str, stop: int, block_bytes: int | None = None):
+    """Yield rows [0, stop) of the image array `key` of an open npz as (n, C, H, W) uint8 tensor views of
+    writable blocks of at most `block_bytes` (default NPZ_BLOCK_BYTES), read in order from the file."""
+    source, shape = _open_npz_images(archive, key, what)
+    row_bytes = int(np.prod(shape[1:]))
+    rows_per_block = max(1, (block_bytes or NPZ_BLOCK_BYTES) // max(1, row_bytes))
+    try:
+        for start in range(0, stop, rows_per_block):
+            count = min(rows_per_block, stop - start)
+            if isinstance(source, np.ndarray):
+                block = source[start:start + count]
+            else:
+                buffer = bytearray(count * row_bytes)
+                read = source.readinto(buffer)
+                if read != len(buffer):
+                    raise ValueError(f"{what}: {key} ended after {start + read // row_bytes} of its {shape[0]} "
+                                     "images; the file is truncated")
+                block = np.frombuffer(buffer, dtype=np.uint8).reshape(count, *shape[1:])
+            tensor = torch.from_numpy(block)
+            yield tensor.unsqueeze(1) if block.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    finally:
+        if not isinstance(source, np.ndarray):
+            source.close()
+
+
+def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, limit: int,
+                     stats: tuple[tuple[float, ...], tuple[float, ...]] | None):
+    """(images, labels, stats) of the x_PART / y_PART arrays of an open npz: the parts' rows in order, the
+    first `limit` (0: all), read a block at a time straight into one channels-first tensor (loading each
+    array whole, transposing it and concatenating the parts held three copies at once). `stats` None: the
+    channel statistics of every image of the file (x_train and x_test), so train and test normalise alike."""
+    what = str(path)
+    keys = set(archive.files)
+    for part in parts:
+        if f"x_{part}" not in keys or f"y_{part}" not in keys:
+            raise ValueError(f"{name}: {path} has no x_{part}/y_{part} arrays (keys: {sorted(keys)})")
+    every = [key for key in ("x_train", "x_test") if key in keys]
+    wanted = [f"x_{part}" for part in parts] + (every if stats is None else [])
+    shapes = {key: _npz_image_shape(archive, key, what) for key in dict.fromkeys(wanted)}
+    if len({shape[1:] for shape in shapes.values()}) > 1:
+        raise ValueError(f"{name}: {path}: the images of " + " and ".join(
+            f"{key} are {'x'.join(map(str, shape[1:]))} (C x H x W)" for key, shape in shapes.items())
+            + "; every array must hold images of one shape")
+    kept, labels, remaining = [], [], limit or sum(shapes[f"x_{part}"][0] for part in parts)
+    for part in parts:
+        y = archive[f"y_{part}"]
+        if y.shape != (shapes[f"x_{part}"][0],):
+            raise ValueError(f"{name}: {path}: y_{part} has shape {y.shape}, expected one label per image of "
+                             f"x_{part} ({shapes[f'x_{part}'][0]},)")
+        kept.append(min(remaining, len(y)))
+        labels.append(y[:kept[-1]].astype(np.int64))
+        remaining -= kept[-1]
+    images = torch.empty((sum(kept), *next(iter(shapes.values()))[1:]), dtype=torch.uint8)
+    moments = ChannelMoments(images.shape[1]) if stats is None else None
+    row = 0
+    for part, count in zip(parts, kept):
+        key = f"x_{part}"
+        start = 0
+        # the statistics read every image of the array; otherwise only the rows kept are read
+        for block in _npz_image_blocks(archive, key, what, shapes[key][0] if moments else count):
+            take = max(0, min(len(block), count - start))
+            images[row:row + take] = block[:take]
+            row, start = row + take, start + len(block)
+            if moments is not None:
+                moments.add(block)
+    for key in every if moments is not None else []:
+        if key not in (f"x_{part}" for part in parts):
+            for block in _npz_image_blocks(archive, key, what, shapes[key][0]):
+                moments.add(block)
+    return images, torch.from_numpy(np.concatenate(labels)), (moments.mean_std() if moments else stats)
 
 
 def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
@@ -277,23 +391,12 @@ def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
                 rows = rows[:limit]
             if len(rows) == 0:
                 raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
-            pixels = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows)
-            images = _to_nchw(pixels, str(path))
+            images = torch.from_numpy(decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows))
             labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
             if stats is None:
                 stats = channel_stats(images)
         else:
-            arrays_x, arrays_y = [], []
-            for part in parts:
-                if f"x_{part}" not in keys or f"y_{part}" not in keys:
-                    raise ValueError(f"{name}: {path} has no x_{part}/y_{part} arrays (keys: {sorted(keys)})")
-                arrays_x.append(archive[f"x_{part}"])
-                arrays_y.append(archive[f"y_{part}"])
-            if stats is None:  # over every image of the file, so train and test sets normalise alike
-                every = [_to_nchw(archive[k], str(path)) for k in ("x_train", "x_test") if k in keys]
-                stats = channel_stats(torch.cat(every))
-            images = _to_nchw(np.concatenate(arrays_x), str(path))
-            labels = torch.from_numpy(np.concatenate(arrays_y).astype(np.int64))
+            images, labels, stats = _load_npz_arrays(archive, path, parts, name=name, limit=limit, stats=stats)
     if labels.numel() and labels.min() < 0:
         raise ValueError(f"{name}: {path} has negative labels")
     num_classes = len(classes) if classes is not None else int(labels.max()) + 1

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,7 +327,7 @@ def test_decode_bench_times_both_ways_on_two_ranks_and_checks_the_copies_agree(t
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --files must be >= 1, got 0"
 
 
-def test_load_memory_bench_loads_stl10_both_ways_and_checks_they_agree(tmp_path):
+def test_load_memory_bench_loads_stl10_and_an_npz_both_ways_and_checks_they_agree(tmp_path):
     # The bench exits non-zero if the two ways load different images.
     out = _run_bench("load_memory.py", "--labeled", "26", "--unlabeled", "20", "--repeats", "1",
                      "--folder", str(tmp_path))
@@ -336,6 +337,11 @@ def test_load_memory_bench_loads_stl10_both_ways_and_checks_they_agree(tmp_path)
     assert len(growths) == 2 and ratio, out
     assert sorted(p.name for p in (tmp_path / "26_20" / "stl10_binary").iterdir()) == [
         "test_X.bin", "test_y.bin", "train_X.bin", "train_y.bin", "unlabeled_X.bin"]
+    out = _run_bench("load_memory.py", "--format", "npz", "--labeled", "30", "--repeats", "1", "--folder", str(tmp_path))
+    assert "30 images in an npz, 0.4 MB; medians of 1" in out
+    assert len(re.findall(r"peak memory +(\d+\.\d\d)x the images +\d+\.\d\d s", out)) == 2, out
+    with np.load(tmp_path / "images_30.npz") as archive:
+        assert archive["x_train"].shape == (25, 64, 64, 3) and archive["x_test"].shape == (5, 64, 64, 3)
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "load_memory.py"), "--labeled", "1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --labeled must be >= 2, got 1"

@@ -4,6 +4,7 @@ import io
 import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data import datasets
 from data.config import DataConfig
 from data.datasets import (CIFAR10_STATS, CIFAR100_FINE_TO_COARSE, CIFAR100_SUPERCLASSES, DATASETS, MNIST_STATS,
                            ImageData, build_dataset, build_eval_dataset, build_train_dataset, channel_stats,
@@ -195,6 +197,62 @@ def test_npz_generic_arrays(tmp_path):
     assert data.channels == 1 and np.array_equal(data.images[:, 0].numpy(), x_train[..., 0])
     with pytest.raises(ValueError, match=r"no x_test/y_test"):
         build_dataset(DataConfig(name="npz", root=str(gray)), split="test")
+
+
+def test_npz_arrays_are_read_in_blocks_into_the_rows_numpy_reads(mnist_npz, shared_data):
+    # the shared MNIST file as a generic npz: x_train is 47 MB, two 32 MB blocks; the statistics are
+    # those of every image of the file, also when only some are loaded
+    root = str(shared_data / "mnist.npz")
+    everything = np.concatenate([mnist_npz["x_train"], mnist_npz["x_test"]]).astype(np.float64) / 255
+    n_train = len(mnist_npz["x_train"])
+    for split, limit, rows in (("train+test", 0, slice(None)), ("train+test", n_train + 5, slice(0, n_train + 5)),
+                               ("test", 7, slice(n_train, n_train + 7))):
+        data = build_dataset(DataConfig(name="npz", root=root, limit=limit), split=split)
+        assert np.array_equal(data.images[:, 0].numpy(), (everything[rows] * 255).round().astype(np.uint8))
+        assert data.labels.tolist() == np.concatenate([mnist_npz["y_train"], mnist_npz["y_test"]])[rows].tolist()
+        assert data.mean[0] == pytest.approx(everything.mean(), rel=1e-9)
+        assert data.std[0] == pytest.approx(everything.std(), rel=1e-9)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_arrays_of_every_layout_read_in_blocks(tmp_path, save, monkeypatch):
+    monkeypatch.setattr(datasets, "NPZ_BLOCK_BYTES", 1000)  # 5 of these 192-byte images a block
+    x_train, x_test = _smooth_images(50, 8, 3, seed=4), _smooth_images(9, 8, 3, seed=5)
+    y_train, y_test = np.arange(50, dtype=np.uint8) % 4, np.arange(9, dtype=np.uint8) % 4
+    for layout, train in (("c", x_train), ("fortran", np.asfortranarray(x_train)), ("gray", x_train[..., 1])):
+        path = tmp_path / f"{layout}.npz"
+        save(path, x_train=train, y_train=y_train, x_test=x_test[..., 1] if layout == "gray" else x_test,
+             y_test=y_test)
+        data = build_dataset(DataConfig(name="npz", root=str(path), limit=53), split="train+test")
+        expected = np.concatenate([train, x_test[..., 1] if layout == "gray" else x_test])
+        expected = expected[..., None] if layout == "gray" else expected
+        assert np.array_equal(data.images.permute(0, 2, 3, 1).numpy(), expected[:53]), layout
+        assert data.labels.tolist() == np.concatenate([y_train, y_test])[:53].tolist()
+        assert data.mean == pytest.approx(tuple(expected.reshape(len(expected), -1, expected.shape[-1])
+                                                .mean((0, 1)) / 255), rel=1e-9)
+
+
+def test_bad_npz_arrays_are_one_line_errors(tmp_path):
+    images = _smooth_images(6, 8, 3)
+    path = tmp_path / "shapes.npz"
+    np.savez(path, x_train=images, y_train=np.zeros(6, np.uint8), x_test=images[:, :4], y_test=np.zeros(6, np.uint8))
+    with pytest.raises(ValueError, match=r"^shapes: .*shapes.npz: the images of x_train are 3x8x8 \(C x H x W\) and "
+                                         r"x_test are 3x4x8 \(C x H x W\); every array must hold images of one shape$"):
+        build_dataset(DataConfig(name="npz", root=str(path)), split="train")  # the statistics read both
+    np.savez(path, x_train=images, y_train=np.zeros(5, np.uint8))
+    with pytest.raises(ValueError, match=r"y_train has shape \(5,\), expected one label per image of x_train \(6,\)$"):
+        build_dataset(DataConfig(name="npz", root=str(path)), split="train")
+    np.savez(path, x_train=images.astype(np.float32), y_train=np.zeros(6, np.uint8))
+    with pytest.raises(ValueError, match=r"shapes.npz: x_train: expected uint8 images, got float32$"):
+        build_dataset(DataConfig(name="npz", root=str(path)), split="train")
+    # an array whose bytes end before its header's count (a copy cut short)
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in (("x_train", images), ("y_train", np.zeros(6, np.uint8))):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{key}.npy", buffer.getvalue()[:-100] if key == "x_train" else buffer.getvalue())
+    with pytest.raises(ValueError, match=r"shapes.npz: x_train ended after 5 of its 6 images; the file is truncated$"):
+        build_dataset(DataConfig(name="npz", root=str(path)), split="train")
 
 
 def test_npz_jpeg_pack_orders_train_rows_then_test_rows(tmp_path):
