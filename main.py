@@ -101,19 +101,21 @@ def start_distributed(cfg):
 
 def build_datasets(cfg) -> Datasets:
     """The train and eval datasets from the config; a missing or malformed dataset is a one-line error.
+    Collective in a distributed run: sets held in memory are loaded by one rank per node, into one copy
+    its ranks share (`utils.trainer.load_once_per_node`).
 
     Called before the run directory is created, so that bad data never leaves a run directory behind."""
-    from data.datasets import build_eval_dataset, build_train_dataset
-    from utils.trainer import share_images_on_node
+    from data.datasets import FILE_BACKED_DATASETS, build_eval_dataset, build_train_dataset
+    from utils.trainer import load_once_per_node
 
+    same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
+    builds = [lambda: build_train_dataset(cfg.data)] + ([] if same_rows else [lambda: build_eval_dataset(cfg.data)])
     try:
-        train_data = build_train_dataset(cfg.data)
-        same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
-        eval_data = train_data if same_rows else build_eval_dataset(cfg.data)
+        sets = ([build() for build in builds] if cfg.data.name in FILE_BACKED_DATASETS
+                else load_once_per_node(builds))
+        return Datasets(sets[0], sets[-1])
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
         raise SystemExit(f"error: data: {exc}") from None
-    # Every rank has loaded the images; the ranks of a node keep one copy (collective).
-    return Datasets(*share_images_on_node(train_data, eval_data))
 
 
 class Checkpoint(NamedTuple):

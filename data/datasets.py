@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 Builder = Callable[[DataConfig, tuple[str, ...]], "ImageData"]
 DATASETS: Registry[Builder] = Registry("dataset")
+# Builders that list image files rather than load images: every rank of a run lists them itself. The
+# others load into memory, once per node in a distributed run (utils.trainer.load_once_per_node).
+FILE_BACKED_DATASETS = frozenset({"imagefolder"})
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

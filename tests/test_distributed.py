@@ -201,12 +201,15 @@ def test_a_rank_that_does_not_see_its_nodes_shared_file_keeps_its_own_copy(tmp_p
     assert other.read_bytes() == token + b"x" * 47 + b"y"  # the same memory as the file's
 
 
-@pytest.mark.parametrize("shared_memory, sharing", [(None, [[0, 1], [0, 1]]), ("missing", [[0], [1]])],
-                         ids=["shared", "no-shared-memory"])
-def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path, shared_memory, sharing):
-    """Two ranks load 64 training and 64 test digits each (two sets); each set ends as one copy that both
-    map (each sees the other's writes), equal to what one process loads; nothing is left in /dev/shm.
-    Without shared memory each rank keeps the images it loaded."""
+@pytest.mark.parametrize("env, sharing, loads", [({}, [[0, 1], [0, 1]], [2, 0]),
+                                                  ({"SHARED_MEMORY_DIR": "missing"}, [[0], [1]], [2, 2]),
+                                                  ({"NODES": "a,a,b"}, [[0, 1], [0, 1], [2]], [2, 0, 2])],
+                         ids=["shared", "no-shared-memory", "two-nodes"])
+def test_in_memory_images_are_loaded_once_per_node_and_equal_one_processs(tmp_path, env, sharing, loads):
+    """Two ranks need 64 training and 64 test digits (two sets): rank 0 loads them, and each set ends as
+    one copy that both map (each sees the other's writes), equal to what one process loads; nothing is
+    left in /dev/shm. Without shared memory rank 1 loads its own; with three ranks acting nodes of two
+    and one, the third loads for its node."""
     import main as launcher
     from data.datasets import shared_data_dir
     from utils.config import load_config
@@ -216,14 +219,26 @@ def test_in_memory_images_are_held_once_per_node_and_equal_one_processs(tmp_path
     config = REPO_ROOT / "config" / "mnist_cnn_propos.yml"
     oracle = launcher.build_datasets(load_config(config, overrides))
     before = shared_memory_files()
-    env = {"SHARED_MEMORY_DIR": str(tmp_path / shared_memory)} if shared_memory else {}
-    run_torchrun(SCRIPTS / "share_images.py", config, tmp_path, *overrides, nproc=2, env=env)
-    for r in range(2):
+    env = {key: str(tmp_path / value) if key == "SHARED_MEMORY_DIR" else value for key, value in env.items()}
+    run_torchrun(SCRIPTS / "share_images.py", config, tmp_path, *overrides, nproc=len(sharing), env=env)
+    for r in range(len(sharing)):
         rank = torch.load(tmp_path / f"rank{r}.pt")
         assert torch.equal(rank["train"], oracle.train.images) and torch.equal(rank["eval"], oracle.eval.images)
         assert rank["sees"] == {"train": sharing[r], "eval": sharing[r]}
+        assert len(rank["loads"]) == loads[r]
     assert not torch.equal(oracle.train.images, oracle.eval.images)
     assert shared_memory_files() == before
+
+
+def test_data_the_loading_rank_cannot_read_stops_every_rank_with_its_line(tmp_path):
+    """Only rank 0 reads the file; rank 1 learns of the failure from it rather than waiting for images."""
+    missing = tmp_path / "no_such.npz"
+    run_torchrun(SCRIPTS / "share_images.py", REPO_ROOT / "config" / "mnist_cnn_propos.yml", tmp_path,
+                 "data.name=npz", f"data.root={missing}", nproc=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["error"].startswith(f"error: data: no_such: {missing} "
+                                                                                   "not found; set data.root")
+    assert [len(rank["loads"]) for rank in ranks] == [1, 0]
 
 
 def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder):

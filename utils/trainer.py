@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -94,29 +94,51 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def share_images_on_node(train_data: ImageData, eval_data: ImageData) -> tuple[ImageData, ImageData]:
-    """(train, eval) with their in-memory images (every rank has loaded the same) moved into one copy per
-    node that the node's ranks share (`du.node_shared_empty`), in place of a copy per rank: the lowest
-    rank of each node copies its images in and the others drop theirs once it has. File-backed sets, and
-    every set in one process, are returned as they are. Collective."""
+def load_once_per_node(builds: Sequence[Callable[[], ImageData]]) -> list[ImageData]:
+    """[build() for build in builds], for sets held in memory, each loaded by one rank per node into one
+    copy that the node's ranks share (`du.node_shared_empty`), in place of a load and a copy per rank.
+    In turn for each set: the lowest rank of each node calls build() and copies the images in (its own
+    copy goes before the next set loads); the others take the set's labels, names and statistics from
+    it and map the copy. A rank that cannot map its node's copy (no shared memory, or a /dev/shm of its
+    own), and every rank for a set that build() gives as files, call build() themselves. An error a
+    build() raises on a node's first rank is raised on every rank, as a ValueError with the lowest such
+    rank's message, so no rank waits for the others. In one process: the builds. Collective."""
     if du.get_world_size() == 1:
-        return train_data, eval_data
-    shared = []
-    for data in (train_data, eval_data) if eval_data is not train_data else (train_data,):
-        if data.images is None:
-            shared.append(data)
-            continue
-        images, sharers = du.node_shared_empty(tuple(data.images.shape), data.images.dtype)
-        if du.get_rank() == sharers[0] and len(sharers) > 1:
-            images.copy_(data.images)
-        du.barrier()  # no rank reads the shared copy before it is filled
-        if len(sharers) == 1:  # alone on its node, or no shared memory: the rank keeps what it loaded
-            shared.append(data)
-            continue
-        log.info("%s: %d images (%.2f GB) held once for the %d ranks of this node", data.name, len(data),
-                 data.images.numel() * data.images.element_size() / 1e9, len(sharers))
-        shared.append(replace(data, images=images))
-    return shared[0], shared[-1]
+        return [build() for build in builds]
+    rank = du.get_rank()
+    nodes = du.all_gather_object(du.node_name())
+    first = min(r for r, node in enumerate(nodes) if node == nodes[rank])
+    sets = []
+    for build in builds:
+        loaded, report = None, None  # report: the set the node's first rank loaded, without its images
+        if rank == first:
+            try:
+                loaded = build()
+                report = {**{f.name: getattr(loaded, f.name) for f in fields(loaded) if f.name != "images"},
+                          "images": None if loaded.images is None else tuple(loaded.images.shape)}
+            except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+                report = str(exc)
+        reports = du.all_gather_object(report)
+        failure = next((r for r in reports if isinstance(r, str)), None)
+        if failure is not None:
+            raise ValueError(failure)
+        described = reports[first]
+        if described["images"] is None:
+            images, sharers = None, (rank,)
+        else:
+            images, sharers = du.node_shared_empty(described["images"], torch.uint8)
+            if rank == first and len(sharers) > 1:
+                images.copy_(loaded.images)
+                loaded = None  # its memory goes now, before the next set loads
+            du.barrier()  # no rank reads the shared copy before it is filled
+        if first in sharers and len(sharers) > 1:
+            if rank == first:
+                log.info("%s: %d images (%.2f GB) loaded once for the %d ranks of this node", described["name"],
+                         described["images"][0], images.numel() / 1e9, len(sharers))
+            sets.append(ImageData(**{**described, "images": images}))
+        else:
+            sets.append(loaded if loaded is not None else build())
+    return sets
 
 
 def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo,

@@ -1,9 +1,11 @@
-"""Build a run's datasets (main.build_datasets: every rank loads the in-memory images, and the ranks
-of the node keep one copy); rank r saves OUT_DIR/rank{r}.pt: {"train"/"eval": the images, "sees": per
-set, the ranks whose writes into its images this rank sees}.
+"""Build a run's datasets (main.build_datasets: the node's first rank loads the in-memory images, and
+the ranks of the node share its copy); rank r saves OUT_DIR/rank{r}.pt: {"train"/"eval": the images,
+"sees": per set, the ranks whose writes into its images this rank sees, "loads": how many sets this
+rank built itself}, or {"error": the message, "loads"} when build_datasets stopped the run.
 
 Usage: share_images.py CONFIG OUT_DIR [key=value ...]
-Environment: SHARED_MEMORY_DIR, in place of /dev/shm.
+Environment: SHARED_MEMORY_DIR, in place of /dev/shm; NODES, a node name per rank ("a,a,b": a node of
+two ranks and a node of one), to act several nodes on one machine.
 """
 import os
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 import main as launcher
+from data import datasets
 from utils import distributed as du
 from utils.config import load_config
 
@@ -19,9 +22,23 @@ from utils.config import load_config
 def main(config: str, out_dir: str, overrides: list[str]) -> None:
     info = du.init_distributed("cpu", threads_per_rank=1)
     du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
-    datasets = launcher.build_datasets(load_config(config, overrides))
-    result = {"train": datasets.train.images.clone(), "eval": datasets.eval.images.clone(), "sees": {}}
-    for name, data in (("train", datasets.train), ("eval", datasets.eval)):
+    if os.environ.get("NODES"):
+        du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
+    loads = []
+    build_dataset = datasets.build_dataset
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("split"))
+        return build_dataset(*args, **kwargs)
+
+    datasets.build_dataset = counted
+    try:
+        built = launcher.build_datasets(load_config(config, overrides))
+    except SystemExit as exc:
+        torch.save({"error": str(exc.code), "loads": loads}, Path(out_dir) / f"rank{info.rank}.pt")
+        return
+    result = {"train": built.train.images.clone(), "eval": built.eval.images.clone(), "sees": {}, "loads": loads}
+    for name, data in (("train", built.train), ("eval", built.eval)):
         # Rank r writes 200 + r into element r of the images (a black corner pixel of the first image).
         flat = data.images.view(-1)
         du.barrier()

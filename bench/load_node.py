@@ -1,0 +1,140 @@
+"""A node's memory while the ranks of a distributed run load a set held in memory (`main.build_datasets`):
+one rank per node loads it into the copy the node's ranks share (`utils.trainer.load_once_per_node`),
+against every rank loading it and then the node keeping one copy (the way before), each in a torchrun
+job of its own, alternating.
+
+    python bench/load_node.py                  # 2 ranks, STL-10's layout, 13,000 + 10,000 images (636 MB)
+    python bench/load_node.py --ranks 4 --unlabeled 100000
+
+The binaries are random pixels in STL-10's layout, made once under --folder (bench/load_memory.py's).
+This process samples the node's anonymous and shared pages (AnonPages + Shmem in /proc/meminfo) every
+10 ms; a figure is the highest sample while the ranks load, less the last sample before they start
+(after their imports), as multiples of the images' bytes. Every rank's copy is checked equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.load_memory import make_binaries  # noqa: E402
+
+
+def node_memory() -> int:
+    """The node's anonymous and shared-memory pages, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[name].split()[0]) * 1024 for name in ("AnonPages", "Shmem"))
+
+
+def child(way: str, root: str, out: str) -> None:
+    """One rank: load (the launcher's way, or every rank and then one copy kept), and write
+    OUT/rankR.json with the load's start and end times and a digest of the images."""
+    import torch
+
+    import main as launcher
+    from utils import distributed as du
+    from utils.config import load_config
+
+    info = du.init_distributed("cpu", threads_per_rank=1)
+    cfg = load_config(REPO / "config" / "mnist_cnn_propos.yml",
+                      ["data.name=stl10", f"data.root={root}", "data.stl10_unlabeled=true"])
+    du.barrier()
+    start = time.time()
+    if way == "once":
+        images = launcher.build_datasets(cfg).train.images
+    else:  # the way before: every rank loads both sets, then the node's first rank copies each into a shared copy
+        from data.datasets import build_eval_dataset, build_train_dataset
+
+        loaded = [build_train_dataset(cfg.data), build_eval_dataset(cfg.data)]
+        for data in loaded:
+            shared, sharers = du.node_shared_empty(tuple(data.images.shape), torch.uint8)
+            if info.rank == sharers[0]:
+                shared.copy_(data.images)
+            du.barrier()
+            images = shared if data is loaded[0] else images
+        del loaded
+    du.barrier()
+    end = time.time()
+    sample = torch.cat([images[::97], images[-1:]]).reshape(-1).to(torch.int64)
+    digest = int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum())
+    Path(out, f"rank{info.rank}.json").write_text(json.dumps({"start": start, "end": end, "digest": digest,
+                                                              "bytes": images.numel()}))
+    du.barrier()
+    du.cleanup_distributed()
+
+
+def run_job(way: str, root: Path, ranks: int) -> dict:
+    """One torchrun job of `ranks` ranks loading `way`; its peak node-memory growth and seconds."""
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((time.time(), node_memory()))
+            time.sleep(0.01)
+
+    with tempfile.TemporaryDirectory() as out:
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                        __file__, "--child", way, "--folder", str(root), "--out", out],
+                       check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done.set()
+        sampler.join()
+        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
+    start, end = min(r["start"] for r in results), max(r["end"] for r in results)
+    base = [m for t, m in samples if t <= start][-1]
+    peak = max(m for t, m in samples if start <= t <= end + 0.05)
+    return {"growth": peak - base, "seconds": end - start, "digests": {r["digest"] for r in results},
+            "bytes": results[0]["bytes"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--labeled", type=int, default=13000, help="train + test images (5:8, as STL-10's)")
+    parser.add_argument("--unlabeled", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "bench_load_memory"),
+                        help="where the binaries are made (kept, and reused by a later run of the same size)")
+    parser.add_argument("--child", choices=("once", "every"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.folder, args.out)
+        return
+    for name, least in (("ranks", 2), ("labeled", 2), ("unlabeled", 0), ("repeats", 1)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"error: --{name} must be >= {least}, got {getattr(args, name)}")
+    root = Path(args.folder) / f"{args.labeled}_{args.unlabeled}"
+    make_binaries(root / "stl10_binary", args.labeled, args.unlabeled)
+    runs: dict[str, list[dict]] = {"every": [], "once": []}
+    for _ in range(args.repeats):
+        for way in runs:
+            runs[way].append(run_job(way, root, args.ranks))
+    if len(set().union(*(run["digests"] for way in runs.values() for run in way))) != 1:
+        raise SystemExit("error: the ranks' copies differ")
+    size = runs["once"][0]["bytes"]
+    print(f"{args.labeled + args.unlabeled} STL-10 images, {size / 1e6:.1f} MB, {args.ranks} ranks on one node; "
+          f"medians of {args.repeats}")
+    medians = {}
+    for way, label in (("every", "every rank loads, one kept"), ("once", "one rank loads")):
+        growth = statistics.median(run["growth"] for run in runs[way]) / size
+        seconds = statistics.median(run["seconds"] for run in runs[way])
+        medians[way] = growth
+        print(f"  {label:27s} node peak {growth:5.2f}x the images   {seconds:6.2f} s")
+    print(f"  ratio, one rank / every rank: {medians['once'] / medians['every']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
