@@ -123,6 +123,19 @@ def child(way: str, root: str) -> None:
     print(json.dumps({"bytes": images.numel(), "growth": growth, "seconds": seconds, "digest": digest}))
 
 
+def print_medians(runs: dict[str, list[dict]], size: int, labels: dict[str, str], measure: str, ratio: str) -> None:
+    """A line per way of `labels` (in its order): the median of the runs' "growth" in multiples of `size`
+    bytes and of their "seconds"; then the ratio of the last way's growth to the first's."""
+    medians = {}
+    width = max(map(len, labels.values()))
+    for way, label in labels.items():
+        medians[way] = statistics.median(run["growth"] for run in runs[way]) / size
+        seconds = statistics.median(run["seconds"] for run in runs[way])
+        print(f"  {label:{width}s} {measure} {medians[way]:5.2f}x the images   {seconds:6.2f} s")
+    first, last = list(labels)[0], list(labels)[-1]
+    print(f"  ratio, {ratio}: {medians[last] / medians[first]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=("stl10", "npz"), default="stl10")
@@ -158,13 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: the two ways loaded different images")
     size = runs["loader"][0]["bytes"]
     print(f"{what}, {size / 1e6:.1f} MB; medians of {args.repeats}")
-    medians = {}
-    for way, label in (("whole", "the loader before"), ("loader", "the loader, in blocks")):
-        growth = statistics.median(run["growth"] for run in runs[way]) / size
-        seconds = statistics.median(run["seconds"] for run in runs[way])
-        medians[way] = growth
-        print(f"  {label:22s} peak memory {growth:5.2f}x the images   {seconds:6.2f} s")
-    print(f"  ratio, the loader / the loader before: {medians['loader'] / medians['whole']:.2f}")
+    print_medians(runs, size, {"whole": "the loader before", "loader": "the loader, in blocks"}, "peak memory",
+                  "the loader / the loader before")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.load_memory import make_binaries  # noqa: E402
+from bench.load_memory import make_binaries, print_medians  # noqa: E402
 
 
 def node_memory() -> int:
@@ -127,13 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     size = runs["once"][0]["bytes"]
     print(f"{args.labeled + args.unlabeled} STL-10 images, {size / 1e6:.1f} MB, {args.ranks} ranks on one node; "
           f"medians of {args.repeats}")
-    medians = {}
-    for way, label in (("every", "every rank loads, one kept"), ("once", "one rank loads")):
-        growth = statistics.median(run["growth"] for run in runs[way]) / size
-        seconds = statistics.median(run["seconds"] for run in runs[way])
-        medians[way] = growth
-        print(f"  {label:27s} node peak {growth:5.2f}x the images   {seconds:6.2f} s")
-    print(f"  ratio, one rank / every rank: {medians['once'] / medians['every']:.2f}")
+    print_medians(runs, size, {"every": "every rank loads, one kept", "once": "one rank loads"}, "node peak",
+                  "one rank / every rank")
 
 
 if __name__ == "__main__":
