@@ -472,4 +472,11 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    try:
+        succeeded = main() is not None
+    finally:  # also on an error's SystemExit: a process that ends with its gloo group alive can abort (SIGABRT,
+        # "terminate called without an active exception") as its threads are torn down, hiding the error's line
+        from utils.distributed import cleanup_distributed
+
+        cleanup_distributed()
+    sys.exit(0 if succeeded else 1)

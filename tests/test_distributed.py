@@ -239,6 +239,14 @@ def test_data_the_loading_rank_cannot_read_stops_every_rank_with_its_line(tmp_pa
     assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["error"].startswith(f"error: data: no_such: {missing} "
                                                                                    "not found; set data.root")
     assert [len(rank["loads"]) for rank in ranks] == [1, 0]
+    # the launcher: the ranks print the line and exit with status 1 (torchrun may stop the second once the
+    # first has), their process group torn down after a barrier: a rank leaving while the other was still
+    # in the gather aborted ("terminate called without an active exception") in about half the runs
+    proc = run_torchrun(REPO_ROOT / "main.py", REPO_ROOT / "config" / "mnist_cnn_propos.yml", "data.name=npz",
+                        f"data.root={missing}", f"run.output_dir={tmp_path / 'runs'}", nproc=2, check=False)
+    assert proc.returncode == 1 and f"error: data: no_such: {missing} not found" in proc.stderr, proc.stderr
+    assert "terminate called" not in proc.stderr and "(SIGABRT)" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder):

@@ -121,6 +121,7 @@ def load_once_per_node(builds: Sequence[Callable[[], ImageData]]) -> list[ImageD
         reports = du.all_gather_object(report)
         failure = next((r for r in reports if isinstance(r, str)), None)
         if failure is not None:
+            du.barrier()  # every rank ends here: leaving together, none tears its group down under another's gather
             raise ValueError(failure)
         described = reports[first]
         if described["images"] is None:
