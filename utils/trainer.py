@@ -198,6 +198,7 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
         # the lowest rank's, should several fail. Every rank has finished decoding when this returns.
         messages = [message for message in du.all_gather_object(failure and failure.one_line) if message]
         if messages:
+            du.barrier()  # every rank ends here: leaving together, none tears its group down under another's gather
             raise UnreadableImageError(messages[0]) from failure
         if len(sharers) < world:  # the same on every rank: all share one copy, or some shares are elsewhere
             # The lowest rank of those sharing a copy fills in the rest; the others only take part.
