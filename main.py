@@ -475,8 +475,9 @@ if __name__ == "__main__":
     try:
         succeeded = main() is not None
     finally:  # also on an error's SystemExit: a process that ends with its gloo group alive can abort (SIGABRT,
-        # "terminate called without an active exception") as its threads are torn down, hiding the error's line
+        # "terminate called without an active exception") as its threads are torn down, hiding the error's line.
+        # The other ranks may not come here, so no barrier; the errors all ranks raise have passed one.
         from utils.distributed import cleanup_distributed
 
-        cleanup_distributed()
+        cleanup_distributed(synchronize=False)
     sys.exit(0 if succeeded else 1)

@@ -136,8 +136,14 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 0) -> DistInf
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(*, synchronize: bool = True) -> None:
+    """Destroy the process group, if there is one. `synchronize`: after a barrier, so that the ranks tear
+    it down together; a rank that destroyed its gloo group (or exited) while another was still busy
+    aborted at times ("terminate called without an active exception", SIGABRT). False where the other
+    ranks may never reach this point (an error's exit)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

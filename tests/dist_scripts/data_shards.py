@@ -33,6 +33,7 @@ def main(out_path: str, n: int) -> None:
     dist.all_gather(all_indices, indices)
     if rank == 0:
         torch.save({"images": torch.cat(gathered)[:n], "train_indices": all_indices}, out_path)
+    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
     dist.destroy_process_group()
 
 

@@ -22,6 +22,7 @@ def main(out_path: str, n: int) -> None:
     assert torch.equal(reference, target), "ranks hold different targets"
     if dist.get_rank() == 0:
         torch.save({"target": target, "labels": labels, "world_size": dist.get_world_size()}, out_path)
+    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
     dist.destroy_process_group()
 
 

@@ -83,6 +83,7 @@ def main(out_dir: str) -> None:
     except ValueError as err:
         out["nan_error"] = str(err)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
     dist.destroy_process_group()
 
 

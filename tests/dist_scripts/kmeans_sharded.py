@@ -95,6 +95,7 @@ def main(out_dir: str) -> None:
     out["prepare"] = {"tol_abs": prep.tol_abs, "sq_total": prep.sq_total}
     torch.save({name: (vars(r) if hasattr(r, "centroids") else r) for name, r in out.items()},
                Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
     dist.destroy_process_group()
 
 

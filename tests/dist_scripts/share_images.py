@@ -36,7 +36,7 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
         built = launcher.build_datasets(load_config(config, overrides))
     except SystemExit as exc:
         torch.save({"error": str(exc.code), "loads": loads}, Path(out_dir) / f"rank{info.rank}.pt")
-        du.cleanup_distributed()  # a process ending with its gloo group alive may abort in its threads' teardown
+        du.cleanup_distributed()
         return
     result = {"train": built.train.images.clone(), "eval": built.eval.images.clone(), "sees": {}, "loads": loads}
     for name, data in (("train", built.train), ("eval", built.eval)):
