@@ -337,7 +337,8 @@ def test_load_memory_bench_loads_stl10_and_an_npz_both_ways_and_checks_they_agre
     assert len(growths) == 2 and ratio, out
     assert sorted(p.name for p in (tmp_path / "26_20" / "stl10_binary").iterdir()) == [
         "test_X.bin", "test_y.bin", "train_X.bin", "train_y.bin", "unlabeled_X.bin"]
-    out = _run_bench("load_memory.py", "--format", "npz", "--labeled", "30", "--repeats", "1", "--folder", str(tmp_path))
+    out = _run_bench("load_memory.py", "--format", "npz", "--labeled", "30", "--repeats", "1",
+                     "--folder", str(tmp_path))
     assert "30 images in an npz, 0.4 MB; medians of 1" in out
     assert len(re.findall(r"peak memory +(\d+\.\d\d)x the images +\d+\.\d\d s", out)) == 2, out
     with np.load(tmp_path / "images_30.npz") as archive:
