@@ -884,7 +884,7 @@ def test_two_process_training_run(two_process_run):
     assert_matching_of_clusters(json.loads((run_dir / "class_matching.json").read_text()), rows, final["eval/acc"], 10)
     assert "Warning" not in proc.stderr  # e.g. DDP's broadcast_buffers deprecation, once per rank and stage
     # the ranks keep one copy of the in-memory digits, and rank 0 says so (before train.log exists)
-    assert proc.stderr.count("640 images (0.00 GB) loaded once for the 2 ranks of this node") == 1
+    assert proc.stderr.count("640 images (0.000502 GB) loaded once for the 2 ranks of this node") == 1
     state = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["global_step"] == 20
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])

@@ -134,7 +134,7 @@ def load_once_per_node(builds: Sequence[Callable[[], ImageData]]) -> list[ImageD
             du.barrier()  # no rank reads the shared copy before it is filled
         if first in sharers and len(sharers) > 1:
             if rank == first:
-                log.info("%s: %d images (%.2f GB) loaded once for the %d ranks of this node", described["name"],
+                log.info("%s: %d images (%.3g GB) loaded once for the %d ranks of this node", described["name"],
                          described["images"][0], images.numel() / 1e9, len(sharers))
             sets.append(ImageData(**{**described, "images": images}))
         else:
