@@ -272,37 +272,40 @@ NPZ_BLOCK_BYTES = 8 << 20  # an npz array is read this much at a time (bench/loa
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _open_npz_images(archive, key: str, what: str):
+def _open_npz_images(archive, key: str, what: str, *, header_only: bool = False):
     """(source, stored shape) of the image array `key` of an open npz. `source` is the array's stream just
     past its .npy header, so that rows can be read a block at a time without loading the array, or, where
-    numpy's public header readers do not cover its layout (Fortran order, format 3.0), the array read
-    whole. Images must be (N, H, W) or (N, H, W, C) uint8 with C in (1, 3)."""
+    they cannot be (Fortran order; format 3.0, whose header numpy's public readers do not read), the array
+    read whole; None with `header_only`, which reads no more than the header where it can. Images must be
+    (N, H, W) or (N, H, W, C) uint8 with C in (1, 3)."""
     member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
     stream = archive.zip.open(member)
     version = np.lib.format.read_magic(stream)
+    array = None
     if version in _NPY_HEADER_READERS:
         shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
-    source = stream
-    if version not in _NPY_HEADER_READERS or fortran_order:
-        stream.close()
-        source = archive[key]
-        shape, dtype = source.shape, source.dtype
+    else:
+        array = archive[key]
+        shape, fortran_order, dtype = array.shape, True, array.dtype
     problem = None
     if dtype != np.uint8:
         problem = f"expected uint8 images, got {dtype}"
     elif not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
         problem = f"expected (N, H, W) or (N, H, W, C) with C in (1, 3), got {shape}"
-    if problem is not None:
+    if problem is not None or header_only or fortran_order:
         stream.close()
+    if problem is not None:
         raise ValueError(f"{what}: {key}: {problem}")
-    return source, tuple(shape)
+    if header_only:
+        return None, tuple(shape)
+    if fortran_order:
+        return (array if array is not None else archive[key]), tuple(shape)
+    return stream, tuple(shape)
 
 
 def _npz_image_shape(archive, key: str, what: str) -> tuple[int, int, int, int]:
     """(N, C, H, W) of the image array `key` of an open npz, from its header."""
-    source, shape = _open_npz_images(archive, key, what)
-    if not isinstance(source, np.ndarray):
-        source.close()
+    _, shape = _open_npz_images(archive, key, what, header_only=True)
     return (shape[0], shape[3] if len(shape) == 4 else 1, shape[1], shape[2])
 
 
@@ -371,8 +374,8 @@ def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, 
             row, start = row + take, start + len(block)
             if moments is not None:
                 moments.add(block)
-    for key in every if moments is not None else []:
-        if key not in (f"x_{part}" for part in parts):
+    if moments is not None:  # the statistics also cover the file's arrays of the parts not loaded
+        for key in [key for key in every if key[2:] not in parts]:
             for block in _npz_image_blocks(archive, key, what, shapes[key][0]):
                 moments.add(block)
     return images, torch.from_numpy(np.concatenate(labels)), (moments.mean_std() if moments else stats)

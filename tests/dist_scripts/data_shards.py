@@ -11,6 +11,7 @@ import torch.distributed as dist
 from data.config import AugmentConfig, DataConfig
 from data.datasets import build_dataset
 from data.loaders import build_train_loader, iterate_shard, shard_bounds
+from utils import distributed as du
 
 
 def main(out_path: str, n: int) -> None:
@@ -33,8 +34,7 @@ def main(out_path: str, n: int) -> None:
     dist.all_gather(all_indices, indices)
     if rank == 0:
         torch.save({"images": torch.cat(gathered)[:n], "train_indices": all_indices}, out_path)
-    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
-    dist.destroy_process_group()
+    du.cleanup_distributed()
 
 
 if __name__ == "__main__":

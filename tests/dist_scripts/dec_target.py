@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.test_methods_dec import build_dec, compute_target
+from utils import distributed as du
 
 
 def main(out_path: str, n: int) -> None:
@@ -22,8 +23,7 @@ def main(out_path: str, n: int) -> None:
     assert torch.equal(reference, target), "ranks hold different targets"
     if dist.get_rank() == 0:
         torch.save({"target": target, "labels": labels, "world_size": dist.get_world_size()}, out_path)
-    dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
-    dist.destroy_process_group()
+    du.cleanup_distributed()
 
 
 if __name__ == "__main__":
