@@ -105,13 +105,14 @@ def build_datasets(cfg) -> Datasets:
     its ranks share (`utils.trainer.load_once_per_node`).
 
     Called before the run directory is created, so that bad data never leaves a run directory behind."""
-    from data.datasets import FILE_BACKED_DATASETS, build_eval_dataset, build_train_dataset
+    from data.datasets import FILE_BACKED_DATASETS, build_eval_dataset, build_train_dataset, empty_images
     from utils.trainer import load_once_per_node
 
     same_rows = cfg.data.resolved_eval_split == cfg.data.split and not cfg.data.stl10_unlabeled
-    builds = [lambda: build_train_dataset(cfg.data)] + ([] if same_rows else [lambda: build_eval_dataset(cfg.data)])
+    builds = [lambda allocate: build_train_dataset(cfg.data, allocate)] + (
+        [] if same_rows else [lambda allocate: build_eval_dataset(cfg.data, allocate)])
     try:
-        sets = ([build() for build in builds] if cfg.data.name in FILE_BACKED_DATASETS
+        sets = ([build(empty_images) for build in builds] if cfg.data.name in FILE_BACKED_DATASETS
                 else load_once_per_node(builds))
         return Datasets(sets[0], sets[-1])
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:

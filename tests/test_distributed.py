@@ -201,15 +201,19 @@ def test_a_rank_that_does_not_see_its_nodes_shared_file_keeps_its_own_copy(tmp_p
     assert other.read_bytes() == token + b"x" * 47 + b"y"  # the same memory as the file's
 
 
-@pytest.mark.parametrize("env, sharing, loads", [({}, [[0, 1], [0, 1]], [2, 0]),
-                                                  ({"SHARED_MEMORY_DIR": "missing"}, [[0], [1]], [2, 2]),
-                                                  ({"NODES": "a,a,b"}, [[0, 1], [0, 1], [2]], [2, 0, 2])],
-                         ids=["shared", "no-shared-memory", "two-nodes"])
-def test_in_memory_images_are_loaded_once_per_node_and_equal_one_processs(tmp_path, env, sharing, loads):
-    """Two ranks need 64 training and 64 test digits (two sets): rank 0 loads them, and each set ends as
-    one copy that both map (each sees the other's writes), equal to what one process loads; nothing is
+@pytest.mark.parametrize("env, sharing, loads, read_into", [
+    ({}, [[0, 1], [0, 1]], [2, 0], [True, False]),
+    ({"SHARED_MEMORY_DIR": "missing"}, [[0], [1]], [2, 2], [True, True]),
+    ({"NODES": "a,a,b"}, [[0, 1], [0, 1], [2]], [2, 0, 2], [True, False, True]),
+    ({"NODES": "a,b,b", "PRIVATE_ALLOCATION": "1"}, [[0], [1, 2], [1, 2]], [2, 2, 0], [True, False, False])],
+    ids=["shared", "no-shared-memory", "two-nodes", "a-node-copies"])
+def test_in_memory_images_are_loaded_once_per_node_and_equal_one_processs(tmp_path, env, sharing, loads, read_into):
+    """Two ranks need 64 training and 64 test digits (two sets): rank 0 reads them straight into one copy
+    per set that both map (each sees the other's writes), equal to what one process loads; nothing is
     left in /dev/shm. Without shared memory rank 1 loads its own; with three ranks acting nodes of two
-    and one, the third loads for its node."""
+    and one, the third loads for its node. A node whose build reads into memory of its own (not the
+    tensor it is given) has its images copied into a shared one, while the other node's build reads
+    straight into its own copy."""
     import main as launcher
     from data.datasets import shared_data_dir
     from utils.config import load_config
@@ -226,6 +230,7 @@ def test_in_memory_images_are_loaded_once_per_node_and_equal_one_processs(tmp_pa
         assert torch.equal(rank["train"], oracle.train.images) and torch.equal(rank["eval"], oracle.eval.images)
         assert rank["sees"] == {"train": sharing[r], "eval": sharing[r]}
         assert len(rank["loads"]) == loads[r]
+        assert rank["read_into"] == {"train": read_into[r], "eval": read_into[r]}
     assert not torch.equal(oracle.train.images, oracle.eval.images)
     assert shared_memory_files() == before
 
@@ -247,6 +252,30 @@ def test_data_the_loading_rank_cannot_read_stops_every_rank_with_its_line(tmp_pa
     assert proc.returncode == 1 and f"error: data: no_such: {missing} not found" in proc.stderr, proc.stderr
     assert "terminate called" not in proc.stderr and "(SIGABRT)" not in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_that_fails_once_read_into_the_shared_copy_stops_every_rank_with_its_line(tmp_path):
+    """The loading rank has asked for the node's shared copy (both ranks mapped it) when it finds the file cut
+    short: both ranks stop with its line, and /dev/shm is left as it was."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    path = tmp_path / "cut.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in (("x_train", np.zeros((6, 8, 8, 3), np.uint8)), ("y_train", np.zeros(6, np.uint8))):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(f"{key}.npy", buffer.getvalue()[:-100] if key == "x_train" else buffer.getvalue())
+    before = shared_memory_files()
+    run_torchrun(SCRIPTS / "share_images.py", REPO_ROOT / "config" / "mnist_cnn_propos.yml", tmp_path,
+                 "data.name=npz", f"data.root={path}", "data.split=train", "data.eval_split=train", nproc=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [rank["error"] for rank in ranks] == [f"error: data: {path}: x_train ended after 5 of its 6 images; "
+                                                 "the file is truncated"] * 2
+    assert [len(rank["loads"]) for rank in ranks] == [1, 0]
+    assert shared_memory_files() == before
 
 
 def test_decode_once_shares_a_copy_per_node_and_exchanges_the_shards_between_copies(tmp_path, digit_folder):

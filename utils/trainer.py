@@ -34,7 +34,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import ImageData, UnreadableImageError, decode_files_into, extra_training_rows
+from data.datasets import (ImageAllocator, ImageData, UnreadableImageError, decode_files_into, empty_images,
+                           extra_training_rows)
 from models.base import ClusterFn, Method, Progress, Stage, StageContext
 from utils import distributed as du
 from utils.assignments import cluster_size_stats, format_cluster_sizes
@@ -94,52 +95,93 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def load_once_per_node(builds: Sequence[Callable[[], ImageData]]) -> list[ImageData]:
-    """[build() for build in builds], for sets held in memory, each loaded by one rank per node into one
-    copy that the node's ranks share (`du.node_shared_empty`), in place of a load and a copy per rank.
-    In turn for each set: the lowest rank of each node calls build() and copies the images in (its own
-    copy goes before the next set loads); the others take the set's labels, names and statistics from
-    it and map the copy. A rank that cannot map its node's copy (no shared memory, or a /dev/shm of its
-    own), and every rank for a set that build() gives as files, call build() themselves. An error a
-    build() raises on a node's first rank is raised on every rank, as a ValueError with the lowest such
-    rank's message, so no rank waits for the others. In one process: the builds. Collective."""
+def load_once_per_node(builds: Sequence[Callable[[ImageAllocator], ImageData]]) -> list[ImageData]:
+    """[build(empty_images) for build in builds], for sets held in memory, each read by one rank per node
+    straight into one copy that the node's ranks share (`du.node_shared_empty`), in place of a load per rank
+    (and of a private copy on the loading rank as well). In turn for each set: the lowest rank of each node
+    calls build(allocate); when the build asks `allocate` for the tensor of its images, which it does before
+    reading any, every rank of the node maps a shared tensor of that shape, and the build reads into it. The
+    others then take the set's labels, names and statistics from the loading rank. A build that gives its
+    images in a tensor of its own has them copied into a shared one. A rank that cannot map its node's copy
+    (no shared memory, or a /dev/shm of its own), and every rank for a set that build() gives as files, call
+    build() themselves. An error a build() raises on a node's first rank is raised on every rank, as a
+    ValueError with the lowest such rank's message, so no rank waits for the others. In one process: the
+    builds. Collective."""
     if du.get_world_size() == 1:
-        return [build() for build in builds]
+        return [build(empty_images) for build in builds]
     rank = du.get_rank()
     nodes = du.all_gather_object(du.node_name())
     first = min(r for r, node in enumerate(nodes) if node == nodes[rank])
-    sets = []
-    for build in builds:
-        loaded, report = None, None  # report: the set the node's first rank loaded, without its images
-        if rank == first:
-            try:
-                loaded = build()
-                report = {**{f.name: getattr(loaded, f.name) for f in fields(loaded) if f.name != "images"},
-                          "images": None if loaded.images is None else tuple(loaded.images.shape)}
-            except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
-                report = str(exc)
-        reports = du.all_gather_object(report)
-        failure = next((r for r in reports if isinstance(r, str)), None)
-        if failure is not None:
-            du.barrier()  # every rank ends here: leaving together, none tears its group down under another's gather
-            raise ValueError(failure)
-        described = reports[first]
-        if described["images"] is None:
-            images, sharers = None, (rank,)
-        else:
-            images, sharers = du.node_shared_empty(described["images"], torch.uint8)
+    return [_load_set_once_per_node(build, rank, first) for build in builds]
+
+
+def _share_images_of_shape(shape: tuple[int, ...] | None, first: int) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The node's shared tensor for the images its first rank (`first`) is about to read, and the ranks that
+    share it (`du.node_shared_empty`); None where that rank reads none. `shape`: the images' shape on a
+    node's first rank when its build asks for their tensor, else None (the other ranks, and a first rank
+    whose build failed or gave files). Collective: every rank calls it once per set."""
+    shapes = du.all_gather_object(shape)
+    if all(other is None for other in shapes):
+        return None
+    ours = shapes[first]
+    tensor, sharers = du.node_shared_empty(ours or (0,), torch.uint8)  # every rank, whatever its node reads
+    return (tensor, sharers) if ours is not None else None
+
+
+def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: int, first: int) -> ImageData:
+    """One set of `load_once_per_node`, on rank `rank` whose node's first rank is `first`. Collective."""
+    shared: tuple[torch.Tensor, tuple[int, ...]] | None = None  # the node's copy and its sharers, once known
+    asked = False  # whether this rank has taken part in `_share_images_of_shape` for the set
+    loaded, report = None, None  # report: the set the node's first rank loaded, without its images
+    if rank == first:
+        def allocate(shape: tuple[int, int, int, int]) -> torch.Tensor:
+            nonlocal shared, asked
+            if asked:  # a second tensor for the same set is the build's own business
+                return empty_images(shape)
+            asked = True
+            shared = _share_images_of_shape(tuple(shape), first)
+            return shared[0] if shared is not None else empty_images(shape)
+
+        try:
+            loaded = build(allocate)
+            report = {**{f.name: getattr(loaded, f.name) for f in fields(loaded) if f.name != "images"},
+                      "images": None if loaded.images is None else tuple(loaded.images.shape),
+                      "in_shared": shared is not None and loaded.images is not None
+                      and _same_tensor(loaded.images, shared[0])}
+        except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+            report = str(exc)
+    if not asked:
+        shared = _share_images_of_shape(None, first)
+    reports = du.all_gather_object(report)
+    failure = next((r for r in reports if isinstance(r, str)), None)
+    if failure is not None:
+        du.barrier()  # every rank ends here: leaving together, none tears its group down under another's gather
+        raise ValueError(failure)
+    described = dict(reports[first])
+    in_shared = described.pop("in_shared")
+    if any(r is not None and r["images"] is not None and not r["in_shared"] for r in reports):
+        # Some node's build read its images into a tensor of its own: copy them into a shared one there.
+        ours = described["images"] if described["images"] is not None and not in_shared else None
+        copy, sharers = du.node_shared_empty(ours or (0,), torch.uint8)
+        if ours is not None:
+            shared = copy, sharers
             if rank == first and len(sharers) > 1:
-                images.copy_(loaded.images)
-                loaded = None  # its memory goes now, before the next set loads
-            du.barrier()  # no rank reads the shared copy before it is filled
-        if first in sharers and len(sharers) > 1:
-            if rank == first:
-                log.info("%s: %d images (%.3g GB) loaded once for the %d ranks of this node", described["name"],
-                         described["images"][0], images.numel() / 1e9, len(sharers))
-            sets.append(ImageData(**{**described, "images": images}))
-        else:
-            sets.append(loaded if loaded is not None else build())
-    return sets
+                copy.copy_(loaded.images)
+                loaded = replace(loaded, images=copy)  # its own copy goes now, before the next set loads
+        du.barrier()  # no rank reads the shared copy before it is filled
+    if described["images"] is None or shared is None or first not in shared[1] or len(shared[1]) == 1:
+        return loaded if loaded is not None else build(empty_images)
+    images, sharers = shared
+    if rank == first:
+        log.info("%s: %d images (%.3g GB) loaded once for the %d ranks of this node", described["name"],
+                 described["images"][0], images.numel() / 1e9, len(sharers))
+        return loaded
+    return ImageData(**{**described, "images": images})
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_info: du.DistInfo,

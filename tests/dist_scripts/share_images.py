@@ -1,11 +1,13 @@
 """Build a run's datasets (main.build_datasets: the node's first rank loads the in-memory images, and
 the ranks of the node share its copy); rank r saves OUT_DIR/rank{r}.pt: {"train"/"eval": the images,
 "sees": per set, the ranks whose writes into its images this rank sees, "loads": how many sets this
-rank built itself}, or {"error": the message, "loads"} when build_datasets stopped the run.
+rank built itself, "read_into": per set, whether its images are a tensor this rank's own build read them
+into}, or {"error": the message, "loads"} when build_datasets stopped the run.
 
 Usage: share_images.py CONFIG OUT_DIR [key=value ...]
 Environment: SHARED_MEMORY_DIR, in place of /dev/shm; NODES, a node name per rank ("a,a,b": a node of
-two ranks and a node of one), to act several nodes on one machine.
+two ranks and a node of one), to act several nodes on one machine; PRIVATE_ALLOCATION, ranks ("1,2") whose
+builds read into a tensor of their own rather than the one they are given.
 """
 import os
 import sys
@@ -24,12 +26,19 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
     du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     if os.environ.get("NODES"):
         du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
-    loads = []
+    loads, allocated = [], []
     build_dataset = datasets.build_dataset
+    private = str(info.rank) in os.environ.get("PRIVATE_ALLOCATION", "").split(",")
 
     def counted(*args, **kwargs):
         loads.append(kwargs.get("split"))
-        return build_dataset(*args, **kwargs)
+        given = datasets.empty_images if private else kwargs["allocate"]
+
+        def allocate(shape):
+            allocated.append(given(shape))
+            return allocated[-1]
+
+        return build_dataset(*args, **{**kwargs, "allocate": allocate})
 
     datasets.build_dataset = counted
     try:
@@ -38,7 +47,9 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
         torch.save({"error": str(exc.code), "loads": loads}, Path(out_dir) / f"rank{info.rank}.pt")
         du.cleanup_distributed()
         return
-    result = {"train": built.train.images.clone(), "eval": built.eval.images.clone(), "sees": {}, "loads": loads}
+    result = {"train": built.train.images.clone(), "eval": built.eval.images.clone(), "sees": {}, "loads": loads,
+              "read_into": {name: any(data.images.data_ptr() == tensor.data_ptr() for tensor in allocated)
+                            for name, data in (("train", built.train), ("eval", built.eval))}}
     for name, data in (("train", built.train), ("eval", built.eval)):
         # Rank r writes 200 + r into element r of the images (a black corner pixel of the first image).
         flat = data.images.view(-1)
