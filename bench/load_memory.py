@@ -123,9 +123,11 @@ def child(way: str, root: str) -> None:
     print(json.dumps({"bytes": images.numel(), "growth": growth, "seconds": seconds, "digest": digest}))
 
 
-def print_medians(runs: dict[str, list[dict]], size: int, labels: dict[str, str], measure: str, ratio: str) -> None:
+def print_medians(runs: dict[str, list[dict]], size: int, labels: dict[str, str], measure: str,
+                  ratio: str) -> dict[str, float]:
     """A line per way of `labels` (in its order): the median of the runs' "growth" in multiples of `size`
-    bytes and of their "seconds"; then the ratio of the last way's growth to the first's."""
+    bytes and of their "seconds"; then the ratio of the last way's growth to the first's. Returns the
+    medians of the growth per way, in multiples of `size`."""
     medians = {}
     width = max(map(len, labels.values()))
     for way, label in labels.items():
@@ -134,6 +136,7 @@ def print_medians(runs: dict[str, list[dict]], size: int, labels: dict[str, str]
         print(f"  {label:{width}s} {measure} {medians[way]:5.2f}x the images   {seconds:6.2f} s")
     first, last = list(labels)[0], list(labels)[-1]
     print(f"  ratio, {ratio}: {medians[last] / medians[first]:.2f}")
+    return medians
 
 
 def main(argv: list[str] | None = None) -> None:

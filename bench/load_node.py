@@ -1,7 +1,8 @@
-"""A node's memory while the ranks of a distributed run load a set held in memory (`main.build_datasets`):
-one rank per node loads it into the copy the node's ranks share (`utils.trainer.load_once_per_node`),
-against every rank loading it and then the node keeping one copy (the way before), each in a torchrun
-job of its own, alternating.
+"""A node's memory while the ranks of a distributed run load the sets held in memory (`main.build_datasets`):
+one rank per node reads them straight into the copies the node's ranks share (`utils.trainer.load_once_per_node`),
+against two earlier ways: every rank loading them and then the node keeping one copy, and one rank loading them
+into memory of its own and then copying them into the shared copies. Each way runs in a torchrun job of its own,
+alternating.
 
     python bench/load_node.py                  # 2 ranks, STL-10's layout, 13,000 + 10,000 images (636 MB)
     python bench/load_node.py --ranks 4 --unlabeled 100000
@@ -9,7 +10,8 @@ job of its own, alternating.
 The binaries are random pixels in STL-10's layout, made once under --folder (bench/load_memory.py's).
 This process samples the node's anonymous and shared pages (AnonPages + Shmem in /proc/meminfo) every
 10 ms; a figure is the highest sample while the ranks load, less the last sample before they start
-(after their imports), as multiples of the images' bytes. Every rank's copy is checked equal.
+(after their imports), as multiples of the bytes of the images the node keeps (the training set and the
+evaluated set: 1.00x is the least a node can hold). Every rank's copy is checked equal.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,13 +39,15 @@ def node_memory() -> int:
 
 
 def child(way: str, root: str, out: str) -> None:
-    """One rank: load (the launcher's way, or every rank and then one copy kept), and write
-    OUT/rankR.json with the load's start and end times and a digest of the images."""
+    """One rank: load (the launcher's way; one rank, then a copy; or every rank, then one copy kept), and
+    write OUT/rankR.json with the load's start and end times, a digest of the images and their bytes."""
     import torch
 
     import main as launcher
+    from data.datasets import build_eval_dataset, build_train_dataset
     from utils import distributed as du
     from utils.config import load_config
+    from utils.trainer import load_once_per_node  # imported before the start, as every way's imports
 
     info = du.init_distributed("cpu", threads_per_rank=1)
     cfg = load_config(REPO / "config" / "mnist_cnn_propos.yml",
@@ -50,24 +55,28 @@ def child(way: str, root: str, out: str) -> None:
     du.barrier()
     start = time.time()
     if way == "once":
-        images = launcher.build_datasets(cfg).train.images
-    else:  # the way before: every rank loads both sets, then the node's first rank copies each into a shared copy
-        from data.datasets import build_eval_dataset, build_train_dataset
-
-        loaded = [build_train_dataset(cfg.data), build_eval_dataset(cfg.data)]
-        for data in loaded:
+        built = launcher.build_datasets(cfg)
+        sets = [built.train, built.eval]
+    elif way == "copy":  # builds that read into memory of their own: the node's first rank copies it into a shared one
+        sets = load_once_per_node([lambda _: build_train_dataset(cfg.data), lambda _: build_eval_dataset(cfg.data)])
+    else:  # every rank loads both sets, then the node's first rank copies each into a shared copy
+        sets = []
+        for data in [build_train_dataset(cfg.data), build_eval_dataset(cfg.data)]:
             shared, sharers = du.node_shared_empty(tuple(data.images.shape), torch.uint8)
             if info.rank == sharers[0]:
                 shared.copy_(data.images)
             du.barrier()
-            images = shared if data is loaded[0] else images
-        del loaded
+            sets.append(shared)
+        sets = [SimpleNamespace(images=images) for images in sets]
     du.barrier()
     end = time.time()
-    sample = torch.cat([images[::97], images[-1:]]).reshape(-1).to(torch.int64)
-    digest = int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum())
-    Path(out, f"rank{info.rank}.json").write_text(json.dumps({"start": start, "end": end, "digest": digest,
-                                                              "bytes": images.numel()}))
+    time.sleep(0.1)  # the digests' temporaries come after the sampled window (which ends 50 ms after `end`)
+    digests = []
+    for images in (data.images for data in sets):
+        sample = torch.cat([images[::97], images[-1:]]).reshape(-1).to(torch.int64)
+        digests.append(int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum()))
+    Path(out, f"rank{info.rank}.json").write_text(json.dumps({
+        "start": start, "end": end, "digest": digests, "bytes": sum(data.images.numel() for data in sets)}))
     du.barrier()
     du.cleanup_distributed()
 
@@ -94,7 +103,7 @@ def run_job(way: str, root: Path, ranks: int) -> dict:
     start, end = min(r["start"] for r in results), max(r["end"] for r in results)
     base = [m for t, m in samples if t <= start][-1]
     peak = max(m for t, m in samples if start <= t <= end + 0.05)
-    return {"growth": peak - base, "seconds": end - start, "digests": {r["digest"] for r in results},
+    return {"growth": peak - base, "seconds": end - start, "digests": {tuple(r["digest"]) for r in results},
             "bytes": results[0]["bytes"]}
 
 
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "bench_load_memory"),
                         help="where the binaries are made (kept, and reused by a later run of the same size)")
-    parser.add_argument("--child", choices=("once", "every"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("once", "copy", "every"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -117,17 +126,18 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: --{name} must be >= {least}, got {getattr(args, name)}")
     root = Path(args.folder) / f"{args.labeled}_{args.unlabeled}"
     make_binaries(root / "stl10_binary", args.labeled, args.unlabeled)
-    runs: dict[str, list[dict]] = {"every": [], "once": []}
+    runs: dict[str, list[dict]] = {"every": [], "copy": [], "once": []}
     for _ in range(args.repeats):
         for way in runs:
             runs[way].append(run_job(way, root, args.ranks))
     if len(set().union(*(run["digests"] for way in runs.values() for run in way))) != 1:
         raise SystemExit("error: the ranks' copies differ")
     size = runs["once"][0]["bytes"]
-    print(f"{args.labeled + args.unlabeled} STL-10 images, {size / 1e6:.1f} MB, {args.ranks} ranks on one node; "
-          f"medians of {args.repeats}")
-    print_medians(runs, size, {"every": "every rank loads, one kept", "once": "one rank loads"}, "node peak",
-                  "one rank / every rank")
+    print(f"{args.labeled + args.unlabeled} STL-10 images to train on, {args.labeled} to evaluate: "
+          f"{size / 1e6:.1f} MB, {args.ranks} ranks on one node; medians of {args.repeats}")
+    medians = print_medians(runs, size, {"every": "every rank loads, one kept", "copy": "one rank loads, then copies",
+                                         "once": "one rank reads into it"}, "node peak", "one rank reads / every rank")
+    print(f"  ratio, one rank reads / one rank copies: {medians['once'] / medians['copy']:.2f}")
 
 
 if __name__ == "__main__":

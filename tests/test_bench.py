@@ -348,13 +348,14 @@ def test_load_memory_bench_loads_stl10_and_an_npz_both_ways_and_checks_they_agre
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --labeled must be >= 2, got 1"
 
 
-def test_load_node_bench_loads_on_two_ranks_both_ways_and_checks_every_copy_agrees(tmp_path):
-    # The bench exits non-zero if any rank's copy differs, in either way.
+def test_load_node_bench_loads_on_two_ranks_three_ways_and_checks_every_copy_agrees(tmp_path):
+    # The bench exits non-zero if any rank's copy differs, in any way.
     out = _run_bench("load_node.py", "--labeled", "26", "--unlabeled", "20", "--repeats", "1",
                      "--folder", str(tmp_path))
-    assert "46 STL-10 images, 1.3 MB, 2 ranks on one node; medians of 1" in out
-    assert len(re.findall(r"node peak +-?\d+\.\d\dx the images +\d+\.\d\d s", out)) == 2, out
-    assert re.search(r"ratio, one rank / every rank: -?\d+\.\d\d", out), out
+    assert "46 STL-10 images to train on, 26 to evaluate: 2.0 MB, 2 ranks on one node; medians of 1" in out
+    assert len(re.findall(r"node peak +-?\d+\.\d\dx the images +\d+\.\d\d s", out)) == 3, out
+    assert re.search(r"ratio, one rank reads / every rank: -?\d+\.\d\d", out), out
+    assert re.search(r"ratio, one rank reads / one rank copies: -?\d+\.\d\d", out), out
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "load_node.py"), "--ranks", "1"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --ranks must be >= 2, got 1"
