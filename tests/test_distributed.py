@@ -254,6 +254,27 @@ def test_data_the_loading_rank_cannot_read_stops_every_rank_with_its_line(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("env, copies", [({"AVAILABLE_MEMORY": "60000"}, "one copy on this node"),
+                                         ({"AVAILABLE_MEMORY": "100000", "SHARED_MEMORY_DIR": "missing"},
+                                          "0.0001 GB for the 2 ranks on this node, a copy each: {dir} has too little "
+                                          "room to share one")], ids=["shared", "a-copy-per-rank"])
+def test_a_set_beyond_the_memory_available_stops_every_rank_before_any_image_is_read(tmp_path, env, copies):
+    """64 digits take 50,176 bytes: more than 80% of 60,000 bytes; shared, they fit in 80% of 100,000, but
+    not a copy for each of the two ranks. Both ranks stop with the loading rank's line, and only it built."""
+    from data.datasets import shared_data_dir
+
+    env = {key: str(tmp_path / value) if key == "SHARED_MEMORY_DIR" else value for key, value in env.items()}
+    run_torchrun(SCRIPTS / "share_images.py", REPO_ROOT / "config" / "mnist_cnn_propos.yml", tmp_path,
+                 "data.name=mnist", f"data.root={shared_data_dir() / 'mnist.npz'}", "data.limit=64", nproc=2, env=env)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    available = int(env["AVAILABLE_MEMORY"]) / 1e9
+    line = (f"error: data: loading 64 images of 1x28x28 takes 5.02e-05 GB "
+            f"({copies.format(dir=tmp_path / 'missing')}), more than 80% of the {available:.3g} GB of memory "
+            "available; set data.limit to hold fewer images")
+    assert [rank["error"] for rank in ranks] == [line] * 2
+    assert [len(rank["loads"]) for rank in ranks] == [1, 0]
+
+
 def test_a_file_that_fails_once_read_into_the_shared_copy_stops_every_rank_with_its_line(tmp_path):
     """The loading rank has asked for the node's shared copy (both ranks mapped it) when it finds the file cut
     short: both ranks stop with its line, and /dev/shm is left as it was."""

@@ -682,6 +682,27 @@ def test_decoding_more_than_the_memory_available_is_refused_in_one_line_before_a
         decode()
 
 
+def test_a_set_beyond_the_memory_available_is_refused_in_one_line_before_any_image_is_read(tmp_path, monkeypatch):
+    """64 digits of 784 bytes take 50,176 bytes: refused with 60,000 bytes available (80%: 48,000), before
+    an image is read and with no run directory left; loaded with 70,000 (80%: 56,000)."""
+    import data.datasets
+    import utils.trainer
+
+    read = []
+    monkeypatch.setattr(data.datasets, "_npz_image_blocks",
+                        lambda *args, _blocks=data.datasets._npz_image_blocks: read.append(args) or _blocks(*args))
+    run = [str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "data.name=mnist",
+           f"data.root={SHARED_DATA / 'mnist.npz'}", "data.limit=64"]
+    monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 60_000)
+    with pytest.raises(SystemExit, match=r"^error: data: loading 64 images of 1x28x28 takes 5.02e-05 GB \(one copy on "
+                                         r"this node\), more than 80% of the 6e-05 GB of memory available; set "
+                                         r"data.limit to hold fewer images$"):
+        launcher.main(run)
+    assert not read and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(utils.trainer, "available_memory_bytes", lambda: 70_000)
+    assert launcher.build_datasets(load_config(DEMO, run[1:])).train.images.shape == (64, 1, 28, 28) and read
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("pass_overrides", [
     pytest.param(["method.warmup_epochs=2", "eval.every_epochs=2"], id="training-batch"),

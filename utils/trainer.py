@@ -25,6 +25,7 @@ as the uninterrupted run did.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -105,14 +106,35 @@ def load_once_per_node(builds: Sequence[Callable[[ImageAllocator], ImageData]]) 
     images in a tensor of its own has them copied into a shared one. A rank that cannot map its node's copy
     (no shared memory, or a /dev/shm of its own), and every rank for a set that build() gives as files, call
     build() themselves. An error a build() raises on a node's first rank is raised on every rank, as a
-    ValueError with the lowest such rank's message, so no rank waits for the others. In one process: the
-    builds. Collective."""
+    ValueError with the lowest such rank's message, so no rank waits for the others. A set whose copies on a
+    node (one, or one per rank where they cannot be shared) would take more than 80% of the memory available
+    is such an error, raised before any image is read. In one process: the builds. Collective."""
     if du.get_world_size() == 1:
-        return [build(empty_images) for build in builds]
+        def allocate(shape: tuple[int, int, int, int]) -> torch.Tensor:
+            _refuse_images_beyond_memory(shape, copies=1)
+            return empty_images(shape)
+
+        return [build(allocate) for build in builds]
     rank = du.get_rank()
     nodes = du.all_gather_object(du.node_name())
     first = min(r for r, node in enumerate(nodes) if node == nodes[rank])
-    return [_load_set_once_per_node(build, rank, first) for build in builds]
+    return [_load_set_once_per_node(build, rank, first, nodes.count(nodes[rank])) for build in builds]
+
+
+def _refuse_images_beyond_memory(shape: tuple[int, int, int, int], copies: int) -> None:
+    """A one-line ValueError where `copies` copies of uint8 images of `shape` would take more than 80% of the
+    memory available: a set too large for the machine stops before any image is read, with what to set,
+    rather than the kernel's out-of-memory killer stopping the run part-way."""
+    nbytes = math.prod(shape)
+    available = available_memory_bytes()
+    if available is None or nbytes * copies <= 0.8 * available:
+        return
+    on_node = ("one copy on this node" if copies == 1 else
+               f"{nbytes * copies / 1e9:.3g} GB for the {copies} ranks on this node, a copy each: "
+               f"{du.SHARED_MEMORY_DIR} has too little room to share one")
+    raise ValueError(f"loading {shape[0]} images of {'x'.join(map(str, shape[1:]))} takes {nbytes / 1e9:.3g} GB "
+                     f"({on_node}), more than 80% of the {available / 1e9:.3g} GB of memory available; set "
+                     "data.limit to hold fewer images")
 
 
 def _share_images_of_shape(shape: tuple[int, ...] | None, first: int) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -128,7 +150,8 @@ def _share_images_of_shape(shape: tuple[int, ...] | None, first: int) -> tuple[t
     return (tensor, sharers) if ours is not None else None
 
 
-def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: int, first: int) -> ImageData:
+def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: int, first: int,
+                            ranks_on_node: int) -> ImageData:
     """One set of `load_once_per_node`, on rank `rank` whose node's first rank is `first`. Collective."""
     shared: tuple[torch.Tensor, tuple[int, ...]] | None = None  # the node's copy and its sharers, once known
     asked = False  # whether this rank has taken part in `_share_images_of_shape` for the set
@@ -138,6 +161,9 @@ def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: 
             nonlocal shared, asked
             if asked:  # a second tensor for the same set is the build's own business
                 return empty_images(shape)
+            # Refused before the exchange, the build fails as any build does (the exchange then follows).
+            shares = ranks_on_node == 1 or du.shared_memory_free_bytes() >= math.prod(shape)
+            _refuse_images_beyond_memory(shape, copies=1 if shares else ranks_on_node)
             asked = True
             shared = _share_images_of_shape(tuple(shape), first)
             return shared[0] if shared is not None else empty_images(shape)

@@ -7,7 +7,8 @@ into}, or {"error": the message, "loads"} when build_datasets stopped the run.
 Usage: share_images.py CONFIG OUT_DIR [key=value ...]
 Environment: SHARED_MEMORY_DIR, in place of /dev/shm; NODES, a node name per rank ("a,a,b": a node of
 two ranks and a node of one), to act several nodes on one machine; PRIVATE_ALLOCATION, ranks ("1,2") whose
-builds read into a tensor of their own rather than the one they are given.
+builds read into a tensor of their own rather than the one they are given; AVAILABLE_MEMORY, the bytes of
+memory the ranks take to be available.
 """
 import os
 import sys
@@ -18,6 +19,7 @@ import torch
 import main as launcher
 from data import datasets
 from utils import distributed as du
+from utils import trainer
 from utils.config import load_config
 
 
@@ -26,6 +28,8 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
     du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     if os.environ.get("NODES"):
         du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
+    if os.environ.get("AVAILABLE_MEMORY"):
+        trainer.available_memory_bytes = lambda: int(os.environ["AVAILABLE_MEMORY"])
     loads, allocated = [], []
     build_dataset = datasets.build_dataset
     private = str(info.rank) in os.environ.get("PRIVATE_ALLOCATION", "").split(",")
