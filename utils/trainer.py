@@ -97,7 +97,7 @@ def available_memory_bytes() -> int | None:
 
 
 def load_once_per_node(builds: Sequence[Callable[[ImageAllocator], ImageData]]) -> list[ImageData]:
-    """[build(empty_images) for build in builds], for sets held in memory, each read by one rank per node
+    """[build(allocate) for build in builds], for sets held in memory, each read by one rank per node
     straight into one copy that the node's ranks share (`du.node_shared_empty`), in place of a load per rank
     (and of a private copy on the loading rank as well). In turn for each set: the lowest rank of each node
     calls build(allocate); when the build asks `allocate` for the tensor of its images, which it does before
