@@ -115,7 +115,7 @@ def build_datasets(cfg) -> Datasets:
         sets = ([build(empty_images) for build in builds] if cfg.data.name in FILE_BACKED_DATASETS
                 else load_once_per_node(builds))
         return Datasets(sets[0], sets[-1])
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+    except (OSError, ValueError, ModuleNotFoundError) as exc:  # OSError: FileNotFoundError, PermissionError, ...
         raise SystemExit(f"error: data: {exc}") from None
 
 

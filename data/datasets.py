@@ -12,6 +12,8 @@ import io
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -391,29 +393,49 @@ def _load_npz_arrays(archive, path: Path, parts: tuple[str, ...], *, name: str, 
     return images, torch.from_numpy(np.concatenate(labels)), (moments.mean_std() if moments else stats)
 
 
+def _open_npz(path: Path, name: str):
+    """np.load(path) as an open NpzFile; a file that is not one (cut short before its zip directory, or some
+    other kind of file) is a one-line ValueError naming it."""
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic == b"\x93NUMPY":  # told apart before np.load would read the whole array
+        raise ValueError(f"{name}: {path} holds one array (.npy), not an .npz of x_train/y_train/x_test/y_test "
+                         "arrays or a JPEG pack")
+    if not magic.startswith(b"PK\x03\x04"):  # (np.load would try it as a pickle, and blame allow_pickle)
+        raise ValueError(f"{name}: {path} is not an .npz file (it begins with neither a zip nor a .npy header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{name}: {path} is not a readable .npz file ({exc}); if it was cut short, fetch or "
+                         "write it again") from None
+
+
 def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
               stats: tuple[tuple[float, ...], tuple[float, ...]] | None, allocate: ImageAllocator) -> ImageData:
     """An .npz of x_train/y_train/x_test/y_test arrays, or a JPEG pack (jpeg, offsets, y, split)."""
     if not path.is_file():
         raise _missing(name, path, "set data.root to an .npz file (x_train/y_train/x_test/y_test or a JPEG pack)")
     _no_unlabeled(name, parts)
-    with np.load(path, allow_pickle=False) as archive:
-        keys = set(archive.files)
-        classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
-        if {"jpeg", "offsets", "y", "split"} <= keys:
-            split_of_row = archive["split"]
-            rows = np.concatenate([np.flatnonzero(split_of_row == {"train": 0, "test": 1}[p]) for p in parts])
-            if limit:
-                rows = rows[:limit]
-            if len(rows) == 0:
-                raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
-            images = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows, allocate=allocate)
-            labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
-            if stats is None:
-                stats = channel_stats(images)
-        else:
-            images, labels, stats = _load_npz_arrays(archive, path, parts, name=name, limit=limit, stats=stats,
-                                                     allocate=allocate)
+    with _open_npz(path, name) as archive:
+        try:
+            keys = set(archive.files)
+            classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
+            if {"jpeg", "offsets", "y", "split"} <= keys:
+                split_of_row = archive["split"]
+                rows = np.concatenate([np.flatnonzero(split_of_row == {"train": 0, "test": 1}[p]) for p in parts])
+                if limit:
+                    rows = rows[:limit]
+                if len(rows) == 0:
+                    raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
+                images = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows, allocate=allocate)
+                labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
+                if stats is None:
+                    stats = channel_stats(images)
+            else:
+                images, labels, stats = _load_npz_arrays(archive, path, parts, name=name, limit=limit, stats=stats,
+                                                         allocate=allocate)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a member's bytes damaged, not cut short
+            raise ValueError(f"{name}: {path} is corrupt ({exc}); fetch or write it again") from None
     if labels.numel() and labels.min() < 0:
         raise ValueError(f"{name}: {path} has negative labels")
     num_classes = len(classes) if classes is not None else int(labels.max()) + 1
@@ -508,9 +530,16 @@ def _build_mnist(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocat
 
 
 def _read_pickle(path: Path) -> dict:
-    """One CIFAR batch file (a Python 2 pickle); keys normalised to str."""
+    """One CIFAR batch file (a Python 2 pickle); keys normalised to str. A file cut short or not a pickle
+    of a dict is a one-line ValueError naming it."""
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            entry = pickle.load(f, encoding="latin1")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise ValueError(f"{path} is not a readable batch file ({type(exc).__name__}: {exc}); "
+                             f"{REFETCH_HINT}") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} holds a {type(entry).__name__}, not a batch's dict; {REFETCH_HINT}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 

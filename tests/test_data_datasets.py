@@ -695,3 +695,56 @@ def test_every_in_memory_builder_reads_its_images_into_the_one_tensor_allocate_g
         assert data.images.data_ptr() == given[0].data_ptr() and data.images.shape == given[0].shape, key
         assert torch.equal(data.images, oracle.images) and torch.equal(data.labels, oracle.labels), key
         assert (data.mean, data.std) == (oracle.mean, oracle.std), key
+
+
+def test_npz_and_pickle_files_cut_short_or_damaged_are_one_line_errors_naming_them(tmp_path, monkeypatch):
+    """A download cut short, a damaged member, a lone array or some other file: each a ValueError of one line
+    that names the file (np.load's own errors named nothing, and a BadZipFile or zlib.error reached the user as
+    a traceback), and a file the process may not read is one line too."""
+    import main as launcher
+    from tests.torchrun_util import REPO_ROOT
+    from utils.config import load_config
+
+    images = _smooth_images(40, 16, 3)
+    whole = tmp_path / "whole.npz"
+    np.savez_compressed(whole, x_train=images, y_train=np.arange(40) % 4)
+    raw = whole.read_bytes()
+    cases = {"cut.npz": raw[: len(raw) // 2], "text.npz": b"x_train,y_train\n1,2\n"}
+    damaged = bytearray(raw)
+    start = raw.index(b"x_train.npy") + 200  # inside x_train's compressed bytes, past its local header
+    damaged[start:start + 64] = bytes(64)
+    cases["damaged.npz"] = bytes(damaged)
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    np.save(tmp_path / "lone.npy", images)
+    (tmp_path / "lone.npy").rename(tmp_path / "lone.npz")
+    expected = {"cut": r"is not a readable \.npz file \(File is not a zip file\); if it was cut short, fetch or write "
+                       r"it again$",
+                "text": r"is not an \.npz file \(it begins with neither a zip nor a \.npy header\)$",
+                "damaged": r"is corrupt \(.*\); fetch or write it again$",
+                "lone": r"holds one array \(\.npy\), not an \.npz of x_train/y_train/x_test/y_test arrays or a JPEG "
+                        r"pack$"}
+    for stem, pattern in expected.items():
+        path = tmp_path / f"{stem}.npz"
+        with pytest.raises(ValueError, match=rf"^{stem}: {re.escape(str(path))} {pattern}") as info:
+            build_dataset(DataConfig(name="npz", root=str(path)), split="train")
+        assert "\n" not in str(info.value)
+    base = tmp_path / "cifar-10-batches-py"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(base / name, {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})
+    batch = base / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(batch))} is not a readable batch file \(\w+: .*\); "
+                                         r"the folder is incomplete; delete it and set data.download=true"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), split="train")
+    _write_pickle(batch, [1, 2])
+    with pytest.raises(ValueError, match=r"data_batch_3 holds a list, not a batch's dict; the folder is incomplete"):
+        build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), split="train")
+
+    def refused(path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    cfg = load_config(REPO_ROOT / "config" / "mnist_cnn_propos.yml", ["data.name=npz", f"data.root={whole}"])
+    monkeypatch.setattr(np, "load", refused)  # (the tests run as root, whom a file's mode does not stop)
+    with pytest.raises(SystemExit, match=rf"^error: data: \[Errno 13\] Permission denied: '{re.escape(str(whole))}'$"):
+        launcher.build_datasets(cfg)

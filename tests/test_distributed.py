@@ -244,6 +244,14 @@ def test_data_the_loading_rank_cannot_read_stops_every_rank_with_its_line(tmp_pa
     assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["error"].startswith(f"error: data: no_such: {missing} "
                                                                                    "not found; set data.root")
     assert [len(rank["loads"]) for rank in ranks] == [1, 0]
+    # a file the loading rank may not read: an OSError other than FileNotFoundError, the same one line everywhere
+    from data.datasets import shared_data_dir
+
+    digits = shared_data_dir() / "mnist.npz"
+    run_torchrun(SCRIPTS / "share_images.py", REPO_ROOT / "config" / "mnist_cnn_propos.yml", tmp_path,
+                 "data.name=npz", f"data.root={digits}", nproc=2, env={"UNREADABLE": "1"})
+    assert [torch.load(tmp_path / f"rank{r}.pt")["error"] for r in range(2)] == [
+        f"error: data: [Errno 13] Permission denied: '{digits}'"] * 2
     # the launcher: the ranks print the line and exit with status 1 (torchrun may stop the second once the
     # first has), their process group torn down after a barrier: a rank leaving while the other was still
     # in the gather aborted ("terminate called without an active exception") in about half the runs

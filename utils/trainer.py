@@ -174,7 +174,7 @@ def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: 
                       "images": None if loaded.images is None else tuple(loaded.images.shape),
                       "in_shared": shared is not None and loaded.images is not None
                       and _same_tensor(loaded.images, shared[0])}
-        except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+        except (OSError, ValueError, ModuleNotFoundError) as exc:
             report = str(exc)
     if not asked:
         shared = _share_images_of_shape(None, first)

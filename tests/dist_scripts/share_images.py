@@ -8,12 +8,13 @@ Usage: share_images.py CONFIG OUT_DIR [key=value ...]
 Environment: SHARED_MEMORY_DIR, in place of /dev/shm; NODES, a node name per rank ("a,a,b": a node of
 two ranks and a node of one), to act several nodes on one machine; PRIVATE_ALLOCATION, ranks ("1,2") whose
 builds read into a tensor of their own rather than the one they are given; AVAILABLE_MEMORY, the bytes of
-memory the ranks take to be available.
+memory the ranks take to be available; UNREADABLE=1, np.load refuses every file as a permission error would.
 """
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import main as launcher
@@ -28,6 +29,11 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
     du.SHARED_MEMORY_DIR = os.environ.get("SHARED_MEMORY_DIR", du.SHARED_MEMORY_DIR)
     if os.environ.get("NODES"):
         du.node_name = lambda: os.environ["NODES"].split(",")[info.rank]
+    if os.environ.get("UNREADABLE"):
+        def refused(path, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        np.load = refused
     if os.environ.get("AVAILABLE_MEMORY"):
         trainer.available_memory_bytes = lambda: int(os.environ["AVAILABLE_MEMORY"])
     loads, allocated = [], []
