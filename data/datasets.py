@@ -516,7 +516,10 @@ def _build_mnist(cfg: DataConfig, parts: tuple[str, ...], allocate: ImageAllocat
                        "set data.download=true, or data.root=<folder holding MNIST/raw, or mnist.npz>")
     from torchvision.datasets import MNIST
 
-    sets = [MNIST(str(root), train=(p == "train"), download=cfg.download) for p in parts]
+    try:
+        sets = [MNIST(str(root), train=(p == "train"), download=cfg.download) for p in parts]
+    except RuntimeError as exc:  # a raw file missing or cut short ("Dataset not found", "shape ... is invalid")
+        raise ValueError(f"mnist: torchvision cannot read {root / 'MNIST' / 'raw'} ({exc}); {REFETCH_HINT}") from None
     labels = torch.cat([s.targets for s in sets]).long()[: cfg.limit or None]
     images = allocate((len(labels), 1, 28, 28))
     row = 0

@@ -740,6 +740,15 @@ def test_npz_and_pickle_files_cut_short_or_damaged_are_one_line_errors_naming_th
     _write_pickle(batch, [1, 2])
     with pytest.raises(ValueError, match=r"data_batch_3 holds a list, not a batch's dict; the folder is incomplete"):
         build_dataset(DataConfig(name="cifar10", root=str(tmp_path)), split="train")
+    raw = tmp_path / "MNIST" / "raw"
+    for prefix in ("train", "t10k"):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:20, :, :, 0].repeat(2, 1).repeat(2, 2)[:, :28, :28])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(20) % 10)
+    cut = raw / "train-images-idx3-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"^mnist: torchvision cannot read {re.escape(str(raw))} \(shape .* is "
+                                         r"invalid .*\); the folder is incomplete; delete it"):
+        build_dataset(DataConfig(name="mnist", root=str(tmp_path)), split="train")
 
     def refused(path, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
