@@ -250,12 +250,16 @@ def decode_jpeg_rows(jpeg: np.ndarray, offsets: np.ndarray, rows: np.ndarray, *,
     """Decode images `rows` of a JPEG pack (image i is jpeg[offsets[i]:offsets[i+1]]) with Pillow,
     in a thread pool (Pillow releases the GIL while decoding), straight into channels-first rows of the
     tensor `allocate` gives: (len(rows), C, H, W) uint8, with no second, transposed copy."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     def decode(i: int) -> np.ndarray:
         raw = jpeg[offsets[i]:offsets[i + 1]].tobytes()
-        with Image.open(io.BytesIO(raw)) as image:
-            pixels = np.asarray(image.convert(mode))
+        try:
+            with Image.open(io.BytesIO(raw)) as image:
+                pixels = np.asarray(image.convert(mode))
+        except (OSError, ValueError) as exc:  # not an image, or one cut short
+            reason = "Pillow cannot identify it" if isinstance(exc, UnidentifiedImageError) else str(exc)
+            raise ValueError(f"JPEG row {i} cannot be decoded ({reason})") from None
         return pixels[..., None] if pixels.ndim == 2 else pixels
 
     if len(rows) == 0:
@@ -427,7 +431,10 @@ def _load_npz(path: Path, parts: tuple[str, ...], *, name: str, limit: int,
                     rows = rows[:limit]
                 if len(rows) == 0:
                     raise ValueError(f"{name}: {path} has no {'+'.join(parts)} rows")
-                images = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows, allocate=allocate)
+                try:
+                    images = decode_jpeg_rows(archive["jpeg"], archive["offsets"], rows, allocate=allocate)
+                except ValueError as exc:  # a row that cannot be decoded, or of another size than the first
+                    raise ValueError(f"{name}: {path}: {exc}") from None
                 labels = torch.from_numpy(archive["y"][rows].astype(np.int64))
                 if stats is None:
                     stats = channel_stats(images)

@@ -255,13 +255,15 @@ def test_bad_npz_arrays_are_one_line_errors(tmp_path):
         build_dataset(DataConfig(name="npz", root=str(path)), split="train")
 
 
+def _jpeg_of(image: np.ndarray) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
 def test_npz_jpeg_pack_orders_train_rows_then_test_rows(tmp_path):
     images = _smooth_images(6, 16, 3, seed=3)
-    blobs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+    blobs = [_jpeg_of(image) for image in images]
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
     split = np.array([1, 0, 0, 1, 0, 1], np.uint8)  # interleaved on purpose
     path = tmp_path / "pack.npz"
@@ -271,6 +273,16 @@ def test_npz_jpeg_pack_orders_train_rows_then_test_rows(tmp_path):
     decoded = data.images.permute(0, 2, 3, 1).numpy().astype(float)
     assert np.abs(decoded - images[data.labels.numpy()]).mean() < 3  # JPEG at quality 95
     assert build_dataset(DataConfig(name="npz", root=str(path)), split="test").labels.tolist() == [0, 3, 5]
+    # a row whose bytes are not a JPEG, one cut short, and one of another size: each names the file and the row
+    for row, blob, reason in ((4, np.frombuffer(b"not a jpeg", np.uint8), r"cannot be decoded \(Pillow cannot "
+                                                                          r"identify it\)"),
+                              (2, blobs[2][: len(blobs[2]) // 2], r"cannot be decoded \(Truncated File Read\)"),
+                              (3, _jpeg_of(_smooth_images(1, 8, 3)[0]), r"is \(8, 8\), the first is \(16, 16\)")):
+        damaged = [blob if i == row else b for i, b in enumerate(blobs)]
+        np.savez(path, jpeg=np.concatenate(damaged), y=np.arange(6, dtype=np.uint8), split=split,
+                 offsets=np.concatenate([[0], np.cumsum([len(b) for b in damaged])]))
+        with pytest.raises(ValueError, match=rf"^pack: {re.escape(str(path))}: JPEG row {row} {reason}"):
+            build_dataset(DataConfig(name="npz", root=str(path)), split="train+test")
 
 
 def _write_pickle(path: Path, entry: dict) -> None:
