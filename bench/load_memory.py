@@ -100,8 +100,6 @@ def load_npz_whole_arrays(path: Path):
 
 
 def child(way: str, root: str) -> None:
-    import torch
-
     from data.config import DataConfig
     from data.datasets import build_train_dataset
 
@@ -117,10 +115,16 @@ def child(way: str, root: str) -> None:
         images = load_whole_files(Path(root) / "stl10_binary")
     seconds = time.perf_counter() - start
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    # Position-weighted, so that pixels in the wrong places (a transposition) change it too.
+    print(json.dumps({"bytes": images.numel(), "growth": growth, "seconds": seconds, "digest": images_digest(images)}))
+
+
+def images_digest(images) -> int:
+    """A checksum of every 97th image and the last, position-weighted, so that pixels in the wrong places
+    (a transposition) change it too."""
+    import torch
+
     sample = torch.cat([images[::97], images[-1:]]).reshape(-1).to(torch.int64)
-    digest = int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum())
-    print(json.dumps({"bytes": images.numel(), "growth": growth, "seconds": seconds, "digest": digest}))
+    return int((sample * (torch.arange(sample.numel()) % 251 + 1)).sum())
 
 
 def print_medians(runs: dict[str, list[dict]], size: int, labels: dict[str, str], measure: str,

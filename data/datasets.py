@@ -29,6 +29,8 @@ from utils.registry import Registry
 logger = logging.getLogger(__name__)
 
 ImageAllocator = Callable[[tuple[int, int, int, int]], torch.Tensor]
+# A builder applies data.limit itself, before it asks the allocator for its images' tensor: cutting the rows
+# afterwards would be a copy outside the memory the allocator gave (shared by a node's ranks).
 Builder = Callable[[DataConfig, tuple[str, ...], ImageAllocator], "ImageData"]
 DATASETS: Registry[Builder] = Registry("dataset")
 # Builders that list image files rather than load images: every rank of a run lists them itself. The
@@ -148,8 +150,6 @@ def build_dataset(cfg: DataConfig, *, split: str, with_unlabeled: bool = False,
     data = builder(cfg, parts, allocate)
     if cfg.stl10_unlabeled and not with_unlabeled and split == cfg.split:
         logger.info("stl10: building %s without the unlabeled images (build_train_dataset adds them)", split)
-    if cfg.limit and len(data) > cfg.limit:
-        data = data.subset(slice(0, cfg.limit))
     logger.info("dataset %s (%s%s): %d images, %d classes, %d channels, size %d", data.name, split,
                 "+unlabeled" if with_unlabeled else "", len(data), data.num_classes, data.channels,
                 data.image_size)

@@ -360,9 +360,11 @@ def _map_shared_file(path: str, token: bytes, numel: int, dtype: torch.dtype) ->
         return None
 
 
-def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, tuple[int, ...]]:
+def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8, *,
+                      nodes: list[str] | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(an uninitialised CPU tensor of `shape`, the ranks that share its memory: this one and those of
-    its node that mapped the same file, in increasing order). Collective.
+    its node that mapped the same file, in increasing order). Collective. `nodes`: every rank's
+    `node_name()`, where the caller has gathered them already (else they are gathered here).
 
     The lowest rank of each node (`node_name`) creates a file of the tensor's size in SHARED_MEMORY_DIR,
     every rank of the node maps it (`torch.from_file`, shared: DataLoader workers forked later share it
@@ -374,7 +376,7 @@ def node_shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) 
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if not is_dist():
         return torch.empty(shape, dtype=dtype), (rank,)
-    nodes = all_gather_object(node_name())
+    nodes = nodes if nodes is not None else all_gather_object(node_name())
     on_node = [r for r, node in enumerate(nodes) if node == nodes[rank]]
     created = _create_shared_file(nbytes) if rank == on_node[0] and len(on_node) > 1 and nbytes else None
     try:

@@ -111,48 +111,56 @@ def load_once_per_node(builds: Sequence[Callable[[ImageAllocator], ImageData]]) 
     is such an error, raised before any image is read. In one process: the builds. Collective."""
     if du.get_world_size() == 1:
         def allocate(shape: tuple[int, int, int, int]) -> torch.Tensor:
-            _refuse_images_beyond_memory(shape, copies=1)
+            _refuse_images_beyond_memory(shape, ranks_on_node=1)
             return empty_images(shape)
 
         return [build(allocate) for build in builds]
-    rank = du.get_rank()
-    nodes = du.all_gather_object(du.node_name())
-    first = min(r for r, node in enumerate(nodes) if node == nodes[rank])
-    return [_load_set_once_per_node(build, rank, first, nodes.count(nodes[rank])) for build in builds]
+    nodes = du.all_gather_object(du.node_name())  # once: every exchange below reuses them
+    return [_load_set_once_per_node(build, nodes) for build in builds]
 
 
-def _refuse_images_beyond_memory(shape: tuple[int, int, int, int], copies: int) -> None:
-    """A one-line ValueError where `copies` copies of uint8 images of `shape` would take more than 80% of the
-    memory available: a set too large for the machine stops before any image is read, with what to set,
-    rather than the kernel's out-of-memory killer stopping the run part-way."""
-    nbytes = math.prod(shape)
+def _refuse_beyond_memory(doing: str, nbytes: int, ranks_on_node: int, remedy: str) -> None:
+    """A one-line ValueError, "`doing` takes ... ; `remedy`", where the node's copies of `nbytes` would take
+    more than 80% of the memory available: one copy, or one per rank of the node where SHARED_MEMORY_DIR has
+    too little room to share it. Images too large for the machine stop the run before any is read or
+    decoded, with what to set, rather than the kernel's out-of-memory killer stopping it part-way."""
     available = available_memory_bytes()
+    copies = 1 if ranks_on_node == 1 or du.shared_memory_free_bytes() >= nbytes else ranks_on_node
     if available is None or nbytes * copies <= 0.8 * available:
         return
     on_node = ("one copy on this node" if copies == 1 else
                f"{nbytes * copies / 1e9:.3g} GB for the {copies} ranks on this node, a copy each: "
                f"{du.SHARED_MEMORY_DIR} has too little room to share one")
-    raise ValueError(f"loading {shape[0]} images of {'x'.join(map(str, shape[1:]))} takes {nbytes / 1e9:.3g} GB "
-                     f"({on_node}), more than 80% of the {available / 1e9:.3g} GB of memory available; set "
-                     "data.limit to hold fewer images")
+    raise ValueError(f"{doing} takes {nbytes / 1e9:.3g} GB ({on_node}), more than 80% of the "
+                     f"{available / 1e9:.3g} GB of memory available; {remedy}")
 
 
-def _share_images_of_shape(shape: tuple[int, ...] | None, first: int) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+def _refuse_images_beyond_memory(shape: tuple[int, int, int, int], ranks_on_node: int) -> None:
+    """`_refuse_beyond_memory` for a set held in memory whose builder asks for (N, C, H, W) uint8 images."""
+    _refuse_beyond_memory(f"loading {shape[0]} images of {'x'.join(map(str, shape[1:]))}", math.prod(shape),
+                          ranks_on_node, "set data.limit to hold fewer images")
+
+
+def _share_images_of_shape(shape: tuple[int, ...] | None, first: int,
+                           nodes: list[str]) -> tuple[torch.Tensor, tuple[int, ...]] | None:
     """The node's shared tensor for the images its first rank (`first`) is about to read, and the ranks that
-    share it (`du.node_shared_empty`); None where that rank reads none. `shape`: the images' shape on a
-    node's first rank when its build asks for their tensor, else None (the other ranks, and a first rank
-    whose build failed or gave files). Collective: every rank calls it once per set."""
+    share it (`du.node_shared_empty`; `nodes`: every rank's node name); None where that rank reads none.
+    `shape`: the images' shape on a node's first rank when its build asks for their tensor, else None (the
+    other ranks, and a first rank whose build failed or gave files). Collective: every rank calls it once
+    per set."""
     shapes = du.all_gather_object(shape)
     if all(other is None for other in shapes):
         return None
     ours = shapes[first]
-    tensor, sharers = du.node_shared_empty(ours or (0,), torch.uint8)  # every rank, whatever its node reads
+    tensor, sharers = du.node_shared_empty(ours or (0,), torch.uint8, nodes=nodes)  # every rank takes part
     return (tensor, sharers) if ours is not None else None
 
 
-def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: int, first: int,
-                            ranks_on_node: int) -> ImageData:
-    """One set of `load_once_per_node`, on rank `rank` whose node's first rank is `first`. Collective."""
+def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], nodes: list[str]) -> ImageData:
+    """One set of `load_once_per_node` (`nodes`: every rank's node name). Collective."""
+    rank = du.get_rank()
+    first = nodes.index(nodes[rank])  # the node's lowest rank loads
+    ranks_on_node = nodes.count(nodes[rank])
     shared: tuple[torch.Tensor, tuple[int, ...]] | None = None  # the node's copy and its sharers, once known
     asked = False  # whether this rank has taken part in `_share_images_of_shape` for the set
     loaded, report = None, None  # report: the set the node's first rank loaded, without its images
@@ -162,10 +170,9 @@ def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: 
             if asked:  # a second tensor for the same set is the build's own business
                 return empty_images(shape)
             # Refused before the exchange, the build fails as any build does (the exchange then follows).
-            shares = ranks_on_node == 1 or du.shared_memory_free_bytes() >= math.prod(shape)
-            _refuse_images_beyond_memory(shape, copies=1 if shares else ranks_on_node)
+            _refuse_images_beyond_memory(shape, ranks_on_node)
             asked = True
-            shared = _share_images_of_shape(tuple(shape), first)
+            shared = _share_images_of_shape(tuple(shape), first, nodes)
             return shared[0] if shared is not None else empty_images(shape)
 
         try:
@@ -177,7 +184,7 @@ def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: 
         except (OSError, ValueError, ModuleNotFoundError) as exc:
             report = str(exc)
     if not asked:
-        shared = _share_images_of_shape(None, first)
+        shared = _share_images_of_shape(None, first, nodes)
     reports = du.all_gather_object(report)
     failure = next((r for r in reports if isinstance(r, str)), None)
     if failure is not None:
@@ -188,7 +195,7 @@ def _load_set_once_per_node(build: Callable[[ImageAllocator], ImageData], rank: 
     if any(r is not None and r["images"] is not None and not r["in_shared"] for r in reports):
         # Some node's build read its images into a tensor of its own: copy them into a shared one there.
         ours = described["images"] if described["images"] is not None and not in_shared else None
-        copy, sharers = du.node_shared_empty(ours or (0,), torch.uint8)
+        copy, sharers = du.node_shared_empty(ours or (0,), torch.uint8, nodes=nodes)
         if ours is not None:
             shared = copy, sharers
             if rank == first and len(sharers) > 1:
@@ -232,17 +239,10 @@ def decode_once(train_data: ImageData, eval_data: ImageData, why: str, *, dist_i
 
     sets = (train_data, eval_data) if eval_data is not train_data else (train_data,)
     files = [data for data in sets if data.images is None]
-    per_rank = sum(map(decoded_bytes, files))
-    available = available_memory_bytes() if files else None
-    copies = 1 if ranks_on_node == 1 or du.shared_memory_free_bytes() >= per_rank else ranks_on_node
-    if available is not None and per_rank * copies > 0.8 * available:
-        on_node = ("one copy on this node" if copies == 1 else
-                   f"{per_rank * copies / 1e9:.3g} GB for the {copies} ranks on this node, a copy each: "
-                   f"{du.SHARED_MEMORY_DIR} has too little room to share one")
-        raise ValueError(f"{why}: decoding {sum(map(len, files))} files at {files[0].image_size} px takes "
-                         f"{per_rank / 1e9:.3g} GB ({on_node}), more than 80% of the {available / 1e9:.3g} GB of "
-                         "memory available; set data.decode_once=false and data.loader=workers, or a smaller "
-                         "data.image_size")
+    if files:
+        _refuse_beyond_memory(f"{why}: decoding {sum(map(len, files))} files at {files[0].image_size} px",
+                              sum(map(decoded_bytes, files)), ranks_on_node,
+                              "set data.decode_once=false and data.loader=workers, or a smaller data.image_size")
     decoded = []
     for data in sets:
         if data.images is not None:
