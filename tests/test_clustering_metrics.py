@@ -77,6 +77,30 @@ def test_degenerate_labellings_agree_with_sklearn(labels_true, labels_pred):
     assert scores["acc"] == pytest.approx(brute_force_acc(labels_true, labels_pred), abs=1e-12)
 
 
+def set_partitions(n: int) -> list[tuple[int, ...]]:
+    """Every way to split n points into groups, each once (restricted growth strings: a point's label is at
+    most one more than the largest label before it)."""
+    partitions = [()]
+    for _ in range(n):
+        partitions = [p + (label,) for p in partitions for label in range(max(p, default=-1) + 2)]
+    return partitions
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_every_pair_of_labellings_of_a_few_points_agrees_with_sklearn(n):
+    """The special cases (one point, one cluster, all singletons, pairs that cannot be counted) by exhaustion:
+    every pair of partitions of n points, the second one's cluster ids shifted so that ids do not line up."""
+    for labels_true in set_partitions(n):
+        for partition in set_partitions(n):
+            labels_pred = [7 - label for label in partition]
+            scores = evaluate_clustering(labels_true, labels_pred)
+            where = f"{labels_true} vs {labels_pred}"
+            assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels_true, labels_pred),
+                                                  abs=1e-12), where
+            assert scores["ari"] == pytest.approx(adjusted_rand_score(labels_true, labels_pred), abs=1e-12), where
+            assert scores["acc"] == pytest.approx(brute_force_acc(labels_true, labels_pred), abs=1e-12), where
+
+
 @pytest.mark.parametrize("labels_true,labels_pred,match", [
     ([0, 1, 1], [0, 1], "differ in length"),
     ([[0, 1]], [[0, 1]], "1-D"),

@@ -36,9 +36,12 @@ def test_nt_xent_known_similarities_and_normalisation():
     assert nt_xent_loss(z1, z2, temperature=0.5, symmetric=False).item() == pytest.approx((a1_t + a2_t) / 2, rel=1e-6)
 
 
-def test_nt_xent_rejects_bad_shapes():
+def test_nt_xent_rejects_bad_shapes_and_temperatures():
     with pytest.raises(ValueError, match="must both be"):
         nt_xent_loss(torch.zeros(3, 2), torch.zeros(2, 2), temperature=0.5)
+    for temperature in (0.0, -0.5):  # zero would divide the cosines by zero, not fail
+        with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+            nt_xent_loss(torch.ones(3, 2), torch.ones(3, 2), temperature=temperature)
 
 
 def test_cluster_contrast_over_columns():
