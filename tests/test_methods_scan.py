@@ -139,8 +139,22 @@ def test_clustering_steps_train_the_heads_and_the_backbone_unless_frozen(update_
     assert all(unchanged) if not update_backbone else not all(unchanged)
 
 
-def test_self_labelling_trains_the_selected_head_on_its_confident_clean_predictions():
-    method = build_scan(num_heads=2, selflabel_epochs=3)
+def test_each_stage_trains_with_its_own_optimizer_settings():
+    method = build_scan(scan_optimizer="sgd", scan_lr=0.3, scan_weight_decay=0.01, scan_momentum=0.5,
+                        selflabel_epochs=3, selflabel_optimizer="rmsprop", selflabel_lr=0.2,
+                        selflabel_weight_decay=0.02, selflabel_momentum=0.7)
+    pretext, scan, selflabel = method.training_stages()
+    assert (pretext.name, pretext.optimizer, pretext.lr) == ("pretext", None, None)   # the `optim` section's
+    assert (scan.name, scan.epochs, scan.optimizer, scan.lr, scan.weight_decay, scan.momentum) == (
+        "scan", 50, "sgd", 0.3, 0.01, 0.5)
+    assert (selflabel.name, selflabel.epochs, selflabel.optimizer, selflabel.lr, selflabel.weight_decay,
+            selflabel.momentum) == ("selflabel", 3, "rmsprop", 0.2, 0.02, 0.7)
+
+
+@pytest.mark.parametrize("class_balance, threshold", [(True, 0.99), (False, 0.9)])
+def test_self_labelling_trains_the_selected_head_on_its_confident_clean_predictions(class_balance, threshold):
+    method = build_scan(num_heads=2, selflabel_epochs=3, selflabel_class_balance=class_balance,
+                        selflabel_threshold=threshold)
     assert [s.name for s in method.training_stages()] == ["pretext", "scan", "selflabel"]
     method.enter_stage("scan")
     assert method.clean_training_views() == ()
@@ -153,7 +167,7 @@ def test_self_labelling_trains_the_selected_head_on_its_confident_clean_predicti
     clean, augmented = clustering_batch()
     set_batch_norm_statistics(method, clean)
     with torch.no_grad():
-        method.heads[1].weight.mul_(200.0)   # confident enough that some rows pass 0.99
+        method.heads[1].weight.mul_(20.0)   # confident enough that some rows pass either threshold, not all
     method.train()
     terms = method.training_step([clean, augmented], torch.arange(16), Progress(
         epoch=0, global_step=0, steps_per_epoch=1, total_steps=1, stage="selflabel"))
@@ -161,12 +175,14 @@ def test_self_labelling_trains_the_selected_head_on_its_confident_clean_predicti
     with torch.no_grad():
         logits = method.heads[1](method.backbone(torch.cat([clean, augmented])))
     confidence, target = torch.softmax(logits[:16], 1).max(1)
-    confident = confidence > 0.99
+    confident = confidence > threshold
     assert 0 < int(confident.sum()) < 16
     counts = torch.bincount(target[confident], minlength=4).float()
     class_weights = torch.where(counts > 0, confident.sum() / counts.clamp_min(1), torch.zeros(4))
-    expected = torch.nn.functional.cross_entropy(logits[16:][confident], target[confident], weight=class_weights)
-    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
+    balanced, plain = (torch.nn.functional.cross_entropy(logits[16:][confident], target[confident], weight=weight)
+                       for weight in (class_weights, None))
+    assert balanced.item() != pytest.approx(plain.item(), rel=1e-2)   # the two settings differ on this batch
+    assert terms["loss"].item() == pytest.approx((balanced if class_balance else plain).item(), rel=1e-4)
     assert terms["confident"].item() == pytest.approx(float(confident.float().mean()))
     terms["loss"].backward()
     assert method.heads[0].weight.grad is None and method.heads[1].weight.grad.abs().sum() > 0
