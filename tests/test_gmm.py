@@ -122,6 +122,32 @@ def test_bad_input_raises_value_error_at_fit(make, x, match):
         make().fit(x)
 
 
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_the_least_values_each_option_allows_fit(covariance_type):
+    """One component with reg_covar=0 is the data's own Gaussian (its mean and biased variance, scored as
+    scikit-learn scores it); chunk_size=1 fits what the default chunks fit; as many points as components
+    give each point a component."""
+    x = anisotropic_blobs(n=300, d=4, k=3, seed=2)
+    one = GaussianMixture(1, covariance_type=covariance_type, reg_covar=0.0, max_iter=5).fit(torch.from_numpy(x))
+    variance = x.var(0) if covariance_type == "diag" else np.atleast_1d(x.var(0).mean())
+    np.testing.assert_allclose(one.weights.numpy(), [1.0], rtol=1e-12)
+    np.testing.assert_allclose(one.means.numpy(), x.mean(0, keepdims=True), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(one.variances.numpy(), variance.reshape(one.variances.shape), rtol=1e-9)
+    sk = SkGaussianMixture(1, covariance_type=covariance_type, reg_covar=0.0).fit(x)
+    assert one.score(torch.from_numpy(x)) == pytest.approx(sk.score(x), rel=1e-9)
+
+    weights, means, variances = initial_parameters(x, 3, covariance_type)
+    init = {"weights": torch.from_numpy(weights), "means": torch.from_numpy(means),
+            "variances": torch.from_numpy(variances)}
+    fits = [GaussianMixture(3, covariance_type=covariance_type, init=init, max_iter=4, tol=0.0,
+                            chunk_size=chunk_size).fit(torch.from_numpy(x)) for chunk_size in (1, None)]
+    assert fits[0].lower_bound_history == pytest.approx(fits[1].lower_bound_history, rel=1e-12)
+
+    points = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    each = GaussianMixture(3, covariance_type=covariance_type).fit(points)
+    assert sorted(each.predict(points).tolist()) == [0, 1, 2]
+
+
 def test_predict_before_fit_raises():
     with pytest.raises(RuntimeError, match="before fit"):
         GaussianMixture(2).predict(X)
