@@ -351,6 +351,39 @@ def test_linear_probe_reuses_the_runs_train_and_test_features(trained, tmp_path,
     assert built["linear_acc"] == results["linear"]["linear_acc"]
 
 
+def test_the_eval_sections_knn_and_probe_settings_reach_them(trained, tmp_path, monkeypatch):
+    """--eval knn,linear hands each eval.knn_* and eval.linear_* value (and run.seed) to the function it sets,
+    none swapped with another, and returns what those functions return."""
+    import shutil
+
+    import main as launcher
+    import utils.evaluation as evaluation
+    from tests.test_train import DEMO, SMALL
+
+    calls = {}
+
+    def recording(name, function):
+        def record(*args, **kwargs):
+            calls[name] = kwargs
+            calls[name + "_result"] = function(*args, **kwargs)
+            return calls[name + "_result"]
+        return record
+
+    monkeypatch.setattr(evaluation, "knn_accuracy", recording("knn", evaluation.knn_accuracy))
+    monkeypatch.setattr(evaluation, "linear_probe", recording("linear", evaluation.linear_probe))
+    shutil.copy(trained / "last.pt", tmp_path / "last.pt")
+    results = launcher.main([str(DEMO), *SMALL, "eval.knn_k=7", "eval.knn_temperature=0.3", "eval.knn_chunk_size=50",
+                             "eval.linear_epochs=3", "eval.linear_lr=0.002", "eval.linear_weight_decay=0.04",
+                             "eval.linear_batch_size=33", "run.seed=5", "--eval", "knn,linear",
+                             "--checkpoint", str(tmp_path / "last.pt")])
+    assert {key: calls["knn"][key] for key in ("k", "temperature", "chunk_size")} == {
+        "k": 7, "temperature": 0.3, "chunk_size": 50}
+    assert {key: calls["linear"][key] for key in ("epochs", "lr", "weight_decay", "batch_size", "seed")} == {
+        "epochs": 3, "lr": 0.002, "weight_decay": 0.04, "batch_size": 33, "seed": 5}
+    assert (results["knn"]["knn_acc"], results["linear"]["linear_acc"]) == (calls["knn_result"],
+                                                                           calls["linear_result"])
+
+
 def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
     """--eval knn,assign,features under torchrun (2 ranks): each mode's numbers, clusters and gathered
     features are the one-process run's."""
