@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from losses.dec import kl_clustering_loss, reconstruction_loss, soft_assignment, target_distribution
 from models.autoencoder import AUTOENCODERS, build_autoencoder
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
-from utils.config import ConfigError
+from utils.config import ConfigError, check_momentum
 from utils.optim import LR_SCHEDULES, OPTIMIZERS
 from utils.registry import Registry
 
@@ -87,7 +87,7 @@ class DECConfig(MethodConfig):
                 fail(key, f"expected one of {', '.join(OPTIMIZERS)}, got {getattr(self, key)!r}")
         if self.pretrain_schedule not in LR_SCHEDULES:
             fail("pretrain_schedule", f"expected one of {', '.join(LR_SCHEDULES)}, got {self.pretrain_schedule!r}")
-        if self.pretrain_schedule == "step" and self.pretrain_lr_step_iters < 1:
+        if self.pretrain_lr_step_iters < 1:   # read by the step schedule only, but never meaningful below 1
             fail("pretrain_lr_step_iters", f"expected >= 1 iteration, got {self.pretrain_lr_step_iters}")
         if not 0.0 < self.pretrain_lr_step_factor <= 1.0:
             fail("pretrain_lr_step_factor", f"expected a factor in (0, 1], got {self.pretrain_lr_step_factor}")
@@ -120,6 +120,8 @@ class DECConfig(MethodConfig):
         for key in ("pretrain_lr", "cluster_lr"):
             if getattr(self, key) <= 0:
                 fail(key, f"expected a value > 0, got {getattr(self, key)}")
+        for key in ("pretrain_momentum", "cluster_momentum"):
+            check_momentum(f"method.{key}", getattr(self, key))
 
 
 def label_change_fraction(new: torch.Tensor, old: torch.Tensor) -> float:

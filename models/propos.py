@@ -59,6 +59,9 @@ class ProPosConfig(MethodConfig):
     def validate(self) -> None:
         if self.momentum_schedule not in ("constant", "cosine"):
             raise ConfigError(f"method.momentum_schedule: expected constant or cosine, got {self.momentum_schedule!r}")
+        for key in ("projector_hidden_dim", "feature_dim", "predictor_hidden_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"method.{key}: expected a width >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.momentum_base <= 1.0:
             raise ConfigError(f"method.momentum_base: expected a value in [0, 1], got {self.momentum_base}")
         for key in ("latent_std", "cluster_loss_weight", "predictor_lr_scale"):

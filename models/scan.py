@@ -41,7 +41,7 @@ from models.backbones import build_backbone
 from models.base import DataInfo, Method, MethodConfig, Progress, Stage, StageContext, register_method
 from models.simclr import projection_head, simclr_terms
 from utils import distributed as du
-from utils.config import ConfigError
+from utils.config import ConfigError, check_momentum
 from utils.evaluation import nearest_neighbours
 from utils.optim import OPTIMIZERS
 
@@ -108,6 +108,8 @@ class SCANConfig(MethodConfig):
         for key in ("entropy_weight", "scan_weight_decay", "selflabel_weight_decay", "selflabel_epochs"):
             if getattr(self, key) < 0:
                 fail(key, f"expected a value >= 0, got {getattr(self, key)}")
+        for key in ("scan_momentum", "selflabel_momentum"):
+            check_momentum(f"method.{key}", getattr(self, key))
         if not 0.0 < self.selflabel_threshold < 1.0:
             fail("selflabel_threshold", f"expected a probability in (0, 1), got {self.selflabel_threshold}")
 

@@ -94,6 +94,81 @@ def test_invalid_values_name_the_key(tmp_path):
         load_config(write(tmp_path, MINIMAL + "  pseudo_label_features: logits\n"))
 
 
+# One shipped config per method: between them, every setting of every section and method.
+ONE_PER_METHOD = [REPO / "config" / name for name in (
+    "mnist_cnn_propos.yml", "mnist_cnn_byol.yml", "mnist_cnn_simclr.yml", "mnist_cnn_moco.yml",
+    "mnist_cnn_simsiam.yml", "mnist_cnn_pcl.yml", "mnist_cnn_cc.yml", "mnist_cnn_scan.yml", "mnist_cnn_nnm.yml",
+    "mnist_mlp_dec.yml", "mnist_mlp_idec.yml", "mnist_dccm.yml")]
+
+
+def float_keys(cfg) -> list[str]:
+    """The dotted keys of every float setting of `cfg` (lists of floats: their first item)."""
+    import dataclasses
+
+    keys = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for field in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+            value = getattr(values, field.name)
+            if isinstance(value, float):
+                keys.append(f"{section.name}.{field.name}")
+            elif isinstance(value, list) and value and isinstance(value[0], float):
+                keys.append(f"{section.name}.{field.name}[0]")
+    return keys
+
+
+@pytest.mark.parametrize("path", ONE_PER_METHOD, ids=[p.stem for p in ONE_PER_METHOD])
+def test_no_setting_takes_nan_or_infinity(path):
+    """NaN passes every `value < minimum` check (an lr of NaN trained on silently): each float setting refuses
+    it, and infinities, in one line that names the key."""
+    cfg = load_config(path)
+    keys = float_keys(cfg)
+    assert {"optim.lr", "optim.betas[0]", "cluster.tol", "method.temperature"} & set(keys)
+    for key in keys:
+        for bad in ("nan", "-inf"):
+            if key.endswith("[0]"):   # a list: the override replaces it whole
+                name, first = key[:-3], bad
+                override = f"{name}=[{first}, 0.5]"
+            else:
+                override = f"{key}={bad}"
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected a finite number, got "):
+                load_config(path, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.seed=-1", "run.seed: expected a value >= 0, got -1"),
+    ("cluster.tol=-0.1", "cluster.tol: expected a value >= 0.0, got -0.1"),
+    ("eval.max_iter=0", "eval.max_iter: expected a value >= 1, got 0"),
+    ("optim.lr_reference_batch=-256", "optim.lr_reference_batch: expected a value >= 0, got -256"),
+    ("optim.min_lr=-0.001", "optim.min_lr: expected a value >= 0.0, got -0.001"),
+    ("optim.grad_clip_norm=-1", "optim.grad_clip_norm: expected a value >= 0.0, got -1.0"),
+    ("optim.momentum=-0.9", "optim.momentum: expected a value in [0, 1), got -0.9"),
+    ("optim.momentum=1", "optim.momentum: expected a value in [0, 1), got 1.0"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas[1]: expected a value in [0, 1), got 1.5"),
+    ("method.feature_dim=0", "method.feature_dim: expected a width >= 1, got 0"),
+    ("method.projector_hidden_dim=-1", "method.projector_hidden_dim: expected a width >= 1, got -1"),
+    ("method.predictor_hidden_dim=0", "method.predictor_hidden_dim: expected a width >= 1, got 0"),
+])
+def test_settings_out_of_their_range_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        load_config(REPO / "config" / "mnist_cnn_propos.yml", [override])
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("mnist_cnn_scan.yml", "method.scan_momentum=-0.5", "method.scan_momentum: expected a value in [0, 1), got -0.5"),
+    ("mnist_cnn_nnm.yml", "method.selflabel_momentum=1.2",
+     "method.selflabel_momentum: expected a value in [0, 1), got 1.2"),
+    ("mnist_mlp_dec.yml", "method.pretrain_momentum=-1",
+     "method.pretrain_momentum: expected a value in [0, 1), got -1.0"),
+    ("mnist_mlp_idec.yml", "method.cluster_momentum=1", "method.cluster_momentum: expected a value in [0, 1), got 1.0"),
+    ("mnist_mlp_dec.yml", "method.pretrain_lr_step_iters=0",
+     "method.pretrain_lr_step_iters: expected >= 1 iteration, got 0"),
+])
+def test_method_momenta_and_steps_out_of_range_are_refused_in_one_line(config, override, message):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        load_config(REPO / "config" / config, [override])
+
+
 def test_base_chain_and_overrides(tmp_path):
     write(tmp_path, MINIMAL + "train:\n  epochs: 10\n  batch_size_per_rank: 64\n", "base.yml")
     child = write(tmp_path, "base: base.yml\ntrain:\n  epochs: 20\n", "child.yml")

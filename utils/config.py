@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class RunConfig:
     def validate(self) -> None:
         _check_choice("run.device", self.device, ("auto", "cpu", "cuda"))
         _check_min("run.threads_per_rank", self.threads_per_rank, 0)
+        _check_min("run.seed", self.seed, 0)   # numpy's generators take no negative seed
 
 
 @dataclass(kw_only=True)
@@ -82,8 +84,14 @@ class OptimConfig:
         _check_min("optim.lr", self.lr, 0.0)
         _check_min("optim.weight_decay", self.weight_decay, 0.0)
         _check_min("optim.warmup_epochs", self.warmup_epochs, 0.0)
+        _check_min("optim.lr_reference_batch", self.lr_reference_batch, 0)
+        _check_min("optim.min_lr", self.min_lr, 0.0)
+        _check_min("optim.grad_clip_norm", self.grad_clip_norm, 0.0)
+        check_momentum("optim.momentum", self.momentum)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            check_momentum(f"optim.betas[{i}]", beta)
 
 
 @dataclass(kw_only=True)
@@ -125,6 +133,7 @@ class ClusterConfig:
         _check_choice("cluster.metric", self.metric, ("cosine", "euclidean"))
         _check_min("cluster.n_init", self.n_init, 1)
         _check_min("cluster.max_iter", self.max_iter, 1)
+        _check_min("cluster.tol", self.tol, 0.0)
         _check_min("cluster.extract_batch_size", self.extract_batch_size, 1)
 
 
@@ -160,6 +169,7 @@ class EvalConfig:
         _check_min("eval.every_epochs", self.every_epochs, 1)
         _check_min("eval.num_clusters", self.num_clusters, 0)
         _check_min("eval.n_init", self.n_init, 1)
+        _check_min("eval.max_iter", self.max_iter, 1)
         _check_choice("eval.best_metric", self.best_metric, ("acc", "nmi", "ari", "knn_acc"))
         if self.best_metric == "knn_acc" and not self.knn_every_epochs:
             raise ConfigError("eval.best_metric: knn_acc needs the kNN monitor on (eval.knn_every_epochs > 0)")
@@ -382,9 +392,12 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # NaN passes every `<` check below it, and no setting means infinity
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -432,6 +445,12 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_min(key: str, value: float, minimum: float) -> None:
     if value < minimum:
         raise ConfigError(f"{key}: expected a value >= {minimum}, got {value!r}")
+
+
+def check_momentum(key: str, value: float) -> None:
+    """A momentum or an Adam beta: a decay factor in [0, 1) (1 would never forget, above 1 diverges)."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}: expected a value in [0, 1), got {value!r}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
