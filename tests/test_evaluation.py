@@ -58,6 +58,15 @@ def test_knn_matches_brute_force_and_chunking_does_not_change_it(leave_one_out):
         got = knn_predict(train, train_labels, queries, k=5, temperature=0.5, num_classes=3, chunk_size=chunk,
                           leave_one_out=leave_one_out)
         assert torch.equal(got, reference), chunk
+    # k beyond the memory: every row votes (every other row, leaving one out)
+    every = brute_force_knn(train, train_labels, queries, k=30, temperature=0.5, num_classes=3,
+                            leave_one_out=leave_one_out)
+    assert not torch.equal(every, reference)   # the two k differ on these rows
+    for k in (30 - int(leave_one_out), 30, 45):
+        assert torch.equal(knn_predict(train, train_labels, queries, k=k, temperature=0.5, num_classes=3,
+                                       chunk_size=7, leave_one_out=leave_one_out), every), k
+    with pytest.raises(ValueError, match=r"need k >= 1, temperature > 0, chunk_size >= 1 \(got 5, 0.0, 7\)"):
+        knn_predict(train, train_labels, queries, k=5, temperature=0.0, num_classes=3, chunk_size=7)
 
 
 def test_knn_leave_one_out_excludes_the_query_itself():
@@ -130,6 +139,11 @@ def test_nearest_neighbours_match_scikit_learn(chunk_size):
 def test_nearest_neighbours_refuse_bad_k():
     with pytest.raises(ValueError, match=r"need 1 <= k < N = 5"):
         nearest_neighbours(torch.randn(5, 3), 5)
+    with pytest.raises(ValueError, match=r"need 1 <= k < N = 5"):
+        nearest_neighbours(torch.randn(5, 3), 0)
+    # the least k: each row's one nearest other row, by hand
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 1.0], [-1.0, 0.0]])
+    assert nearest_neighbours(features, 1).squeeze(1).tolist() == [1, 0, 3, 2, 2]
     with pytest.raises(ValueError, match=r"expected features \(N, D\)"):
         nearest_neighbours(torch.randn(5), 2)
 
