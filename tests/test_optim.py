@@ -39,3 +39,31 @@ def test_step_schedule_divides_the_lr_every_step_every_iterations_after_warmup()
     assert seen == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025])
     with pytest.raises(ValueError, match="step_every"):
         LRSchedule(opt, base_lr=0.1, total_steps=10, warmup_steps=0, schedule="step")
+
+
+@pytest.mark.parametrize("name, kind, settings", [
+    ("sgd", torch.optim.SGD, {"momentum": 0.8}),
+    ("adam", torch.optim.Adam, {"betas": (0.7, 0.95)}),
+    ("adamw", torch.optim.AdamW, {"betas": (0.7, 0.95)}),
+    ("rmsprop", torch.optim.RMSprop, {"alpha": 0.9, "momentum": 0}),   # DCCM's: squared-gradient decay 0.9
+])
+def test_each_optimizer_gets_its_settings_and_each_group_its_own(name, kind, settings):
+    """The optimizer `name` names, with the config's momentum or betas; a group's lr_scale and weight_decay
+    override the base ones, and frozen parameters (and a group left without any) are not handed over."""
+    trained, scaled, frozen = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    frozen.requires_grad_(False)
+    opt = build_optimizer([{"params": [trained, frozen]}, {"params": [scaled], "lr_scale": 10.0, "weight_decay": 0.0},
+                           {"params": [frozen]}],
+                          name=name, lr=0.01, weight_decay=1e-4, momentum=0.8, betas=(0.7, 0.95))
+    assert type(opt) is kind
+    assert {key: opt.defaults[key] for key in settings} == settings
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(trained)], [id(scaled)]]
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.01, 1e-4), (pytest.approx(0.1), 0.0)]
+
+
+def test_a_step_every_iteration_is_allowed():
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], name="sgd", lr=0.1, weight_decay=0.0,
+                          momentum=0.9, betas=(0.9, 0.999))
+    schedule = LRSchedule(opt, base_lr=0.1, total_steps=3, warmup_steps=0, schedule="step", step_every=1,
+                          step_factor=0.5)
+    assert [schedule.lr_at(step) for step in range(3)] == pytest.approx([0.1, 0.05, 0.025])
