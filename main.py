@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -72,6 +73,25 @@ def prepare_run_dir(cfg, resume: str) -> Path:
         raise SystemExit(f"error: run directory {run_dir} already holds checkpoints; pass --resume auto to "
                          f"continue that run, or choose another run.name=...")
     return run_dir
+
+
+def refuse_unwritable_folder(folder: Path, dist_info, what: str) -> None:
+    """A one-line SystemExit, "error: `what` (why)", on every rank where rank 0, the one that writes into
+    `folder`, could not create or write it: the folder nearest to it that exists is a file, or not writable
+    (a read-only mount, another user's folder). Checked before the data load, which can take minutes.
+    Collective."""
+    from utils import distributed as du
+
+    problem = None
+    if dist_info.is_main:  # rank 0 only: the rank that will write there
+        nearest = next(p for p in [folder, *folder.parents] if p.exists())
+        if not nearest.is_dir():
+            problem = f"{nearest} is not a folder"
+        elif not os.access(nearest, os.W_OK | os.X_OK):
+            problem = f"{nearest} is not writable"
+    problem = du.broadcast_object(problem)
+    if problem is not None:
+        raise SystemExit(f"error: {what} ({problem})")
 
 
 class Datasets(NamedTuple):
@@ -236,6 +256,7 @@ def run_evaluation(cfg, modes: tuple[str, ...], checkpoint: Path) -> dict:
         check_assign_overrides(cfg, weights.state["readout"], checkpoint)
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)
+    refuse_unwritable_folder(checkpoint.parent, dist_info, f"--eval: cannot write its results beside {checkpoint}")
     seed_everything(cfg.run.seed, dist_info.rank)
     datasets = build_datasets(cfg)
     labelled = [mode for mode in modes if mode not in UNLABELED_MODES]
@@ -343,9 +364,19 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     from utils.logger import MetricWriter, setup_logging
 
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    unwritable = None
     if dist_info.is_main:  # rank 0 only: create the run directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-    du.barrier()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(run_dir, os.W_OK | os.X_OK):  # what refuse_unwritable_run_dir saw may have changed
+                raise PermissionError(errno.EACCES, "not writable")
+        except OSError as exc:  # made unwritable, or a full disk, while the data loaded
+            unwritable = f"error: run.output_dir: cannot write the run directory {run_dir} ({exc.strerror or exc})"
+            if created is not None:
+                remove_created_run_dir(run_dir, created)
+    unwritable = du.broadcast_object(unwritable)  # every rank stops together, or goes on once it exists
+    if unwritable is not None:
+        raise SystemExit(unwritable)
     setup_logging(dist_info.rank, run_dir / "train.log" if dist_info.is_main else None)
     seed_everything(cfg.run.seed, dist_info.rank)
     log.info("config %s -> run directory %s (%d process(es), device %s, %d threads each)", cfg.source, run_dir,
@@ -426,6 +457,7 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     dist_info = start_distributed(cfg)
     setup_logging(dist_info.rank, None)  # the console, until set_up_run adds train.log: the data's lines
     run_dir = prepare_run_dir(cfg, args.resume)
+    refuse_unwritable_folder(run_dir, dist_info, f"run.output_dir: cannot write the run directory {run_dir}")
     datasets = build_datasets(cfg)  # before the run directory exists: bad data leaves nothing behind
     resume_point = find_resume_point(run_dir, args.resume)  # read, not yet applied: a bad file writes nothing
     trainer, writer = set_up_run(cfg, dist_info, run_dir, datasets, resume_point, resume=args.resume)

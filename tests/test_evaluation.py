@@ -398,6 +398,28 @@ def test_the_eval_sections_knn_and_probe_settings_reach_them(trained, tmp_path, 
                                                                            calls["linear_result"])
 
 
+def test_eval_beside_a_checkpoint_in_a_read_only_folder_is_one_line_before_the_data_load(trained, tmp_path,
+                                                                                         monkeypatch):
+    """--eval writes its results beside the checkpoint: a folder rank 0 may not write (a read-only copy of
+    the runs) is refused before the data load and the passes, not at the first file written after them."""
+    import shutil
+    from pathlib import Path
+
+    import main as launcher
+    from tests.test_train import DEMO, SMALL
+
+    checkpoint = tmp_path / "last.pt"
+    shutil.copy(trained / "last.pt", checkpoint)
+    real_access = launcher.os.access
+    monkeypatch.setattr(launcher.os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    monkeypatch.setattr(launcher, "build_datasets", lambda cfg: pytest.fail("the data were loaded"))
+    with pytest.raises(SystemExit, match=rf"^error: --eval: cannot write its results beside "
+                                         rf"{re.escape(str(checkpoint))} \({re.escape(str(tmp_path))} is not "
+                                         r"writable\)$"):
+        launcher.main([str(DEMO), *SMALL, "--eval", "cluster", "--checkpoint", str(checkpoint)])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_eval_only_run_under_two_processes_matches_one(trained, tmp_path):
     """--eval knn,assign,features under torchrun (2 ranks): each mode's numbers, clusters and gathered
     features are the one-process run's."""

@@ -1,5 +1,6 @@
 """End-to-end runs of the launcher: demo config at a reduced size, resume, two processes, errors."""
 import csv
+import errno
 import functools
 import io
 import json
@@ -798,6 +799,55 @@ def test_cuda_without_a_usable_device_exits_with_one_line_and_writes_nothing(tmp
                             "use run.device=auto or cpu"), message
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == \
         (["last.pt"] if mode == "eval" else [])
+
+
+@pytest.mark.parametrize("cause", ["a-file", "not-writable"])
+def test_an_unwritable_run_directory_is_one_line_before_the_data_load(tmp_path, monkeypatch, cause):
+    """Rank 0 could not create or write the run directory: refused before the data are read (which can take
+    minutes), naming the folder and why, and nothing is created."""
+    blocker = tmp_path / "runs"
+    if cause == "a-file":
+        blocker.write_text("")
+        why = f"{blocker} is not a folder"
+    else:
+        blocker.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(launcher.os, "access", lambda path, mode: Path(path) != blocker and real_access(path, mode))
+        why = f"{blocker} is not writable"
+    monkeypatch.setattr(launcher, "build_datasets", lambda cfg: pytest.fail("the data were loaded"))
+    run_dir = blocker / "group" / "r"
+    with pytest.raises(SystemExit, match=rf"^error: run.output_dir: cannot write the run directory "
+                                         rf"{re.escape(str(run_dir))} \({re.escape(why)}\)$"):
+        launcher.main([str(DEMO), f"run.output_dir={blocker / 'group'}", "run.name=r", *SMALL])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and (
+        blocker.is_file() or not any(blocker.iterdir()))
+
+
+def test_a_run_directory_that_cannot_be_made_after_the_data_load_is_one_line(tmp_path, monkeypatch):
+    """The folder became unusable while the data loaded (a full disk, a mount gone): the mkdir's error, in one
+    line, and the parents this run made are removed again."""
+    real_mkdir = Path.mkdir
+
+    def failing_mkdir(self, *args, **kwargs):
+        if self.name == "r":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", failing_mkdir)
+    run_dir = tmp_path / "runs" / "group" / "r"
+    with pytest.raises(SystemExit, match=rf"^error: run.output_dir: cannot write the run directory "
+                                         rf"{re.escape(str(run_dir))} \(No space left on device\)$"):
+        launcher.main([str(DEMO), f"run.output_dir={run_dir.parent}", "run.name=r", *SMALL])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_run_directory_stops_both_ranks_with_its_line(tmp_path):
+    (tmp_path / "runs").write_text("")
+    proc = run_torchrun(REPO_ROOT / "main.py", str(DEMO), f"run.output_dir={tmp_path / 'runs'}", "run.name=r",
+                        *SMALL, nproc=2, timeout=300, check=False)
+    line = f"error: run.output_dir: cannot write the run directory {tmp_path / 'runs' / 'r'} " \
+           f"({tmp_path / 'runs'} is not a folder)"
+    assert proc.returncode != 0 and (proc.stdout + proc.stderr).count(line) == 2, proc.stderr[-3000:]
 
 
 def test_a_batch_larger_than_the_data_is_one_line_and_leaves_no_run_directory(tmp_path):
