@@ -219,6 +219,16 @@ def test_crop_boxes_follow_torchvision_distribution():
     assert torch.equal(ours, ours.round())
 
 
+@pytest.mark.parametrize("height, width", [(20, 40), (40, 20), (30, 30), (32, 25)])
+def test_crop_boxes_fall_back_to_torchvisions_centre_crop(height, width):
+    """No box fits in ten tries (every area drawn exceeds the image's): torchvision's fallback, the centre crop
+    with the aspect ratio clamped into `ratio`, for wide, tall and square images."""
+    scale, ratio = (2.0, 3.0), (0.75, 4 / 3)
+    ours = sample_crop_boxes(16, height, width, scale, ratio, torch.Generator().manual_seed(0), torch.device("cpu"))
+    theirs = T1.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
+    assert ours.tolist() == [list(map(float, theirs))] * 16
+
+
 def test_parameter_frequencies_and_ranges_follow_the_config():
     aug = _augment(3, 32, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], affine_degrees=15, affine_translate=0.1,
                    affine_shear=10)
