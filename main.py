@@ -368,7 +368,7 @@ def set_up_run(cfg, dist_info, run_dir: Path, datasets: Datasets, resume_point: 
     if dist_info.is_main:  # rank 0 only: create the run directory
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(run_dir, os.W_OK | os.X_OK):  # what refuse_unwritable_run_dir saw may have changed
+            if not os.access(run_dir, os.W_OK | os.X_OK):  # what refuse_unwritable_folder saw may have changed
                 raise PermissionError(errno.EACCES, "not writable")
         except OSError as exc:  # made unwritable, or a full disk, while the data loaded
             unwritable = f"error: run.output_dir: cannot write the run directory {run_dir} ({exc.strerror or exc})"
