@@ -139,12 +139,19 @@ def test_elastic_fields_have_torchvision_statistics(sigma):
     ours = elastic_displacement(12, 28, alpha=30.0, sigma=sigma, generator=torch.Generator().manual_seed(1),
                                 device=torch.device("cpu"))
 
-    def neighbour_correlation(d):
-        return torch.corrcoef(torch.stack([d[:, :, :-1, 0].flatten(), d[:, :, 1:, 0].flatten()]))[0, 1]
+    def correlation(d, lag):   # of x-displacements `lag` pixels apart along a row
+        return torch.corrcoef(torch.stack([d[:, :, :-lag, 0].flatten(), d[:, :, lag:, 0].flatten()]))[0, 1]
 
     assert ours.shape == reference.shape
     assert ours.std() == pytest.approx(reference.std(), rel=0.2)
-    assert neighbour_correlation(ours) == pytest.approx(neighbour_correlation(reference), abs=0.05)
+    assert abs(ours.mean()) < 0.5 * ours.std()   # centred noise: no drift of the whole image
+    # The smoothness: neighbours, and pixels sigma apart (where a field blurred twice as much stays near 1).
+    assert correlation(ours, 1) == pytest.approx(correlation(reference, 1), abs=0.05)
+    assert correlation(ours, round(sigma)) == pytest.approx(correlation(reference, round(sigma)), abs=0.1)
+    # The size: alpha scales the field and nothing else.
+    doubled = elastic_displacement(12, 28, alpha=60.0, sigma=sigma, generator=torch.Generator().manual_seed(1),
+                                   device=torch.device("cpu"))
+    torch.testing.assert_close(doubled, 2 * ours, rtol=1e-6, atol=1e-9)
 
 
 def test_composed_geometry_is_close_to_torchvision_applied_in_turn():
