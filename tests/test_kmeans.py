@@ -1,5 +1,6 @@
 """torch_clustering.KMeans against scikit-learn's Lloyd, a hand-written spherical k-means, constructed
 empty-cluster cases, its input checks, and real two-process runs (torchrun, gloo) against one process."""
+import math
 import warnings
 
 import numpy as np
@@ -114,6 +115,40 @@ def test_labels_are_nearest_centroids_and_inertia_is_theirs(lloyd_path):
 # -- k-means++ with restarts: quality against scikit-learn -------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1, 3])
+def greedy_kmeans_plusplus_by_hand(x: np.ndarray, k: int, generator: torch.Generator) -> np.ndarray:
+    """Greedy k-means++ in numpy, one restart, from the draws `generator` gives in the order the package takes
+    them (one randint for the first centre, then 2 + ln K uniforms per later centre): the D^2 sampling over the
+    cumulative sum of the squared distances to the nearest centre, and the candidate with the lowest potential."""
+    n, trials = len(x), 2 + int(math.log(k))
+    chosen = [int(torch.randint(n, (1,), generator=generator)[0])]
+    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        cumulative = np.cumsum(closest)
+        draws = torch.rand(trials, generator=generator, dtype=torch.float64).numpy() * cumulative[-1]
+        candidates = np.minimum(np.searchsorted(cumulative, draws), n - 1)
+        with_each = [np.minimum(closest, ((x - x[c]) ** 2).sum(1)) for c in candidates]
+        best = int(np.argmin([d.sum() for d in with_each]))
+        chosen.append(int(candidates[best]))
+        closest = with_each[best]
+    return x[chosen]
+
+
+@pytest.mark.parametrize("chunk_size", [7, 4096])
+def test_kmeans_plusplus_takes_the_centres_a_greedy_reference_takes_from_the_same_draws(chunk_size):
+    """Exact, where the inertia tests only bound the result after Lloyd (which repairs a poor start): three
+    restarts at once, in blocks of rows smaller and larger than the data, each against the numpy reference."""
+    from torch_clustering._init import kmeans_plusplus, restart_generator
+
+    rng = np.random.default_rng(5)
+    # Small scale: most squared distances are below 1, so a clamp or an offset of them changes the draws.
+    x = 0.2 * (rng.normal(size=(300, 5)) + 4 * rng.normal(size=(6, 5))[rng.integers(6, size=300)])
+    xt = torch.from_numpy(x)
+    got = kmeans_plusplus(xt, (xt * xt).sum(1), 6, [restart_generator(3, r) for r in range(3)], chunk_size=chunk_size)
+    for r in range(3):
+        np.testing.assert_allclose(got[r].numpy(), greedy_kmeans_plusplus_by_hand(x, 6, restart_generator(3, r)),
+                                   rtol=0, atol=0)
+
+
 def test_kmeans_plusplus_restarts_within_one_percent_of_sklearn_on_blobs(seed):
     x = make_blobs(4000, 10, centers=15, cluster_std=1.0, random_state=seed)[0]
     sk = SkKMeans(15, n_init=3, max_iter=100, random_state=seed).fit(x)
