@@ -114,7 +114,6 @@ def test_labels_are_nearest_centroids_and_inertia_is_theirs(lloyd_path):
 
 # -- k-means++ with restarts: quality against scikit-learn -------------------------------------------
 
-@pytest.mark.parametrize("seed", [0, 1, 3])
 def greedy_kmeans_plusplus_by_hand(x: np.ndarray, k: int, generator: torch.Generator) -> np.ndarray:
     """Greedy k-means++ in numpy, one restart, from the draws `generator` gives in the order the package takes
     them (one randint for the first centre, then 2 + ln K uniforms per later centre): the D^2 sampling over the
@@ -149,6 +148,7 @@ def test_kmeans_plusplus_takes_the_centres_a_greedy_reference_takes_from_the_sam
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 3])
 def test_kmeans_plusplus_restarts_within_one_percent_of_sklearn_on_blobs(seed):
     x = make_blobs(4000, 10, centers=15, cluster_std=1.0, random_state=seed)[0]
     sk = SkKMeans(15, n_init=3, max_iter=100, random_state=seed).fit(x)
