@@ -1,12 +1,16 @@
-"""utils.checkpoint's atomic writers: a write that fails part-way leaves the previous file as it was
-and no temporary file in the run directory."""
+"""utils.checkpoint: the atomic writers (a write that fails part-way leaves the previous file as it was
+and no temporary file in the run directory), the RNG states a resume restores, and what a checkpoint
+may hold."""
+import random
+
 import numpy as np
 import pytest
 import torch
 
 from data.datasets import ImageData
 from utils.assignments import write_features
-from utils.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint, write_text_atomic
+from utils.checkpoint import (CHECKPOINT_KEYS, gather_rng_states, load_checkpoint, restore_rng_state, save_checkpoint,
+                              write_text_atomic)
 
 
 def test_a_failed_text_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -47,3 +51,43 @@ def test_a_failed_checkpoint_save_leaves_the_old_checkpoint_and_no_temporary(tmp
         save_checkpoint({**state, "model": {"w": torch.ones(3), "f": lambda: 0}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert torch.equal(load_checkpoint(path)["model"], torch.tensor([1.0]))
+
+
+def draws() -> list:
+    """A few numbers from each generator a run uses; numpy's first normal is the one it cached."""
+    return [torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist(), np.random.normal(),
+            np.random.rand(2).tolist(), np.random.normal(), random.random(), random.randint(0, 10**9)]
+
+
+def test_rng_states_restore_every_generator_through_a_saved_checkpoint(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    draws()
+    np.random.normal()  # numpy's legacy Box-Muller makes two normals and caches the second
+    assert np.random.get_state()[3] == 1
+    states = gather_rng_states()  # one process: its own state alone
+    assert len(states) == 1
+    expected = draws()
+    path = tmp_path / "new" / "run" / "last.pt"  # folders that do not exist yet
+    save_checkpoint({**{key: 0 for key in CHECKPOINT_KEYS}, "rng": states}, path)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    assert draws() != expected
+    restore_rng_state(load_checkpoint(path)["rng"][0])
+    assert draws() == expected
+
+
+class Payload:
+    """An arbitrary object: unpickling it could run any code, so a checkpoint may not hold one."""
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({**{key: 0 for key in CHECKPOINT_KEYS}, "model": Payload()}, path)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/last.pt: not a readable checkpoint \(UnpicklingError: "):
+        load_checkpoint(path)
+    torch.save({key: 0 for key in CHECKPOINT_KEYS if key != "rng"}, path)
+    with pytest.raises(ValueError, match=r"last.pt: not a checkpoint of this framework \(missing keys \['rng'\]\)$"):
+        load_checkpoint(path)
