@@ -504,13 +504,31 @@ def train(cfg, args: argparse.Namespace, stop) -> dict[str, float]:
     return metrics
 
 
-if __name__ == "__main__":
-    try:
-        succeeded = main() is not None
-    finally:  # also on an error's SystemExit: a process that ends with its gloo group alive can abort (SIGABRT,
-        # "terminate called without an active exception") as its threads are torn down, hiding the error's line.
-        # The other ranks may not come here, so no barrier; the errors all ranks raise have passed one.
-        from utils.distributed import cleanup_distributed
+def command_line_status(argv: list[str] | None = None) -> int:
+    """`main(argv)` run from the command line: the process's exit status, with what Python prints for an
+    uncaught exception printed here (a one-line error's message, or a traceback), since a distributed
+    process ends by os._exit (`du.exit_process`), which prints nothing more."""
+    import traceback
 
-        cleanup_distributed(synchronize=False)
-    sys.exit(0 if succeeded else 1)
+    try:
+        return 0 if main(argv) is not None else 1
+    except SystemExit as exc:  # the one-line errors; EXIT_STOPPED
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    from utils.distributed import exit_process
+
+    # The process group is destroyed without a barrier: on an error the other ranks may never come here (the
+    # errors all ranks raise have passed one). A distributed process then ends by os._exit, not through the
+    # interpreter's finalization, during which a gloo thread could abort it (see exit_process).
+    exit_process(command_line_status())

@@ -103,3 +103,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    du.exit_process(0)  # not through the interpreter's finalization, which can abort a gloo rank (see there)

@@ -40,8 +40,9 @@ def test_all_gather_rows_single_process_is_identity():
 def test_feature_extraction_two_ranks_equals_one_process(tmp_path):
     # N is not a multiple of 2 x batch: a padded DistributedSampler would duplicate rows; we must not.
     # N=3 on 2 ranks leaves rank 1 one row of a two-row shard. A shuffled pass (DCCM's) visits other
-    # batches on each rank, but its rows come back in dataset order all the same. The cases share a run.
-    cases = [(301, 32, None), (3, 2, None), (301, 32, 7)]
+    # batches on each rank, but its rows come back in dataset order all the same. N=1 leaves rank 1 no row
+    # at all: its empty block still has the features' width. The cases share a run.
+    cases = [(301, 32, None), (3, 2, None), (301, 32, 7), (1, 2, None)]
     args = [":".join(str(v) for v in case if v is not None) for case in cases]
     run_one_process(SCRIPTS / "extract_features.py", tmp_path, "one", *args)
     run_torchrun(SCRIPTS / "extract_features.py", tmp_path, "two", *args, nproc=2)
@@ -78,6 +79,78 @@ def test_a_shuffled_feature_pass_sees_mixed_near_equal_batches_and_returns_rows_
     batches.clear()
     extract_features(centred, data, batch_size=400, device=cpu)
     assert batches == [400, 400, 200]   # unshuffled: dataset order, plain batches
+
+
+def test_a_feature_pass_runs_in_float32_unless_given_an_amp_dtype():
+    """Against the layer on the images by hand (pixels in [0, 1]): exact in float32; under bfloat16
+    autocast, the layer computes in bfloat16 and the rows come back float32, close but not equal."""
+    from data.config import DataConfig
+    from data.datasets import build_dataset
+    from utils.features import extract_features
+
+    data = build_dataset(DataConfig(name="mnist_5k", limit=50), split="train")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(784, 16)
+    dtypes = []
+
+    def project(images):
+        out = layer(images.flatten(1))
+        dtypes.append(out.dtype)
+        return out
+
+    with torch.no_grad():
+        by_hand = layer(data.images.float().div(255).flatten(1))
+    cpu = torch.device("cpu")
+    plain = extract_features(project, data, batch_size=20, device=cpu, normalize=False)
+    assert dtypes == [torch.float32] * 3 and plain.dtype == torch.float32
+    torch.testing.assert_close(plain, by_hand, rtol=1e-5, atol=1e-6)
+    dtypes.clear()
+    amp = extract_features(project, data, batch_size=20, device=cpu, normalize=False, amp_dtype=torch.bfloat16)
+    assert dtypes == [torch.bfloat16] * 3 and amp.dtype == torch.float32
+    torch.testing.assert_close(amp, by_hand, rtol=0.05, atol=0.05)
+    assert not torch.allclose(amp, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_a_process_that_started_a_group_exits_with_its_status_and_its_output_flushed(tmp_path):
+    """By os._exit, after the group is destroyed: each rank's exit status is its own, and what it printed
+    (to a block-buffered stdout) and logged is all there, whether its group was destroyed before or not."""
+    proc = run_torchrun(SCRIPTS / "exit_process.py", tmp_path, nproc=2, check=False)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr and "rank      : 1" in proc.stderr, proc.stderr
+    assert "rank 0 ends" in proc.stdout and "rank 1 ends" in proc.stdout, proc.stdout
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.log").read_text() == f"rank {r} gathered [0, 1]\n"
+    with pytest.raises(SystemExit) as ended:  # one process that never started a group: sys.exit
+        du.exit_process(5)
+    assert ended.value.code == 5
+
+
+@pytest.mark.parametrize("raised", ["SystemExit('error: data: no such file')", "SystemExit(75)", "SystemExit(None)",
+                                    "SystemExit(0)", "ValueError('bad value')", "KeyboardInterrupt()"])
+def test_the_command_line_status_and_output_are_pythons_own(monkeypatch, capsys, raised):
+    """main.command_line_status prints and returns what Python itself does for an exception left uncaught
+    at the top of a script (a real interpreter is the oracle); 130 for an interrupt (128 + SIGINT)."""
+    import main as launcher
+
+    def failing_main(argv=None):
+        raise eval(raised)
+
+    monkeypatch.setattr(launcher, "main", failing_main)
+    status = launcher.command_line_status([])
+    stderr = capsys.readouterr().err
+    python = subprocess.run([sys.executable, "-c", f"raise {raised}"], capture_output=True, text=True)
+    expected = 130 if raised.startswith("KeyboardInterrupt") else python.returncode
+    assert status == expected
+    last_line = (stderr.strip().splitlines() or [""])[-1]
+    assert last_line == (python.stderr.strip().splitlines() or [""])[-1]
+    assert ("Traceback (most recent call last)" in stderr) == ("Traceback" in python.stderr)
+
+
+def test_the_command_line_status_of_a_finished_main(monkeypatch):
+    import main as launcher
+
+    for returned, status in (({"nmi": 1.0}, 0), ({}, 0), (None, 1)):
+        monkeypatch.setattr(launcher, "main", lambda argv=None: returned)
+        assert launcher.command_line_status([]) == status
 
 
 def test_launch_env_from_slurm_without_torchrun(monkeypatch):

@@ -10,15 +10,20 @@ import math
 import os
 import re
 import socket
+import sys
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# Whether this process has started a process group (it may since have destroyed it): `exit_process`.
+_process_group_started = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,8 @@ def init_distributed(device: str = "auto", threads_per_rank: int = 0) -> DistInf
         threads = threads_per_rank or max(1, available_cpu_cores() // max(1, local_world))
         torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
+        global _process_group_started
+        _process_group_started = True
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
@@ -145,6 +152,25 @@ def cleanup_distributed(*, synchronize: bool = True) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> NoReturn:
+    """End this process with exit status `status`, its process group (if any) destroyed without a barrier.
+
+    A process that has started a process group ends by os._exit, once stdout, stderr and the log handlers
+    are flushed, not through the interpreter's finalization: a gloo worker thread frees a finished
+    collective's tensors some time after the collective returns, and doing so needs the GIL, which a
+    finalizing interpreter no longer hands out; the thread then ends mid-destructor and the process
+    aborts (SIGABRT, "terminate called without an active exception", in about 1 error exit in 15 of two
+    ranks on a loaded 2-core machine). Nothing that only finalization would run is left: the run's files
+    are written and closed by then. Other processes exit as usual (sys.exit)."""
+    cleanup_distributed(synchronize=False)
+    if not _process_group_started:
+        sys.exit(status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def is_dist() -> bool:

@@ -32,3 +32,4 @@ def main(out_dir: str, prefix: str, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    du.exit_process(0)  # not through finalization: see exit_process

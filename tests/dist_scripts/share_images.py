@@ -73,3 +73,4 @@ def main(config: str, out_dir: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    du.exit_process(0)  # not through finalization: see exit_process

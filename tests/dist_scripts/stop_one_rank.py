@@ -7,6 +7,7 @@ import sys
 
 import main as launcher
 from tests.stop_util import feature_pass_signalling_at_batch, train_step_signalling_after
+from utils.distributed import exit_process
 from utils.trainer import Trainer
 
 if __name__ == "__main__":
@@ -17,4 +18,4 @@ if __name__ == "__main__":
                                                                 rank=rank))
     else:
         Trainer.train_step = train_step_signalling_after(int(os.environ["STOP_AFTER_STEP"]), rank=rank)
-    launcher.main(sys.argv[1:])
+    exit_process(launcher.command_line_status(sys.argv[1:]))
