@@ -170,13 +170,26 @@ def test_warm_up_is_plain_info_nce():
         method.training_step(views, indices, progress(epoch=2))
 
 
-def test_proto_term_is_added_with_its_weight():
-    method = small_pcl(warmup_epochs=0, proto_loss_weight=0.5)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-sided"])
+def test_proto_term_is_added_with_its_weight(monkeypatch, symmetric):
+    """The ProtoNCE term is the mean over the queries (both views' with `symmetric`, else view 1's) of each
+    query's ProtoNCE, and enters the loss with its weight."""
+    import models.pcl as pcl_module
+
+    method = small_pcl(warmup_epochs=0, proto_loss_weight=0.5, symmetric=symmetric)
     method.update_from_features(torch.randn(32, 16), round_robin_cluster([]), num_clusters=10)
     views, indices = fixed_views()
     method.train()
+    per_query = []
+
+    def recording(*args, **kwargs):
+        per_query.append(proto_nce_loss(*args, **kwargs))
+        return per_query[-1]
+
+    monkeypatch.setattr(pcl_module, "proto_nce_loss", recording)
     terms = method.training_step(views, indices, progress())
-    assert float(terms["proto_nce"]) > 0
+    assert len(per_query) == (2 if symmetric else 1) and float(terms["proto_nce"]) > 0
+    torch.testing.assert_close(terms["proto_nce"], (sum(per_query) / len(per_query)).detach())
     torch.testing.assert_close(terms["loss"].detach(), terms["info_nce"] + 0.5 * terms["proto_nce"])
 
 
