@@ -120,6 +120,67 @@ def test_moco_trains_on_cpu(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(key_params, method.backbone.parameters()))
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-sided"])
+def test_moco_step_is_info_nce_written_out(symmetric):
+    """InfoNCE of the query q1 = |f(x1)| against its key k2 = |f_k(x2)| (the positive, logit 0) and the queue
+    (negatives), at temperature T, as cross-entropy written out here; with `symmetric`, the mean with
+    (q2, k1). The step's keys, k2 (or k1 then k2), are what the next enqueue writes; the keys, the queue
+    and the key encoder take no gradient, and the EMA moves the key encoder towards the query encoder."""
+    method = small_moco(symmetric=symmetric, temperature=0.3)
+    with torch.no_grad():  # query and key encoders apart, as after some training
+        for p in method.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    method.train()
+    views, indices = fixed_views()
+    queue = method.queue.clone()
+    loss = method.training_step(views, indices, progress())["loss"]
+
+    def info_nce(q, k):
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.3
+        return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+    with torch.no_grad():
+        k1, k2 = (F.normalize(method.key_projector(method.key_backbone(x)), dim=1) for x in views)
+    q1, q2 = (F.normalize(method.projector(method.backbone(x)), dim=1) for x in views)
+    expected = (info_nce(q1, k2) + info_nce(q2, k1)) / 2 if symmetric else info_nce(q1, k2)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in method.key_parameters()) and not method.queue.requires_grad
+    assert all(p.grad is not None for p in method.backbone.parameters())
+    key_before = [p.clone() for p in method.key_parameters()]
+    online = list(method.backbone.parameters()) + list(method.projector.parameters())
+    method.after_optimizer_step(progress())
+    for key, before, query in zip(method.key_parameters(), key_before, online):
+        torch.testing.assert_close(key, 0.9 * before + 0.1 * query)
+    written = torch.cat([k1, k2]) if symmetric else k2
+    torch.testing.assert_close(method.queue[:written.shape[0]], written, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue[written.shape[0]:], queue[written.shape[0]:])
+    assert [g["lr_scale"] for g in method.parameter_groups()] == [1.0]
+    assert {id(p) for p in method.parameter_groups()[0]["params"]} == {id(p) for p in online}
+
+
+@pytest.mark.parametrize("norm, shuffling_bn, shuffled", [("batch", True, True), ("batch", False, False),
+                                                          ("none", True, False)])
+def test_the_key_batch_is_shuffled_only_with_batch_norm(norm, shuffling_bn, shuffled):
+    cfg = MoCoConfig(projector_hidden_dim=8, feature_dim=4, queue_size=8, shuffling_bn=shuffling_bn)
+    assert build_method(cfg, backbone="small_cnn", norm=norm, data=DATA).shuffle_key_bn is shuffled
+
+
+def test_moco_read_outs():
+    method = small_moco()
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    method.eval()
+    images = fixed_views()[0][0][:5]
+    with torch.no_grad():
+        torch.testing.assert_close(method.eval_features(images, "backbone"), method.backbone(images))
+        torch.testing.assert_close(method.eval_features(images, "key_backbone"), method.key_backbone(images))
+        torch.testing.assert_close(method.eval_features(images, "projector"),
+                                   F.normalize(method.projector(method.backbone(images)), dim=1))
+        assert not torch.allclose(method.backbone(images), method.key_backbone(images))
+
+
 def test_moco_steps_fill_the_queue():
     method = small_moco()
     before = method.queue.clone()
