@@ -1,7 +1,10 @@
 """SimCLR and CC: a few CPU steps on a fixed batch, CC's head read-out, checkpoint state, and the
 gathered losses' gradients on 1 process vs 2 gloo ranks."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import DataInfo, Progress, build_method
 from models.cc import CCConfig
@@ -77,11 +80,46 @@ def test_eval_features_shapes():
         assert proj.shape == (5, 32)
         torch.testing.assert_close(proj.norm(dim=1), torch.ones(5))
         assert cc.eval_features(views[0], "instance").shape == (5, 32)
+        torch.testing.assert_close(cc.eval_features(views[0], "instance").norm(dim=1), torch.ones(5))
         probs = cc.eval_features(views[0], "cluster")
         assert probs.shape == (5, 4)
         torch.testing.assert_close(probs.sum(1), torch.ones(5))
     with pytest.raises(ValueError, match="unknown feature kind"):
         simclr.eval_features(views[0], "cluster")
+
+
+def nt_xent_written_out(a, b, temperature):
+    """Every one of the 2N rows of [a; b] as an anchor: -log of its positive's share of exp(cos / T) over
+    the other 2N - 1 rows, averaged."""
+    rows = F.normalize(torch.cat([a, b]), dim=1)
+    n, total = a.shape[0], 0.0
+    for i in range(2 * n):
+        others = [j for j in range(2 * n) if j != i]
+        logits = rows[others] @ rows[i] / temperature
+        positive = others.index((i + n) % (2 * n))
+        total = total - (logits[positive] - torch.logsumexp(logits, dim=0))
+    return total / (2 * n)
+
+
+def test_cc_step_is_the_papers_loss():
+    """Instance NT-Xent of the instance head's rows (both views' anchors), the cluster head's NT-Xent over the
+    columns of the two views' softmax assignments, and the weighted entropy term: log K - H(P) for each view,
+    P the mean assignment."""
+    torch.manual_seed(0)
+    cfg = CCConfig(instance_hidden_dim=64, feature_dim=32, cluster_hidden_dim=64, instance_temperature=0.4,
+                   cluster_temperature=0.8, entropy_weight=0.7)
+    method = build_method(cfg, backbone="small_cnn", norm="batch", data=INFO)
+    views, indices = fixed_batch(8)
+    terms = method.training_step(views, indices, progress(0))
+    h = method.backbone(torch.cat(views))
+    z1, z2 = method.instance_head(h).chunk(2)
+    p1, p2 = F.softmax(method.cluster_head(h), dim=1).chunk(2)
+    instance = nt_xent_written_out(z1, z2, 0.4)
+    cluster = nt_xent_written_out(p1.t(), p2.t(), 0.8)
+    entropy = sum(math.log(4) + (p.mean(0) * p.mean(0).log()).sum() for p in (p1, p2))
+    for name, expected in (("instance", instance), ("cluster", cluster), ("entropy", entropy)):
+        torch.testing.assert_close(terms[name], expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(terms["loss"], instance + cluster + 0.7 * entropy, rtol=1e-5, atol=1e-6)
 
 
 def test_cc_head_predictions_are_argmax_cluster_ids():
