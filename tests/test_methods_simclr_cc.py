@@ -88,17 +88,38 @@ def test_eval_features_shapes():
         simclr.eval_features(views[0], "cluster")
 
 
-def nt_xent_written_out(a, b, temperature):
-    """Every one of the 2N rows of [a; b] as an anchor: -log of its positive's share of exp(cos / T) over
-    the other 2N - 1 rows, averaged."""
+def nt_xent_written_out(a, b, temperature, anchors_of_a_only=False):
+    """Every one of the 2N rows of [a; b] as an anchor (or a's N rows alone): -log of its positive's share of
+    exp(cos / T) over the other 2N - 1 rows, averaged."""
     rows = F.normalize(torch.cat([a, b]), dim=1)
     n, total = a.shape[0], 0.0
-    for i in range(2 * n):
+    anchors = n if anchors_of_a_only else 2 * n
+    for i in range(anchors):
         others = [j for j in range(2 * n) if j != i]
         logits = rows[others] @ rows[i] / temperature
         positive = others.index((i + n) % (2 * n))
         total = total - (logits[positive] - torch.logsumexp(logits, dim=0))
-    return total / (2 * n)
+    return total / anchors
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "anchors-of-view-1"])
+def test_simclr_step_is_nt_xent_written_out(symmetric):
+    torch.manual_seed(0)
+    cfg = SimCLRConfig(projector_hidden_dim=64, feature_dim=32, temperature=0.3, symmetric=symmetric)
+    method = build_method(cfg, backbone="small_cnn", norm="batch", data=INFO)
+    views, indices = fixed_batch(8)
+    loss = method.training_step(views, indices, progress(0))["loss"]
+    z1, z2 = method.projector(method.backbone(torch.cat(views))).chunk(2)
+    torch.testing.assert_close(loss, nt_xent_written_out(z1, z2, 0.3, anchors_of_a_only=not symmetric),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bn, norm, has_bn", [(True, "batch", True), (False, "batch", False), (True, "none", False)])
+def test_projection_heads_have_batch_norm_only_when_asked_and_allowed(bn, norm, has_bn):
+    from models.simclr import projection_head
+
+    head = projection_head(8, 16, 4, bn=bn, norm=norm)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) is has_bn
 
 
 def test_cc_step_is_the_papers_loss():
