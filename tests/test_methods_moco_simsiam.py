@@ -75,6 +75,27 @@ def test_simsiam_trains_on_cpu():
     assert method.eval_features(fixed_views()[0][0], "backbone").shape == (16, 512)
 
 
+def test_simsiam_step_groups_and_read_outs():
+    """The step is simsiam_loss of each view's own pass (BN statistics per view); the predictor's group has
+    its lr scale and the reference's fixed lr; the projector read-out has unit rows."""
+    torch.manual_seed(0)
+    cfg = SimSiamConfig(feature_dim=32, projector_hidden_dim=64, predictor_hidden_dim=16, predictor_lr_scale=3.0)
+    method = build_method(cfg, backbone="small_cnn", norm="batch", data=DATA)
+    views, indices = fixed_views()
+    loss = method.training_step(views, indices, progress())["loss"]
+    z1, z2 = (method.projector(method.backbone(x)) for x in views)
+    torch.testing.assert_close(loss, simsiam_loss(method.predictor(z1), method.predictor(z2), z1, z2))
+    groups = method.parameter_groups()
+    assert [g["lr_scale"] for g in groups] == [1.0, 3.0] and groups[1]["fixed_lr"] is True
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.predictor.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in [*method.backbone.parameters(),
+                                                                      *method.projector.parameters()]}
+    method.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(method.eval_features(views[0], "projector"),
+                                   F.normalize(method.projector(method.backbone(views[0])), dim=1))
+
+
 def test_simsiam_config_names_the_bad_key():
     with pytest.raises(ConfigError, match="method.predictor_hidden_dim"):
         SimSiamConfig(predictor_hidden_dim=0).validate()
