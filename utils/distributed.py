@@ -161,7 +161,7 @@ def exit_process(status: int) -> NoReturn:
     are flushed, not through the interpreter's finalization: a gloo worker thread frees a finished
     collective's tensors some time after the collective returns, and doing so needs the GIL, which a
     finalizing interpreter no longer hands out; the thread then ends mid-destructor and the process
-    aborts (SIGABRT, "terminate called without an active exception", in about 1 error exit in 15 of two
+    aborts (SIGABRT, "terminate called without an active exception", in about 1 error exit in 20 of two
     ranks on a loaded 2-core machine). Nothing that only finalization would run is left: the run's files
     are written and closed by then. Other processes exit as usual (sys.exit)."""
     cleanup_distributed(synchronize=False)
