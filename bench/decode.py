@@ -95,7 +95,7 @@ def worker(folder: str, image_size: int, repeats: int, threads: int) -> None:
         print(f"  median: {statistics.median(baseline):.2f} s -> {statistics.median(sharded):.2f} s, "
               f"ratio {statistics.median(s / b for s, b in zip(sharded, baseline)):.2f}; node memory "
               f"{statistics.median(baseline_bytes) / 1e6:.1f} MB -> {statistics.median(sharded_bytes) / 1e6:.1f} MB")
-    du.exit_process(0)  # not through the interpreter's finalization, which can abort a gloo rank (see there)
+    du.cleanup_distributed()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.worker:
+        from utils.distributed import exit_process
+
         worker(args.folder, args.image_size, args.repeats, args.threads)
-        return
+        exit_process(0)  # not through the interpreter's finalization, which can abort a gloo rank (see there)
     folder = Path(args.folder) / f"{args.files}_{args.width}x{args.height}"
     make_folder(folder, args.files, args.width, args.height)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

@@ -75,7 +75,7 @@ def child(way: str, root: str, out: str) -> None:
         "start": start, "end": end, "digest": [images_digest(data.images) for data in sets],
         "bytes": sum(data.images.numel() for data in sets)}))
     du.barrier()
-    du.exit_process(0)  # not through the interpreter's finalization, which can abort a gloo rank (see there)
+    du.cleanup_distributed()
 
 
 def run_job(way: str, root: Path, ranks: int) -> dict:
@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        from utils.distributed import exit_process
+
         child(args.child, args.folder, args.out)
-        return
+        exit_process(0)  # not through the interpreter's finalization, which can abort a gloo rank (see there)
     for name, least in (("ranks", 2), ("labeled", 2), ("unlabeled", 0), ("repeats", 1)):
         if getattr(args, name) < least:
             raise SystemExit(f"error: --{name} must be >= {least}, got {getattr(args, name)}")

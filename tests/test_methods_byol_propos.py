@@ -107,12 +107,12 @@ def test_propos_target_schedule_groups_and_read_outs():
         method.training_step(views, indices, Progress(epoch=cfg.warmup_epochs, global_step=0, steps_per_epoch=1,
                                                       total_steps=1))
     # the EMA momentum: cosine from the base at the start to 1 at the end (BYOL), or the base throughout
+    constant = build_method(ProPosConfig(projector_hidden_dim=8, feature_dim=4, predictor_hidden_dim=8,
+                                         momentum_base=0.9, momentum_schedule="constant"),
+                            backbone="small_cnn", norm="batch", data=INFO)
     for step, total in ((0, 10), (5, 10), (10, 10), (3, 12)):
         progress = Progress(epoch=0, global_step=step, steps_per_epoch=10, total_steps=total)
         assert method.momentum(progress) == pytest.approx(1 - 0.1 * (math.cos(math.pi * step / total) + 1) / 2)
-        constant = build_method(ProPosConfig(projector_hidden_dim=8, feature_dim=4, predictor_hidden_dim=8,
-                                             momentum_base=0.9, momentum_schedule="constant"),
-                                backbone="small_cnn", norm="batch", data=INFO)
         assert constant.momentum(progress) == 0.9
     # after a step of the optimizer: target <- m * target + (1 - m) * online
     with torch.no_grad():
