@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.dec import idec_loss, kl_clustering_loss, reconstruction_loss, soft_assignment, target_distribution
-from models import DataInfo, Progress, build_method
+from models import DataInfo, Progress, StageContext, build_method
 from models.dec import DECConfig, label_change_fraction
 from models.idec import IDECConfig
 from tests.torchrun_util import REPO_ROOT, run_torchrun
@@ -118,6 +118,46 @@ def test_stopping_rule_fires_below_tol_and_not_before():
     assert label_change_fraction(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 0.5
 
 
+def test_the_cluster_stage_starts_from_the_mean_embedding_of_each_k_means_cluster():
+    """mu_j = the mean z of k-means cluster j (DEC's initialisation), computed here row by row; an empty
+    cluster keeps a zero centroid, never NaN. The stage's bookkeeping starts afresh."""
+    n, k, d = 9, 4, 6                                  # K != D: the k-means call must ask for K clusters
+    cfg = DECConfig(hidden_dims=[16, 16, 32], embedding_dim=d, update_interval=7)
+    method = build_method(cfg, backbone="mlp_autoencoder", norm="none",
+                          data=DataInfo(in_channels=1, image_size=28, num_classes=k, num_samples=n, num_clusters=k))
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([2, 0, 2, 1, 1, 2, 1, 1, 2])   # cluster 0 holds one point, cluster 3 none
+    asked = []
+
+    def fake_k_means(features, num_clusters):
+        asked.append((features, num_clusters))
+        return labels, None
+
+    context = StageContext(features=lambda kind: z if kind == "embedding" else None, cluster=fake_k_means,
+                           num_clusters=k)
+    method.enter_stage("pretrain")
+    assert method.refresh_every_steps == 0 and not method.has_head
+    method.start_stage("pretrain", context)            # only the cluster stage initialises anything
+    assert asked == [] and not method.has_head and torch.equal(method.centroids, torch.zeros(k, d))
+    method.num_updates.fill_(5)                         # left by an earlier cluster stage
+    method.converged.fill_(True)
+    method.enter_stage("cluster")
+    method.start_stage("cluster", context)
+    assert len(asked) == 1 and asked[0][0] is z and asked[0][1] == k
+    expected = torch.zeros(k, d)
+    for j in range(k):
+        rows = [z[i] for i in range(n) if labels[i] == j]
+        if rows:
+            expected[j] = sum(rows) / len(rows)
+    torch.testing.assert_close(method.centroids.detach(), expected)
+    assert torch.equal(method.last_labels, labels)
+    assert int(method.num_updates) == 0 and not method.stop_requested() and method.has_head
+    assert method.refresh_every_steps == 7
+    # the read-out is now argmax q against those centroids
+    torch.testing.assert_close(method.predict_from_features(z),
+                               soft_assignment(z, expected, alpha=1.0).argmax(dim=1))
+
+
 def test_target_is_held_between_refreshes():
     method = build_dec(32)
     z = torch.randn(32, 10)
@@ -198,6 +238,35 @@ def test_step_schedule_stages_carry_the_papers_lr_divisions():
     assert [s.name for s in stages] == ["layer1", "layer2", "layer3", "layer4", "finetune", "cluster"]
     assert {(s.schedule, s.lr_step_every, s.lr_step_factor) for s in stages[:-1]} == {("step", 7, 0.1)}
     assert stages[-1].schedule == "constant"
+    assert {(s.weight_decay, s.warmup_epochs) for s in stages} == {(0.0, 0.0)}   # DEC: no decay, no warm-up
+    assert [(s.optimizer, s.lr, s.momentum) for s in stages] == [("adam", 1e-3, 0.9)] * 5 + [("sgd", 0.01, 0.9)]
+
+
+def test_layerwise_pretraining_needs_an_autoencoder_with_pairs():
+    data = DataInfo(in_channels=1, image_size=28, num_classes=10, num_samples=8, num_clusters=10)
+    with pytest.raises(ValueError, match=r"^dec: conv_autoencoder has no layer-wise pretraining; "
+                                         r"use method.pretrain=end_to_end$"):
+        build_method(DECConfig(pretrain="layerwise", layerwise_epochs=1), backbone="conv_autoencoder", norm="none",
+                     data=data)
+    for cfg in (DECConfig(pretrain="end_to_end"), DECConfig(pretrain="layerwise", pretrained="runs/ae/last.pt")):
+        method = build_method(cfg, backbone="conv_autoencoder", norm="none", data=data)
+        assert method.autoencoder.num_pairs == 0 and method.pretrained_checkpoint() == cfg.pretrained
+
+
+def test_a_pretrained_autoencoder_is_loaded_from_another_runs_model_state():
+    """method.pretrained: the autoencoder.* weights of another DEC / IDEC run's model state, nothing else."""
+    source, method = build_dec(8, name="idec"), build_dec(8)
+    torch.manual_seed(9)
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    state = source.state_dict()
+    method.load_pretrained(state)
+    for key, value in method.autoencoder.state_dict().items():
+        assert torch.equal(value, state[f"autoencoder.{key}"]), key
+    assert not torch.equal(method.centroids, source.centroids)   # the centroids come from the cluster stage
+    with pytest.raises(ValueError, match=r"^method.pretrained: the checkpoint holds no autoencoder weights "
+                                         r"\(autoencoder\.\*\)$"):
+        method.load_pretrained({k: v for k, v in state.items() if not k.startswith("autoencoder.")})
 
 
 # ------------------------------------------------------------------------ 2 gloo ranks vs 1 process
