@@ -139,6 +139,57 @@ def test_clustering_steps_train_the_heads_and_the_backbone_unless_frozen(update_
     assert all(unchanged) if not update_backbone else not all(unchanged)
 
 
+@pytest.mark.parametrize("num_heads", [1, 3])
+def test_the_clustering_step_sums_each_heads_scan_loss_written_out(num_heads):
+    """Each head: -(1/B) sum_i log <p(x_i), p(n_i)> - w H((1/B) sum_i p(x_i)), p the softmax over the K
+    clusters of one backbone pass over anchors and neighbours together; the loss sums the heads, the
+    logged terms average them. Only read-out selection needs several heads."""
+    method = build_scan(num_heads=num_heads, entropy_weight=2.5)
+    method.enter_stage("scan")
+    method.train()
+    anchors, neighbours = clustering_batch()
+    for head in method.heads:                           # distinct heads, so that a mixed-up head shows
+        torch.nn.init.normal_(head.weight, std=0.5)
+    terms = method.training_step([anchors, neighbours], torch.arange(16),
+                                 Progress(epoch=0, global_step=0, steps_per_epoch=1, total_steps=1))
+    h = method.backbone(torch.cat([anchors, neighbours]))   # the same batch-norm batch as the step's
+    totals, consistencies, entropies = [], [], []
+    for head in method.heads:
+        logits = head(h)
+        p = torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True))   # row-wise softmax
+        p_anchor, p_neighbour = p[:16], p[16:]
+        consistency = -torch.log((p_anchor * p_neighbour).sum(dim=1)).mean()
+        mean = p_anchor.mean(dim=0)
+        entropy = -(mean * torch.log(mean)).sum()
+        totals.append(consistency - 2.5 * entropy)
+        consistencies.append(consistency)
+        entropies.append(entropy)
+    torch.testing.assert_close(terms["loss"], sum(totals))
+    torch.testing.assert_close(terms["consistency"], sum(consistencies) / num_heads)
+    torch.testing.assert_close(terms["entropy"], sum(entropies) / num_heads)
+    assert terms["loss"].requires_grad and not terms["consistency"].requires_grad
+    method.neighbours_ready.fill_(True)
+    assert method.selects_readout() == (num_heads > 1)
+
+
+def test_the_read_outs_are_the_backbone_the_unit_projector_rows_and_the_selected_heads_softmax():
+    method = build_scan(num_heads=3)
+    method.eval()
+    method.head_index.fill_(2)
+    x = clustering_batch()[0][:5]
+    with torch.no_grad():
+        h = method.backbone(x)
+        z = method.projector(h)
+        torch.testing.assert_close(method.eval_features(x, "backbone"), h)
+        torch.testing.assert_close(method.eval_features(x, "projector"), z / z.norm(dim=1, keepdim=True))
+        logits = method.heads[2](h)
+        probabilities = method.eval_features(x, "cluster")
+        torch.testing.assert_close(probabilities, torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True)))
+        assert torch.equal(method.predict_from_features(probabilities), logits.argmax(dim=1))
+    with pytest.raises(ValueError, match=r"^unknown feature kind 'embedding'; expected one of "):
+        method.eval_features(x, "embedding")
+
+
 def test_each_stage_trains_with_its_own_optimizer_settings():
     method = build_scan(scan_optimizer="sgd", scan_lr=0.3, scan_weight_decay=0.01, scan_momentum=0.5,
                         selflabel_epochs=3, selflabel_optimizer="rmsprop", selflabel_lr=0.2,
@@ -149,6 +200,21 @@ def test_each_stage_trains_with_its_own_optimizer_settings():
         "scan", 50, "sgd", 0.3, 0.01, 0.5)
     assert (selflabel.name, selflabel.epochs, selflabel.optimizer, selflabel.lr, selflabel.weight_decay,
             selflabel.momentum) == ("selflabel", 3, "rmsprop", 0.2, 0.02, 0.7)
+    # SCAN's clustering and self-labelling: a constant lr from the first step; the pretext follows `optim`
+    assert [(s.schedule, s.warmup_epochs) for s in (pretext, scan, selflabel)] == [
+        (None, None), ("constant", 0.0), ("constant", 0.0)]
+
+
+def test_two_clusters_are_the_fewest_scan_builds():
+    for k in (2, 1):
+        data = DataInfo(in_channels=1, image_size=28, num_classes=2, num_samples=40, num_clusters=k)
+        if k == 1:
+            with pytest.raises(ValueError, match=r"^SCAN needs at least 2 clusters, got num_clusters=1$"):
+                build_method(SCANConfig(), backbone="small_cnn", norm="batch", data=data)
+            continue
+        method = build_method(SCANConfig(num_heads=3), backbone="small_cnn", norm="batch", data=data)
+        assert [tuple(h.weight.shape) for h in method.heads] == [(2, method.backbone.out_dim)] * 3
+        assert method.train() is method and method.eval() is method   # nn.Module's chaining
 
 
 @pytest.mark.parametrize("class_balance, threshold", [(True, 0.99), (False, 0.9)])
