@@ -79,6 +79,12 @@ def test_the_bank_holds_each_images_nearest_other_images_assignment():
         expected = torch.softmax(head(features), 1)[torch.from_numpy(rows[:, 1])]
         torch.testing.assert_close(method.bank[h], expected.detach())
     assert method.has_pseudo_labels() and not method.head_selected   # heads are chosen at read-outs, not here
+    method.enter_stage("selflabel")
+    method.start_stage("selflabel", StageContext(features=lambda kind: features, cluster=None, num_clusters=4))
+    assert method.has_pseudo_labels() and not method.wants_pseudo_labels(0)
+    method.enter_stage("scan")       # the scan stage mines its neighbours afresh: a bank from before is stale
+    method.start_stage("scan", StageContext(features=lambda kind: features, cluster=None, num_clusters=4))
+    assert not method.has_pseudo_labels()
 
 
 def test_the_step_matches_each_anchor_with_its_nearest_batch_anchor_and_its_bank_row():
