@@ -98,11 +98,62 @@ def test_critic_partners_are_drawn_among_linked_and_unlinked_images():
         assert all(graph[i, j] == 0 for i, pair in zip(rows, unlinked) for j in pair)
         drawn_for_row_0.update(unlinked[0].tolist())
     assert drawn_for_row_0 == {2, 3}
+    linked, rows, unlinked = critic_partners(torch.ones(3, 3))   # all linked: no negatives to draw
+    assert all(int(linked[i]) != i for i in range(3)) and rows.shape == (0,) and unlinked.shape == (0, 2)
+    # one unlinked image: both negatives are that image (drawn with replacement)
+    linked, rows, unlinked = critic_partners(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]))
+    assert linked.tolist() == [1, int(linked[1]), 1] and int(linked[1]) in (0, 2)
+    assert rows.tolist() == [0, 2] and unlinked.tolist() == [[2, 2], [0, 0]]
+
+
+def test_the_read_outs_and_the_smallest_k_and_the_network_without_normalisation():
+    method = build_dccm()
+    method.eval()
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        features = method.backbone(images)
+        logits = method.logit_norm(method.head(features))
+        torch.testing.assert_close(method.eval_features(images, "backbone"), features)
+        probabilities = method.eval_features(images, "cluster")
+        torch.testing.assert_close(probabilities, torch.exp(logits - torch.logsumexp(logits, dim=1, keepdim=True)))
+    assert torch.equal(method.predict_from_features(probabilities), logits.argmax(dim=1))
+    with pytest.raises(ValueError, match=r"^unknown feature kind 'projector'; expected one of "):
+        method.eval_features(images, "projector")
+    two = DataInfo(in_channels=1, image_size=28, num_classes=2, num_samples=40, num_clusters=2)
+    plain = build_method(DCCMConfig(critic_hidden_dim=16), backbone="dccm_cnn", norm="none", data=two)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    assert isinstance(plain.logit_norm, torch.nn.Identity) and plain.head[-1].out_features == 2
+    with pytest.raises(ValueError, match=r"^DCCM needs at least 2 clusters, got num_clusters=1$"):
+        build_method(DCCMConfig(), backbone="dccm_cnn", norm="batch",
+                     data=DataInfo(in_channels=1, image_size=28, num_classes=2, num_samples=40, num_clusters=1))
+
+
+def test_the_critic_scores_each_map_position_with_the_code_written_out():
+    """score(b, y, x) = w3 . relu(W2 relu(Wl m_b(y, x) + Wc c_b)), bias-free 1x1 layers (DCCM's critic)."""
+    from models.dccm import LocalCritic
+
+    torch.manual_seed(4)
+    critic = LocalCritic(local_channels=5, code_dim=3, hidden=7)
+    assert sorted(name for name, _ in critic.named_parameters()) == [
+        "code_in.weight", "local_in.weight", "rest.1.weight", "rest.3.weight"]   # no biases
+    local, code = torch.randn(2, 5, 4, 6), torch.randn(2, 3)
+    w_local = critic.local_in.weight[:, :, 0, 0]          # (7, 5)
+    w_code = critic.code_in.weight                        # (7, 3)
+    w2, w3 = critic.rest[1].weight[:, :, 0, 0], critic.rest[3].weight[0, :, 0, 0]
+    expected = torch.empty(2, 4, 6)
+    for b in range(2):
+        for y in range(4):
+            for x in range(6):
+                hidden = torch.relu(w_local @ local[b, :, y, x] + w_code @ code[b])
+                expected[b, y, x] = w3 @ torch.relu(w2 @ hidden)
+    torch.testing.assert_close(critic(local, code), expected.detach())
 
 
 def test_the_step_reads_its_targets_from_the_refreshed_clean_predictions():
     method = build_dccm()
+    assert torch.equal(method.clean_predictions, torch.full((40, 4), 0.25))   # before the first refresh: uniform
     clean = torch.softmax(6 * torch.randn(40, 4, generator=torch.Generator().manual_seed(1)), 1)
+    clean[[5, 12]] = torch.tensor([0.1, 0.9, 0.0, 0.0])   # exactly at label_threshold: trusted (max >= 0.9)
     stats = method.refresh(clean)
     assert torch.equal(method.clean_predictions, clean)
     assert stats["trusted_labels"] == pytest.approx(float((clean.max(1).values >= 0.9).float().mean()))
