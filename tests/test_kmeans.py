@@ -343,6 +343,27 @@ def test_same_seed_same_result_other_seed_other_result(init):
     assert not torch.equal(a.centroids, c.centroids)
 
 
+def test_random_init_draws_k_distinct_rows_uniformly_from_all_n():
+    """init="random": K distinct rows of x, every row equally likely (a chi-square test over 600 draws),
+    restart r's rows the same whether it is drawn alone or beside others."""
+    from scipy.stats import chisquare
+
+    from torch_clustering._init import random_init, restart_generator
+
+    n, k = 40, 5
+    x = torch.arange(n * 3, dtype=torch.float64).view(n, 3)           # row i is (3i, 3i + 1, 3i + 2)
+    counts = np.zeros(n)
+    for seed in range(120):
+        centroids = random_init(x, k, [restart_generator(seed, 0)], torch.float64)[0]
+        rows = (centroids[:, 0] / 3).long()
+        assert torch.equal(centroids, x[rows]) and len(set(rows.tolist())) == k
+        np.add.at(counts, rows.numpy(), 1)
+    assert counts.min() > 0 and chisquare(counts).pvalue > 1e-3         # rows past D = 3 are drawn too
+    together = random_init(x, k, [restart_generator(7, r) for r in range(3)], torch.float32)
+    assert together.shape == (3, k, 3) and together.dtype == torch.float32
+    torch.testing.assert_close(together[2], random_init(x, k, [restart_generator(7, 2)], torch.float32)[0])
+
+
 def test_predict_fit_predict_and_fitted_centroids():
     x = torch.from_numpy(overlapping_blobs(1500, 4, 9, seed=3)[0])
     km = KMeans(9, seed=1)
