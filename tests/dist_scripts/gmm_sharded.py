@@ -17,6 +17,7 @@ may hang in a collective); the messages are saved.
 
 Usage: gmm_sharded.py OUT_DIR
 """
+import os
 import sys
 from pathlib import Path
 
@@ -89,3 +90,9 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Not through finalization, as utils.distributed.exit_process ends the framework's processes: a gloo
+    # worker thread may still be freeing a finished collective's tensors, which needs the GIL that a
+    # finalizing interpreter no longer hands out (SIGABRT). This package starts its group itself.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
