@@ -346,6 +346,29 @@ def test_same_seed_same_result_other_seed_other_result(init):
     assert not torch.equal(a.centroids, c.centroids)
 
 
+def test_centroid_groups_are_spatially_compact_runs_of_the_permutation():
+    """The pruning bounds keep one lower bound per group of centroids: groups start at K = 20 (5 columns
+    each, at most 32 groups), and the permutation puts each spatial cluster of centroids in one run."""
+    from torch_clustering._assign import group_layout, group_order
+
+    assert [group_layout(k) for k in (1, 19, 20, 21, 100, 300, 1000)] == [
+        (1, 1), (1, 19), (4, 5), (4, 6), (20, 5), (32, 10), (32, 32)]
+    for k, groups, size in ((20, 4, 5), (60, 12, 5), (160, 32, 5)):
+        assert group_layout(k) == (groups, size)
+        # `groups` tight blobs of `size` centroids, 100 apart along a random direction, shuffled
+        gen = torch.Generator().manual_seed(k)
+        direction = torch.nn.functional.normalize(torch.randn(7, generator=gen, dtype=torch.float64), dim=0)
+        corners = 100.0 * torch.arange(groups, dtype=torch.float64)[:, None] * direction
+        blob = torch.arange(k) // size
+        order = torch.randperm(k, generator=gen)
+        c = (corners[blob] + torch.randn(k, 7, generator=gen, dtype=torch.float64))[order]
+        perm = group_order(c, groups, size)
+        assert sorted(perm.tolist()) == list(range(k))                  # a permutation of the K centroids
+        runs = [blob[order[perm[s:s + size]]] for s in range(0, k, size)]
+        assert all(len(set(run.tolist())) == 1 for run in runs), runs  # each run is one blob
+    assert torch.equal(group_order(torch.randn(19, 3), 1, 19), torch.arange(19))   # one group: as given
+
+
 def test_random_init_draws_k_distinct_rows_uniformly_from_all_n():
     """init="random": K distinct rows of x, every row equally likely (a chi-square test over 600 draws),
     restart r's rows the same whether it is drawn alone or beside others."""
