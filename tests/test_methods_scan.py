@@ -206,15 +206,14 @@ def test_each_stage_trains_with_its_own_optimizer_settings():
 
 
 def test_two_clusters_are_the_fewest_scan_builds():
-    for k in (2, 1):
-        data = DataInfo(in_channels=1, image_size=28, num_classes=2, num_samples=40, num_clusters=k)
-        if k == 1:
-            with pytest.raises(ValueError, match=r"^SCAN needs at least 2 clusters, got num_clusters=1$"):
-                build_method(SCANConfig(), backbone="small_cnn", norm="batch", data=data)
-            continue
-        method = build_method(SCANConfig(num_heads=3), backbone="small_cnn", norm="batch", data=data)
-        assert [tuple(h.weight.shape) for h in method.heads] == [(2, method.backbone.out_dim)] * 3
-        assert method.train() is method and method.eval() is method   # nn.Module's chaining
+    def data(k: int) -> DataInfo:
+        return DataInfo(in_channels=1, image_size=28, num_classes=2, num_samples=40, num_clusters=k)
+
+    method = build_method(SCANConfig(num_heads=3), backbone="small_cnn", norm="batch", data=data(2))
+    assert [tuple(h.weight.shape) for h in method.heads] == [(2, method.backbone.out_dim)] * 3
+    assert method.train() is method and method.eval() is method   # nn.Module's chaining
+    with pytest.raises(ValueError, match=r"^SCAN needs at least 2 clusters, got num_clusters=1$"):
+        build_method(SCANConfig(), backbone="small_cnn", norm="batch", data=data(1))
 
 
 @pytest.mark.parametrize("class_balance, threshold", [(True, 0.99), (False, 0.9)])
