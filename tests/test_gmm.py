@@ -237,6 +237,35 @@ def test_posteriors_of_far_components_match_exact_softmax(dtype):
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_float32_posteriors_beside_a_collapsed_component_match_float64_by_hand(covariance_type):
+    """A component collapsed onto a point (variance 1e-6) far from the origin: float32's expanded quadratic
+    form is off by up to ~1e5 nats there, so its columns are recomputed in float64. Rows at distances where
+    it competes with a broad component sharing its mean must get the posteriors of the float64 densities,
+    written out by hand."""
+    rng = np.random.default_rng(4)
+    d, mean = 64, 100.0 + rng.normal(size=64)
+    means = np.stack([mean, mean, -mean])                           # |mu|^2 ~ 6.4e5
+    variances = np.array([1.0, 1e-6, 1.0])
+    if covariance_type == "diag":
+        variances = np.repeat(variances[:, None], d, axis=1)
+    weights = np.array([0.5, 0.2, 0.3])
+    # noise scales around the crossing of the collapsed and the broad component (about 3.7e-3)
+    x = mean + np.concatenate([s * rng.normal(size=(8, d)) for s in (1e-3, 2e-3, 3e-3, 4e-3, 6e-3, 1e-2)])
+    gmm = GaussianMixture(3, covariance_type=covariance_type)
+    gmm.weights, gmm.means, gmm.variances = (torch.tensor(v, dtype=torch.float32) for v in (weights, means, variances))
+    got = gmm.predict_proba(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    x64, mu64, var64, w64 = (torch.tensor(v, dtype=torch.float32).double().numpy()   # the float32 inputs, exactly
+                             for v in (x, means, variances, weights))
+    var_full = var64 if covariance_type == "diag" else np.repeat(var64[:, None], d, axis=1)
+    log_density = np.stack([np.log(w64[k]) - 0.5 * np.log(2 * np.pi * var_full[k]).sum()
+                            - 0.5 * ((x64 - mu64[k]) ** 2 / var_full[k]).sum(1) for k in range(3)], axis=1)
+    expected = np.exp(log_density - log_density.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert 0.05 < expected[:, 1].mean() < 0.95                      # the two components really compete
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_float32_em_on_mnist_features_matches_sklearn(shared_data, covariance_type):
     """Real data: 3,000 MNIST digits projected to 256-d, K=10, 20 EM steps from the same
     parameters.  Far components lie hundreds below the best one here, so the E-step's

@@ -244,7 +244,10 @@ class GaussianMixture:
                 if cols.numel():
                     if terms64 is None:
                         terms64 = self._log_density_terms(torch.float64)
-                    xx64 = xx.to(torch.float64)
+                    # The squares in float64 too: float32's are off by eps |x|^2 each, which the
+                    # precision of a collapsed component multiplies into hundreds of nats.
+                    x64 = xx[:, :d].to(torch.float64)
+                    xx64 = torch.cat([x64, x64 * x64], dim=1)
                     lp[:, cols] = self._log_density(xx64, xx64[:, d:].sum(1, keepdim=True), terms64,
                                                     cols).to(cdtype)
                     exact = (cols, xx64)
