@@ -48,6 +48,7 @@ def test_em_matches_sklearn_from_same_initial_parameters(covariance_type, max_it
                           init={"weights": torch.from_numpy(w), "means": torch.from_numpy(mu),
                                 "variances": torch.from_numpy(var)}).fit(torch.from_numpy(x))
     assert gmm.n_iter == sk.n_iter_ == max_iter and len(gmm.lower_bound_history) == max_iter
+    assert gmm.converged is sk.converged_ is False     # tol 0: stopped by max_iter, not converged
     assert gmm.lower_bound == pytest.approx(sk.lower_bound_, rel=1e-9)
     if hasattr(sk, "lower_bounds_"):      # scikit-learn >= 1.6 keeps the whole history
         np.testing.assert_allclose(gmm.lower_bound_history, sk.lower_bounds_, rtol=1e-9)
