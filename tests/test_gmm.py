@@ -62,6 +62,32 @@ def test_em_matches_sklearn_from_same_initial_parameters(covariance_type, max_it
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
+def test_random_init_is_the_m_step_of_uniform_random_responsibilities(covariance_type):
+    """init="random": responsibilities drawn uniformly and normalised per row (in blocks of 4096 global rows,
+    each from its own generator), then one M-step; the fit from there is scikit-learn's from those parameters,
+    computed here by hand. 5000 rows: a whole block and a part of the next."""
+    from torch_clustering._init import restart_generator
+    from torch_clustering.gmm import _RANDOM_BLOCK, _RANDOM_STREAM
+
+    x = anisotropic_blobs(n=5000, seed=9)
+    blocks = [torch.rand((_RANDOM_BLOCK, 4), generator=restart_generator(3, b, stream=_RANDOM_STREAM),
+                         dtype=torch.float64).numpy() for b in range(2)]
+    resp = np.concatenate(blocks)[:5000]
+    resp /= resp.sum(1, keepdims=True)
+    nk = resp.sum(0) + 10 * np.finfo(np.float64).eps
+    means = resp.T @ x / nk[:, None]
+    variances = resp.T @ (x * x) / nk[:, None] - means ** 2 + 1e-6
+    if covariance_type == "spherical":
+        variances = variances.mean(1)
+    sk = sklearn_from(x, nk / 5000, means, variances, covariance_type, 3)
+    gmm = GaussianMixture(4, covariance_type=covariance_type, max_iter=3, tol=0.0, init="random",
+                          seed=3).fit(torch.from_numpy(x))
+    assert gmm.lower_bound == pytest.approx(sk.lower_bound_, rel=1e-9)
+    np.testing.assert_allclose(gmm.means.numpy(), sk.means_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(gmm.variances.numpy(), sk.covariances_, rtol=1e-7)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical"])
 def test_float32_lower_bound_within_1e3_of_sklearn(covariance_type):
     x = anisotropic_blobs(seed=3, dtype=np.float32)
     w, mu, var = initial_parameters(x, 4, covariance_type)
