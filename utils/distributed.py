@@ -157,15 +157,17 @@ def cleanup_distributed(*, synchronize: bool = True) -> None:
 def exit_process(status: int) -> NoReturn:
     """End this process with exit status `status`, its process group (if any) destroyed without a barrier.
 
-    A process that has started a process group ends by os._exit, once stdout, stderr and the log handlers
-    are flushed, not through the interpreter's finalization: a gloo worker thread frees a finished
-    collective's tensors some time after the collective returns, and doing so needs the GIL, which a
-    finalizing interpreter no longer hands out; the thread then ends mid-destructor and the process
-    aborts (SIGABRT, "terminate called without an active exception", in about 1 error exit in 20 of two
-    ranks on a loaded 2-core machine). Nothing that only finalization would run is left: the run's files
-    are written and closed by then. Other processes exit as usual (sys.exit)."""
+    A process that has started a process group (through `setup_distributed`, or one of its own that is still
+    initialized when this is called, as a stand-alone script's) ends by os._exit, once stdout, stderr and the
+    log handlers are flushed, not through the interpreter's finalization: a gloo worker thread frees a finished
+    collective's tensors some time after the collective returns, and doing so needs the GIL, which a finalizing
+    interpreter no longer hands out; the thread then ends mid-destructor and the process aborts (SIGABRT,
+    "terminate called without an active exception", in about 1 error exit in 20 of two ranks on a loaded 2-core
+    machine). Nothing that only finalization would run is left: the run's files are written and closed by then.
+    Other processes exit as usual (sys.exit)."""
+    group_started = _process_group_started or (dist.is_available() and dist.is_initialized())
     cleanup_distributed(synchronize=False)
-    if not _process_group_started:
+    if not group_started:
         sys.exit(status)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

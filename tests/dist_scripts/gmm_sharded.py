@@ -17,7 +17,6 @@ may hang in a collective); the messages are saved.
 
 Usage: gmm_sharded.py OUT_DIR
 """
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 import torch_clustering.gmm as gmm_module
 from torch_clustering import GaussianMixture, KMeans
+from utils.distributed import exit_process
 
 N, D, K = 1501, 5, 4
 SPLIT = (0, 600, N)           # rank 0 holds 600 rows, rank 1 holds 901
@@ -85,14 +85,8 @@ def main(out_dir: str) -> None:
         out["nan_error"] = str(err)
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Not through finalization, as utils.distributed.exit_process ends the framework's processes: a gloo
-    # worker thread may still be freeing a finished collective's tensors, which needs the GIL that a
-    # finalizing interpreter no longer hands out (SIGABRT). This package starts its group itself.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # destroys the group; not through finalization, which can abort a gloo rank (see there)

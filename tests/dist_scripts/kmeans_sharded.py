@@ -19,7 +19,6 @@ Each rank saves what it got to OUT_DIR/rank{r}.pt, together with the largest num
 
 Usage: kmeans_sharded.py OUT_DIR
 """
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch_clustering.kmeans as kmeans_module
 from torch_clustering import KMeans
 from torch_clustering._dist import Comm
 from torch_clustering.kmeans import _prepare
+from utils.distributed import exit_process
 
 N, D, K = 1501, 8, 12
 SPLIT = (0, 600, N)           # rank 0 holds 600 rows, rank 1 holds 901
@@ -97,14 +97,8 @@ def main(out_dir: str) -> None:
     torch.save({name: (vars(r) if hasattr(r, "centroids") else r) for name, r in out.items()},
                Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # the ranks tear gloo down together: one leaving early can abort the other (SIGABRT)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Not through finalization, as utils.distributed.exit_process ends the framework's processes: a gloo
-    # worker thread may still be freeing a finished collective's tensors, which needs the GIL that a
-    # finalizing interpreter no longer hands out (SIGABRT). This package starts its group itself.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # destroys the group; not through finalization, which can abort a gloo rank (see there)
