@@ -128,6 +128,15 @@ def small_moco(**overrides):
     return build_method(MoCoConfig(**kwargs), backbone="small_cnn", norm="batch", data=DATA)
 
 
+def small_moco_encoders_apart(**overrides):
+    """small_moco with its query and key encoders apart, as after some training."""
+    method = small_moco(**overrides)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return method
+
+
 def test_moco_trains_on_cpu(monkeypatch):
     method = small_moco()
     assert method.key_backbone is not method.backbone
@@ -147,10 +156,7 @@ def test_moco_step_is_info_nce_written_out(symmetric):
     (negatives), at temperature T, as cross-entropy written out here; with `symmetric`, the mean with
     (q2, k1). The step's keys, k2 (or k1 then k2), are what the next enqueue writes; the keys, the queue
     and the key encoder take no gradient, and the EMA moves the key encoder towards the query encoder."""
-    method = small_moco(symmetric=symmetric, temperature=0.3)
-    with torch.no_grad():  # query and key encoders apart, as after some training
-        for p in method.backbone.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    method = small_moco_encoders_apart(symmetric=symmetric, temperature=0.3)
     method.train()
     views, indices = fixed_views()
     queue = method.queue.clone()
@@ -188,10 +194,7 @@ def test_the_key_batch_is_shuffled_only_with_batch_norm(norm, shuffling_bn, shuf
 
 
 def test_moco_read_outs():
-    method = small_moco()
-    with torch.no_grad():
-        for p in method.backbone.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    method = small_moco_encoders_apart()
     method.eval()
     images = fixed_views()[0][0][:5]
     with torch.no_grad():
